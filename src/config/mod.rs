@@ -1,0 +1,224 @@
+//! Configuration: TOML file + `COBI_SYNC__SECTION__KEY` environment
+//! overlay → [`Settings`].
+//!
+//! [`load`] reads and overlays with the `config` crate, deserialises into
+//! [`raw::RawConfig`] (unknown keys are errors, with their exact dotted
+//! path) and hands it to [`validate`], which checks every value and
+//! collects *all* problems. Each [`ConfigError`] names the key, what is
+//! wrong and an example of a good value. The process exits with code 2 on
+//! any of them.
+
+pub mod pgurl;
+pub mod raw;
+pub mod secret;
+mod settings;
+
+use std::fmt;
+use std::path::Path;
+
+pub use settings::*;
+
+/// Default configuration path.
+pub const DEFAULT_PATH: &str = "/etc/cobi-sync/cobi-sync.toml";
+
+/// One problem with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key (`mapping[2].fields.region`), or the file for file-level
+    /// problems.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+    /// A good value, if one helps.
+    pub example: Option<String>,
+}
+
+impl ConfigError {
+    /// A problem at `key`.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+            example: None,
+        }
+    }
+
+    /// Adds an example of a good value.
+    pub fn example(mut self, example: impl Into<String>) -> Self {
+        self.example = Some(example.into());
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)?;
+        if let Some(e) = &self.example {
+            write!(f, " (example: {e})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    /// The file that was read (or `<env>` / `<string>`).
+    pub origin: String,
+    /// The problems, in file order.
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        writeln!(
+            f,
+            "invalid configuration {} ({n} problem{}):",
+            self.origin,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Loads, overlays and validates the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Settings, ConfigErrors> {
+    let origin = path.display().to_string();
+    if !path.exists() {
+        return Err(ConfigErrors {
+            origin: origin.clone(),
+            errors: vec![ConfigError::new(
+                origin,
+                "file not found; pass --config PATH or set COBI_SYNC_CONFIG \
+                 (a documented example is config/cobi-sync.example.toml)",
+            )],
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        origin: origin.clone(),
+        errors: vec![ConfigError::new(origin.clone(), format!("cannot read: {e}"))],
+    })?;
+    load_str(&text, &origin)
+}
+
+/// Loads configuration text (TOML) with the environment overlay.
+pub fn load_str(text: &str, origin: &str) -> Result<Settings, ConfigErrors> {
+    let fail = |errors: Vec<ConfigError>| ConfigErrors {
+        origin: origin.to_string(),
+        errors,
+    };
+    let built = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix("COBI_SYNC")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        )
+        .build()
+        .map_err(|e| fail(vec![ConfigError::new(origin, syntax_message(&e.to_string()))]))?;
+    let raw: raw::RawConfig = serde_path_to_error::deserialize(built).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        fail(vec![serde_error(&path, &inner)])
+    })?;
+    validate(&raw).map_err(fail)
+}
+
+/// Rewrites a serde error at `path` into a [`ConfigError`].
+fn serde_error(path: &str, message: &str) -> ConfigError {
+    // The config crate appends " for key `…`"; the path already says it.
+    let message = match message.find(" for key `") {
+        Some(i) => &message[..i],
+        None => message,
+    };
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        // serde_path_to_error's path already ends with the unknown key.
+        let key = if path == "." || path.is_empty() {
+            field.to_string()
+        } else if path == field || path.ends_with(&format!(".{field}")) {
+            path.to_string()
+        } else {
+            format!("{path}.{field}")
+        };
+        let expected = expected
+            .trim_start_matches(", expected ")
+            .replace("one of ", "")
+            .replace('`', "");
+        return ConfigError::new(
+            key,
+            format!("unknown key; the keys allowed here are: {expected}"),
+        );
+    }
+    let key = if path == "." { "<root>" } else { path };
+    ConfigError::new(key, message.replace("invalid type: ", "wrong type: "))
+}
+
+fn syntax_message(message: &str) -> String {
+    format!("cannot parse the file as TOML: {message}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[source]
+url = "postgres://cobi_sync@db.internal:5432/shop"
+[api]
+base_url = "https://api.hellocobi.com"
+[[mapping]]
+type = "shops"
+table = "public.merchant"
+[mapping.fields]
+shop_id = { column = "id", transform = "uuid5" }
+name = "trade_name"
+region = { column = "country", transform = "upper" }
+"#;
+
+    fn errors(text: &str) -> Vec<String> {
+        match load_str(text, "test.toml") {
+            Ok(_) => vec![],
+            Err(e) => e.errors.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_is_valid() {
+        let s = load_str(MINIMAL, "test.toml").unwrap();
+        assert_eq!(s.mappings.len(), 1);
+        assert_eq!(s.batch.max_records, 5000);
+        assert_eq!(s.api.concurrency, 4);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        let e = errors(&MINIMAL.replace("[api]", "[api]\ncolour = 1"));
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("api.colour: unknown key"), "{e:?}");
+        assert!(e[0].contains("base_url"), "{e:?}");
+        let e = errors(&MINIMAL.replace("table = \"public.merchant\"", "table = \"public.merchant\"\nbogus = 1"));
+        assert!(e[0].starts_with("mapping[0].bogus: unknown key"), "{e:?}");
+        let e = errors(&format!("surprise = 1\n{MINIMAL}"));
+        assert!(e[0].starts_with("surprise: unknown key"), "{e:?}");
+    }
+
+    #[test]
+    fn wrong_types_are_named_with_their_path() {
+        let e = errors(&MINIMAL.replace("[api]", "[api]\nconcurrency = \"many\""));
+        assert!(e[0].starts_with("api.concurrency: wrong type"), "{e:?}");
+    }
+
+    #[test]
+    fn toml_syntax_errors_are_reported() {
+        let e = errors("[source\nurl = 1");
+        assert!(e[0].contains("cannot parse the file as TOML"), "{e:?}");
+    }
+}

@@ -1,0 +1,265 @@
+//! The configuration file as written: every key of DESIGN.md §3, with its
+//! default, and nothing else (`deny_unknown_fields` everywhere).
+//!
+//! Values that need parsing (durations, sizes, cron, URLs) stay strings
+//! here; [`crate::config::validate`] turns them into typed settings with
+//! errors that name the key.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// `[source]`
+    pub source: RawSource,
+    /// `[api]`
+    pub api: RawApi,
+    /// `[batch]`
+    pub batch: RawBatch,
+    /// `[state]`
+    pub state: RawState,
+    /// `[http]`
+    pub http: RawHttp,
+    /// `[log]`
+    pub log: RawLog,
+    /// `[ids]`
+    pub ids: RawIds,
+    /// `[[mapping]]`
+    pub mapping: Vec<RawMapping>,
+}
+
+/// `[source]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSource {
+    /// libpq URL of the partner database.
+    pub url: String,
+    /// File holding the database password.
+    pub password_file: Option<String>,
+    /// `replication` or `poll`.
+    pub mode: String,
+    /// Zone in which `timestamp without time zone` values are read.
+    pub timezone: String,
+    /// `[source.replication]`
+    pub replication: RawReplication,
+    /// `[source.poll]`
+    pub poll: RawPoll,
+}
+
+impl Default for RawSource {
+    fn default() -> Self {
+        RawSource {
+            url: String::new(),
+            password_file: None,
+            mode: "replication".into(),
+            timezone: "UTC".into(),
+            replication: RawReplication::default(),
+            poll: RawPoll::default(),
+        }
+    }
+}
+
+/// `[source.replication]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawReplication {
+    /// Logical replication slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// `initial` or `never`.
+    pub snapshot: String,
+    /// Slot lag above which readiness fails.
+    pub max_slot_lag: String,
+}
+
+impl Default for RawReplication {
+    fn default() -> Self {
+        RawReplication {
+            slot: "cobi_sync".into(),
+            publication: "cobi_sync".into(),
+            snapshot: "initial".into(),
+            max_slot_lag: "4GiB".into(),
+        }
+    }
+}
+
+/// `[source.poll]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPoll {
+    /// 6-field cron expression.
+    pub schedule: String,
+    /// Re-read window.
+    pub lookback: String,
+    /// Rows per query page.
+    pub page_size: i64,
+}
+
+impl Default for RawPoll {
+    fn default() -> Self {
+        RawPoll {
+            schedule: "*/30 * * * * *".into(),
+            lookback: "2m".into(),
+            page_size: 5000,
+        }
+    }
+}
+
+/// `[api]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawApi {
+    /// API base URL.
+    pub base_url: String,
+    /// Environment variable holding the key.
+    pub api_key_env: String,
+    /// File holding the key.
+    pub api_key_file: Option<String>,
+    /// Allow plain http to a non-loopback host.
+    pub allow_insecure_http: bool,
+    /// Request timeout.
+    pub timeout: String,
+    /// Requests in flight.
+    pub concurrency: i64,
+    /// Client-side request rate limit (0 = none).
+    pub requests_per_minute: i64,
+    /// First retry delay.
+    pub initial_backoff: String,
+    /// Longest retry delay.
+    pub max_backoff: String,
+}
+
+impl Default for RawApi {
+    fn default() -> Self {
+        RawApi {
+            base_url: "https://api.hellocobi.com".into(),
+            api_key_env: "COBI_API_KEY".into(),
+            api_key_file: None,
+            allow_insecure_http: false,
+            timeout: "30s".into(),
+            concurrency: 4,
+            requests_per_minute: 0,
+            initial_backoff: "500ms".into(),
+            max_backoff: "5m".into(),
+        }
+    }
+}
+
+/// `[batch]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBatch {
+    /// Records per request (1..=5000).
+    pub max_records: i64,
+    /// Bytes per request.
+    pub max_bytes: String,
+    /// Longest a record waits for its batch to fill.
+    pub linger: String,
+}
+
+impl Default for RawBatch {
+    fn default() -> Self {
+        RawBatch {
+            max_records: 5000,
+            max_bytes: "8MiB".into(),
+            linger: "1s".into(),
+        }
+    }
+}
+
+/// `[state]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawState {
+    /// State directory.
+    pub dir: String,
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        RawState {
+            dir: "/var/lib/cobi-sync".into(),
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHttp {
+    /// Listen address of the health/metrics endpoint ("" disables).
+    pub listen: String,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        RawHttp {
+            listen: "127.0.0.1:9187".into(),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    /// `json` or `text`.
+    pub format: String,
+    /// Level or filter directive.
+    pub level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: "json".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// `[ids]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIds {
+    /// UUIDv5 namespace.
+    pub namespace: String,
+}
+
+impl Default for RawIds {
+    fn default() -> Self {
+        RawIds {
+            namespace: "9b1deb4d-3b7d-4bad-9bdd-2b0d7b3dcb6d".into(),
+        }
+    }
+}
+
+/// One `[[mapping]]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMapping {
+    /// Cobi type.
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// Source table.
+    pub table: Option<String>,
+    /// Source query (poll mode).
+    pub query: Option<String>,
+    /// Key columns.
+    pub key: Option<Vec<String>>,
+    /// Poll cursor column.
+    pub cursor: Option<String>,
+    /// `soft` or `ignore`.
+    pub on_delete: Option<String>,
+    /// `error` or `soft_delete`.
+    pub on_truncate: Option<String>,
+    /// Cron schedule of hard-delete reconciliation (poll mode).
+    pub reconcile: Option<String>,
+    /// Cobi field → source spec. Kept as JSON values and parsed by hand so
+    /// errors can name `mapping[i].fields.<field>`.
+    pub fields: BTreeMap<String, serde_json::Value>,
+}

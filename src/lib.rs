@@ -1,0 +1,20 @@
+//! cobi-sync: keeps the Cobi platform in sync with a partner's PostgreSQL
+//! database.
+//!
+//! The pipeline, one module per stage:
+//!
+//! ```text
+//!  source (poll | replication) ──rows──▶ mapping ──records──▶ sink ──HTTP──▶ Cobi Data API
+//!                 ▲                                            │
+//!                 └──────── durable progress ◀── state ◀───────┘
+//! ```
+//!
+//! - [`config`]: the configuration file → typed [`config::Settings`].
+//! - [`model`]: Cobi record types (from the embedded schema.json), records,
+//!   local validation.
+//! - [`mapping`]: a source row → a Cobi record (pure).
+//! - [`source`]: reading PostgreSQL (polling, logical replication, snapshots).
+
+pub mod config;
+pub mod mapping;
+pub mod model;
