@@ -18,3 +18,6 @@
 pub mod config;
 pub mod mapping;
 pub mod model;
+pub mod ops;
+pub mod sink;
+pub mod state;

@@ -102,7 +102,10 @@ pub fn load(path: &Path) -> Result<Settings, ConfigErrors> {
     }
     let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
         origin: origin.clone(),
-        errors: vec![ConfigError::new(origin.clone(), format!("cannot read: {e}"))],
+        errors: vec![ConfigError::new(
+            origin.clone(),
+            format!("cannot read: {e}"),
+        )],
     })?;
     load_str(&text, &origin)
 }
@@ -122,7 +125,12 @@ pub fn load_str(text: &str, origin: &str) -> Result<Settings, ConfigErrors> {
                 .try_parsing(true),
         )
         .build()
-        .map_err(|e| fail(vec![ConfigError::new(origin, syntax_message(&e.to_string()))]))?;
+        .map_err(|e| {
+            fail(vec![ConfigError::new(
+                origin,
+                syntax_message(&e.to_string()),
+            )])
+        })?;
     let raw: raw::RawConfig = serde_path_to_error::deserialize(built).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
@@ -204,7 +212,10 @@ region = { column = "country", transform = "upper" }
         assert_eq!(e.len(), 1);
         assert!(e[0].starts_with("api.colour: unknown key"), "{e:?}");
         assert!(e[0].contains("base_url"), "{e:?}");
-        let e = errors(&MINIMAL.replace("table = \"public.merchant\"", "table = \"public.merchant\"\nbogus = 1"));
+        let e = errors(&MINIMAL.replace(
+            "table = \"public.merchant\"",
+            "table = \"public.merchant\"\nbogus = 1",
+        ));
         assert!(e[0].starts_with("mapping[0].bogus: unknown key"), "{e:?}");
         let e = errors(&format!("surprise = 1\n{MINIMAL}"));
         assert!(e[0].starts_with("surprise: unknown key"), "{e:?}");

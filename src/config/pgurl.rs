@@ -79,11 +79,23 @@ impl fmt::Debug for PgUrl {
 impl fmt::Display for PgUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.host.starts_with('/') {
-            write!(f, "postgres://{}@/{}?host={}", self.user, self.dbname, self.host)?;
+            write!(
+                f,
+                "postgres://{}@/{}?host={}",
+                self.user, self.dbname, self.host
+            )?;
         } else if self.host.contains(':') {
-            write!(f, "postgres://{}@[{}]:{}/{}", self.user, self.host, self.port, self.dbname)?;
+            write!(
+                f,
+                "postgres://{}@[{}]:{}/{}",
+                self.user, self.host, self.port, self.dbname
+            )?;
         } else {
-            write!(f, "postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)?;
+            write!(
+                f,
+                "postgres://{}@{}:{}/{}",
+                self.user, self.host, self.port, self.dbname
+            )?;
         }
         if self.sslmode != SslMode::Prefer {
             let sep = if self.host.starts_with('/') { '&' } else { '?' };
@@ -133,7 +145,11 @@ impl PgUrl {
         for (k, v) in url.query_pairs() {
             match &*k {
                 "host" => host = v.to_string(),
-                "port" => port = v.parse().map_err(|_| format!("port `{v}` is not a number"))?,
+                "port" => {
+                    port = v
+                        .parse()
+                        .map_err(|_| format!("port `{v}` is not a number"))?
+                }
                 "user" => user = v.to_string(),
                 "password" => password = Some(Secret::new(v.to_string())),
                 "dbname" => dbname = v.to_string(),
@@ -209,15 +225,22 @@ mod tests {
         assert_eq!(u.sslmode, SslMode::VerifyFull);
         let shown = format!("{u} {u:?}");
         assert!(!shown.contains("s3cr"), "{shown}");
-        assert_eq!(u.to_string(), "postgres://cobi_sync@db.internal:6543/shop?sslmode=verify-full");
+        assert_eq!(
+            u.to_string(),
+            "postgres://cobi_sync@db.internal:6543/shop?sslmode=verify-full"
+        );
     }
 
     #[test]
     fn socket_dirs_and_errors() {
         let u = PgUrl::parse("postgresql://app@/shop?host=/var/run/postgresql").unwrap();
         assert_eq!(u.host, "/var/run/postgresql");
-        assert!(PgUrl::parse("mysql://x@y/z").unwrap_err().contains("scheme"));
-        assert!(PgUrl::parse("postgres://x@y/z?sslmode=maybe").unwrap_err().contains("verify-full"));
+        assert!(PgUrl::parse("mysql://x@y/z")
+            .unwrap_err()
+            .contains("scheme"));
+        assert!(PgUrl::parse("postgres://x@y/z?sslmode=maybe")
+            .unwrap_err()
+            .contains("verify-full"));
         assert!(PgUrl::parse("db.internal:5432").is_err());
     }
 }

@@ -309,7 +309,8 @@ pub fn parse_cron(s: &str) -> Result<cron::Schedule, String> {
 fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// Checks a whole raw configuration, collecting every problem.
@@ -393,7 +394,11 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
         }
     };
     let max_slot_lag = parse_size(&r.max_slot_lag).unwrap_or_else(|m| {
-        err("source.replication.max_slot_lag", m, "max_slot_lag = \"4GiB\"");
+        err(
+            "source.replication.max_slot_lag",
+            m,
+            "max_slot_lag = \"4GiB\"",
+        );
         0
     });
     let p = &raw.source.poll;
@@ -468,7 +473,11 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
         }
     };
     let timeout = dur("api.timeout", &a.timeout, "timeout = \"30s\"");
-    let initial_backoff = dur("api.initial_backoff", &a.initial_backoff, "initial_backoff = \"500ms\"");
+    let initial_backoff = dur(
+        "api.initial_backoff",
+        &a.initial_backoff,
+        "initial_backoff = \"500ms\"",
+    );
     let max_backoff = dur("api.max_backoff", &a.max_backoff, "max_backoff = \"5m\"");
     let linger = dur("batch.linger", &raw.batch.linger, "linger = \"1s\"");
     if initial_backoff > max_backoff {
@@ -488,7 +497,10 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
     if !(0..=1_000_000).contains(&a.requests_per_minute) {
         err(
             "api.requests_per_minute",
-            format!("{} is out of range 0..=1000000 (0 = no limit)", a.requests_per_minute),
+            format!(
+                "{} is out of range 0..=1000000 (0 = no limit)",
+                a.requests_per_minute
+            ),
             "requests_per_minute = 600",
         );
     }
@@ -523,7 +535,11 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
 
     // [state], [http], [log], [ids]
     if raw.state.dir.trim().is_empty() {
-        err("state.dir", "is required".into(), "dir = \"/var/lib/cobi-sync\"");
+        err(
+            "state.dir",
+            "is required".into(),
+            "dir = \"/var/lib/cobi-sync\"",
+        );
     }
     let listen = if raw.http.listen.trim().is_empty() {
         None
@@ -680,7 +696,11 @@ fn validate_mapping(
         if t.is_none() {
             err(
                 at("type"),
-                format!("unknown Cobi type `{}`; types are: {}", m.ty, s.type_names().join(", ")),
+                format!(
+                    "unknown Cobi type `{}`; types are: {}",
+                    m.ty,
+                    s.type_names().join(", ")
+                ),
                 "type = \"shops\"",
             );
         }
@@ -688,16 +708,27 @@ fn validate_mapping(
     };
     let source = match (&m.table, &m.query) {
         (Some(_), Some(_)) => {
-            err(at(""), "set either `table` or `query`, not both".into(), "table = \"public.merchant\"");
+            err(
+                at(""),
+                "set either `table` or `query`, not both".into(),
+                "table = \"public.merchant\"",
+            );
             None
         }
         (None, None) => {
-            err(at("table"), "is required (or `query` in poll mode)".into(), "table = \"public.merchant\"");
+            err(
+                at("table"),
+                "is required (or `query` in poll mode)".into(),
+                "table = \"public.merchant\"",
+            );
             None
         }
         (Some(t), None) => {
             let (schema_name, name) = match t.split_once('.') {
-                Some((a, b)) => (a.trim_matches('"').to_string(), b.trim_matches('"').to_string()),
+                Some((a, b)) => (
+                    a.trim_matches('"').to_string(),
+                    b.trim_matches('"').to_string(),
+                ),
                 None => ("public".to_string(), t.trim_matches('"').to_string()),
             };
             if schema_name.is_empty() || name.is_empty() || name.contains('.') {
@@ -727,16 +758,26 @@ fn validate_mapping(
             } else if !q.trim_start().to_ascii_lowercase().starts_with("select")
                 && !q.trim_start().to_ascii_lowercase().starts_with("with")
             {
-                err(at("query"), "must be a SELECT statement".into(), "query = \"SELECT id, name FROM shop\"");
+                err(
+                    at("query"),
+                    "must be a SELECT statement".into(),
+                    "query = \"SELECT id, name FROM shop\"",
+                );
                 None
             } else {
-                Some(MappingSource::Query(q.trim().trim_end_matches(';').to_string()))
+                Some(MappingSource::Query(
+                    q.trim().trim_end_matches(';').to_string(),
+                ))
             }
         }
     };
     if let Some(k) = &m.key {
         if k.is_empty() || k.iter().any(|c| c.is_empty()) {
-            err(at("key"), "must list at least one column".into(), "key = [\"id\"]");
+            err(
+                at("key"),
+                "must list at least one column".into(),
+                "key = [\"id\"]",
+            );
         }
     } else if matches!(source, Some(MappingSource::Query(_))) {
         err(
@@ -749,7 +790,11 @@ fn validate_mapping(
         "soft" => OnDelete::Soft,
         "ignore" => OnDelete::Ignore,
         other => {
-            err(at("on_delete"), format!("`{other}` is not \"soft\" or \"ignore\""), "on_delete = \"soft\"");
+            err(
+                at("on_delete"),
+                format!("`{other}` is not \"soft\" or \"ignore\""),
+                "on_delete = \"soft\"",
+            );
             OnDelete::Soft
         }
     };
@@ -784,7 +829,11 @@ fn validate_mapping(
         },
     };
     if mode == Mode::Poll && m.cursor.as_deref() == Some("") {
-        err(at("cursor"), "must name a column".into(), "cursor = \"updated_at\"");
+        err(
+            at("cursor"),
+            "must name a column".into(),
+            "cursor = \"updated_at\"",
+        );
     }
 
     // Fields.
@@ -794,7 +843,11 @@ fn validate_mapping(
         if m.fields.is_empty() {
             err(
                 at("fields"),
-                format!("no fields mapped; {} needs at least {}", t.name, required_list(ty)),
+                format!(
+                    "no fields mapped; {} needs at least {}",
+                    t.name,
+                    required_list(ty)
+                ),
                 "[mapping.fields] name = \"trade_name\"",
             );
         }
@@ -804,7 +857,11 @@ fn validate_mapping(
                 let names: Vec<&str> = t.fields.iter().map(|f| f.name.as_str()).collect();
                 err(
                     key,
-                    format!("`{name}` is not a field of {}; its fields are: {}", t.name, names.join(", ")),
+                    format!(
+                        "`{name}` is not a field of {}; its fields are: {}",
+                        t.name,
+                        names.join(", ")
+                    ),
                     "",
                 );
                 continue;
@@ -816,7 +873,7 @@ fn validate_mapping(
         }
         fields.sort_by_key(|(f, _)| *f);
         if !m.fields.is_empty() {
-            for (fi, def) in t.fields.iter().enumerate() {
+            for def in &t.fields {
                 if def.required && !m.fields.contains_key(&def.name) {
                     err(
                         at(&format!("fields.{}", def.name)),
@@ -830,7 +887,10 @@ fn validate_mapping(
         let uses_item = fields.iter().any(|(_, spec)| {
             matches!(spec, FieldSpec::Column { transforms, .. } if transforms.contains(&Transform::Uuid5Item))
         });
-        if uses_item && t.field("item_type").is_some_and(|it| !fields.iter().any(|(f, _)| *f == it)) {
+        if uses_item
+            && t.field("item_type")
+                .is_some_and(|it| !fields.iter().any(|(f, _)| *f == it))
+        {
             err(
                 at("fields.item_type"),
                 "must be mapped when item_id uses uuid5:item".into(),
@@ -846,7 +906,11 @@ fn validate_mapping(
     let id = match &source {
         MappingSource::Table { schema, name } => format!("{}/{schema}.{name}", s.ty(ty).name),
         MappingSource::Query(q) => {
-            format!("{}/query-{:016x}", s.ty(ty).name, xxhash_rust::xxh3::xxh3_64(q.as_bytes()))
+            format!(
+                "{}/query-{:016x}",
+                s.ty(ty).name,
+                xxhash_rust::xxh3::xxh3_64(q.as_bytes())
+            )
         }
     };
     Some(MappingSettings {
@@ -911,20 +975,71 @@ region = { column = "country", transform = "upper" }
     #[test]
     fn table_of_bad_values() {
         let cases: Vec<(String, &str)> = vec![
-            (base(SHOPS).replace("[api]", "[api]\ntimeout = \"soon\""), "api.timeout: `soon` is not a duration"),
-            (base(SHOPS).replace("[api]", "[batch]\nmax_records = 6000\n[api]"), "batch.max_records: 6000 is out of range 1..=5000"),
-            (base(SHOPS).replace("[api]", "[batch]\nmax_bytes = \"lots\"\n[api]"), "batch.max_bytes: `lots` is not a size"),
-            (base(&SHOPS.replace("\"shops\"", "\"shoppes\"")), "mapping[0].type: unknown Cobi type `shoppes`"),
-            (base(&SHOPS.replace("name = \"trade_name\"", "name = \"trade_name\"\ncolour = \"c\"")), "mapping[0].fields.colour: `colour` is not a field of shops"),
-            (base(&SHOPS.replace("name = \"trade_name\"\n", "")), "mapping[0].fields.name: required field of shops is not mapped"),
-            (base(&SHOPS.replace("transform = \"uuid5\"", "transform = \"uuid5:nosuchtype\"")), "mapping[0].fields.shop_id: unknown type `nosuchtype`"),
-            (base(SHOPS).replace("mode = \"poll\"", "mode = \"push\""), "source.mode: `push` is not a mode"),
-            (base(SHOPS).replace("http://127.0.0.1:8080", "http://api.example.com"), "api.base_url: plain http is only allowed to a loopback address"),
-            (base(SHOPS).replace("[api]", "[source.poll]\nschedule = \"* * * * *\"\n[api]"), "source.poll.schedule: `* * * * *` has 5 fields"),
-            (base(SHOPS).replace("localhost:5432/shop", "localhost:5432/shop?sslmode=sometimes"), "source.url: sslmode `sometimes`"),
-            (base(SHOPS).replace("[api]", "[source.replication]\nslot = \"Bad-Slot\"\n[api]"), "source.replication.slot: `Bad-Slot` must be"),
-            (base(&SHOPS.replace("table = \"public.merchant\"", "query = \"SELECT * FROM merchant\"")), "mapping[0].key: is required for a query mapping"),
-            (base(SHOPS).replace("mode = \"poll\"", "timezone = \"Mars/Olympus\""), "source.timezone: `Mars/Olympus` is not an IANA time zone"),
+            (
+                base(SHOPS).replace("[api]", "[api]\ntimeout = \"soon\""),
+                "api.timeout: `soon` is not a duration",
+            ),
+            (
+                base(SHOPS).replace("[api]", "[batch]\nmax_records = 6000\n[api]"),
+                "batch.max_records: 6000 is out of range 1..=5000",
+            ),
+            (
+                base(SHOPS).replace("[api]", "[batch]\nmax_bytes = \"lots\"\n[api]"),
+                "batch.max_bytes: `lots` is not a size",
+            ),
+            (
+                base(&SHOPS.replace("\"shops\"", "\"shoppes\"")),
+                "mapping[0].type: unknown Cobi type `shoppes`",
+            ),
+            (
+                base(&SHOPS.replace(
+                    "name = \"trade_name\"",
+                    "name = \"trade_name\"\ncolour = \"c\"",
+                )),
+                "mapping[0].fields.colour: `colour` is not a field of shops",
+            ),
+            (
+                base(&SHOPS.replace("name = \"trade_name\"\n", "")),
+                "mapping[0].fields.name: required field of shops is not mapped",
+            ),
+            (
+                base(&SHOPS.replace("transform = \"uuid5\"", "transform = \"uuid5:nosuchtype\"")),
+                "mapping[0].fields.shop_id: unknown type `nosuchtype`",
+            ),
+            (
+                base(SHOPS).replace("mode = \"poll\"", "mode = \"push\""),
+                "source.mode: `push` is not a mode",
+            ),
+            (
+                base(SHOPS).replace("http://127.0.0.1:8080", "http://api.example.com"),
+                "api.base_url: plain http is only allowed to a loopback address",
+            ),
+            (
+                base(SHOPS).replace("[api]", "[source.poll]\nschedule = \"* * * * *\"\n[api]"),
+                "source.poll.schedule: `* * * * *` has 5 fields",
+            ),
+            (
+                base(SHOPS).replace(
+                    "localhost:5432/shop",
+                    "localhost:5432/shop?sslmode=sometimes",
+                ),
+                "source.url: sslmode `sometimes`",
+            ),
+            (
+                base(SHOPS).replace("[api]", "[source.replication]\nslot = \"Bad-Slot\"\n[api]"),
+                "source.replication.slot: `Bad-Slot` must be",
+            ),
+            (
+                base(&SHOPS.replace(
+                    "table = \"public.merchant\"",
+                    "query = \"SELECT * FROM merchant\"",
+                )),
+                "mapping[0].key: is required for a query mapping",
+            ),
+            (
+                base(SHOPS).replace("mode = \"poll\"", "timezone = \"Mars/Olympus\""),
+                "source.timezone: `Mars/Olympus` is not an IANA time zone",
+            ),
             (base(""), "mapping: no [[mapping]] tables"),
         ];
         for (text, want) in cases {
@@ -937,17 +1052,30 @@ region = { column = "country", transform = "upper" }
     fn all_problems_are_reported_at_once() {
         let text = base(SHOPS)
             .replace("[api]", "[api]\ntimeout = \"soon\"\nconcurrency = 0")
-            .replace("\"trade_name\"", "{ column = \"trade_name\", transform = \"shout\" }");
+            .replace(
+                "\"trade_name\"",
+                "{ column = \"trade_name\", transform = \"shout\" }",
+            );
         let e = load_str(&text, "t.toml").unwrap_err();
         let keys: Vec<&str> = e.errors.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["api.timeout", "api.concurrency", "mapping[0].fields.name"]);
+        assert_eq!(
+            keys,
+            ["api.timeout", "api.concurrency", "mapping[0].fields.name"]
+        );
         let shown = e.to_string();
         assert!(shown.contains("3 problems"), "{shown}");
     }
 
     #[test]
     fn typed_values() {
-        let s = load_str(&base(SHOPS).replace("[api]", "[batch]\nlinger = \"250ms\"\nmax_bytes = \"2MiB\"\n[api]"), "t").unwrap();
+        let s = load_str(
+            &base(SHOPS).replace(
+                "[api]",
+                "[batch]\nlinger = \"250ms\"\nmax_bytes = \"2MiB\"\n[api]",
+            ),
+            "t",
+        )
+        .unwrap();
         assert_eq!(s.batch.linger, std::time::Duration::from_millis(250));
         assert_eq!(s.batch.max_bytes, 2 * 1024 * 1024);
         assert_eq!(s.source.replication.max_slot_lag, 4 << 30);

@@ -5,6 +5,8 @@
 //! [`spec`] is the configuration's field specs; [`engine`] compiles a
 //! mapping against a row layout and applies it.
 
+pub mod decode;
+pub mod engine;
 pub mod spec;
 pub mod time;
 pub mod value;

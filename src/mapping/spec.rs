@@ -43,7 +43,10 @@ pub enum Transform {
 impl Transform {
     /// Does this transform work on a whole array rather than each element?
     pub fn takes_whole_array(&self) -> bool {
-        matches!(self, Transform::Csv | Transform::IsNull | Transform::IsNotNull)
+        matches!(
+            self,
+            Transform::Csv | Transform::IsNull | Transform::IsNotNull
+        )
     }
 
     /// The configuration spelling.
@@ -158,7 +161,9 @@ pub fn parse_transform(name: &str, own: TypeId, field: FieldId) -> Result<Transf
                 })?;
                 Transform::Uuid5(Some(id))
             } else {
-                return Err(format!("unknown transform `{other}`; known: {TRANSFORM_NAMES}"));
+                return Err(format!(
+                    "unknown transform `{other}`; known: {TRANSFORM_NAMES}"
+                ));
             }
         }
     })
@@ -293,9 +298,18 @@ mod tests {
     fn spec_errors_say_what_is_wrong() {
         let (t, f) = ids("branches", "shop_id");
         let cases = [
-            (json!({"column": "a", "transform": "uuid5:nosuchtype"}), "unknown type `nosuchtype`"),
-            (json!({"column": "a", "transform": "shout"}), "unknown transform `shout`"),
-            (json!({"column": "a", "transform": "uuid5:item"}), "uuid5:item only applies"),
+            (
+                json!({"column": "a", "transform": "uuid5:nosuchtype"}),
+                "unknown type `nosuchtype`",
+            ),
+            (
+                json!({"column": "a", "transform": "shout"}),
+                "unknown transform `shout`",
+            ),
+            (
+                json!({"column": "a", "transform": "uuid5:item"}),
+                "uuid5:item only applies",
+            ),
             (json!({"transform": "upper"}), "missing `column`"),
             (json!({"column": "a", "colour": 1}), "unknown key `colour`"),
             (json!({"value": 1, "column": "a"}), "cannot be combined"),

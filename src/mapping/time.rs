@@ -105,7 +105,7 @@ pub fn date_to_utc(days: i32, tz: Tz) -> Option<i64> {
     if days == i32::MIN {
         return Some(i64::MIN);
     }
-    naive_to_utc(days as i64 * MICROS_PER_DAY, tz)
+    naive_to_utc((days as i64).checked_mul(MICROS_PER_DAY)?, tz)
 }
 
 /// The calendar date of a UTC instant seen in `tz`.
@@ -171,7 +171,11 @@ fn parse_hms(s: &str) -> Option<i64> {
     let sec_part = it.next()?;
     let (sec, frac) = sec_part.split_once('.').unwrap_or((sec_part, ""));
     let sec: i64 = sec.parse().ok()?;
-    if h > 24 || m > 59 || sec > 60 || frac.len() > 9 || !frac.bytes().all(|c| c.is_ascii_digit())
+    if !(0..=24).contains(&h)
+        || !(0..=59).contains(&m)
+        || !(0..=60).contains(&sec)
+        || frac.len() > 9
+        || !frac.bytes().all(|c| c.is_ascii_digit())
     {
         return None;
     }
@@ -195,7 +199,8 @@ pub fn parse_pg_timestamp(s: &str) -> Option<i64> {
     let (date, time) = body.split_once([' ', 'T'])?;
     let date = parse_ymd(date, bc)?;
     let days = (date - epoch()).num_days();
-    Some(days * MICROS_PER_DAY + parse_hms(time)?)
+    days.checked_mul(MICROS_PER_DAY)?
+        .checked_add(parse_hms(time)?)
 }
 
 /// Parses PostgreSQL's ISO `timestamptz` output
@@ -220,10 +225,15 @@ pub fn parse_pg_timestamptz(s: &str) -> Option<i64> {
         let h: i64 = parts.next()?.parse().ok()?;
         let m: i64 = parts.next().map(|p| p.parse().ok()).unwrap_or(Some(0))?;
         let sec: i64 = parts.next().map(|p| p.parse().ok()).unwrap_or(Some(0))?;
+        if !(0..=15).contains(&h) || !(0..=59).contains(&m) || !(0..=59).contains(&sec) {
+            return None;
+        }
         (t, sign * (h * 3600 + m * 60 + sec))
     };
     let days = (date - epoch()).num_days();
-    Some(days * MICROS_PER_DAY + parse_hms(time)? - offset_secs * MICROS_PER_SEC)
+    days.checked_mul(MICROS_PER_DAY)?
+        .checked_add(parse_hms(time)?)?
+        .checked_sub(offset_secs * MICROS_PER_SEC)
 }
 
 /// Is `s` an RFC 3339 `date-time` (`2024-01-02T03:04:05[.f]Z` or with a
@@ -318,6 +328,20 @@ mod tests {
         let utc = date_to_utc(d, tz).unwrap();
         assert_eq!(format_rfc3339(utc).unwrap(), "2024-01-14T23:00:00.000000Z");
         assert_eq!(utc_to_date(utc, tz), Some(d));
+    }
+
+    #[test]
+    fn hostile_input_does_not_overflow() {
+        assert_eq!(
+            parse_pg_timestamp("2024-01-02 -9223372036854775808:00:00"),
+            None
+        );
+        assert_eq!(
+            parse_pg_timestamptz("2024-01-02 03:00:00+99999999999999999"),
+            None
+        );
+        assert_eq!(parse_pg_timestamptz("2024-01-02 03:00:00+9999999999"), None);
+        assert_eq!(parse_pg_date("-2147483648-01-01"), None);
     }
 
     #[test]

@@ -187,8 +187,20 @@ pub fn cmp_decimal(a: &str, b: &str) -> Ordering {
     }
     match (special(a), special(b)) {
         (Some(x), Some(y)) => return x.cmp(&y),
-        (Some(x), None) => return if x > 0 { Ordering::Greater } else { Ordering::Less },
-        (None, Some(y)) => return if y > 0 { Ordering::Less } else { Ordering::Greater },
+        (Some(x), None) => {
+            return if x > 0 {
+                Ordering::Greater
+            } else {
+                Ordering::Less
+            }
+        }
+        (None, Some(y)) => {
+            return if y > 0 {
+                Ordering::Less
+            } else {
+                Ordering::Greater
+            }
+        }
         (None, None) => {}
     }
     let (na, ia, fa) = split_decimal(a);

@@ -150,7 +150,11 @@ impl Record {
     /// types without a key (interactions) or when a key field is missing.
     pub fn cobi_key(&self) -> Option<String> {
         let t = schema().ty(self.ty);
-        let key = if t.key.iter().all(|k| self.get(*k).is_some_and(|v| v != &Json::Null)) {
+        let key = if t
+            .key
+            .iter()
+            .all(|k| self.get(*k).is_some_and(|v| v != &Json::Null))
+        {
             t.key.clone()
         } else {
             t.natural_key()
@@ -257,7 +261,10 @@ mod tests {
             t.field("shop_id").unwrap(),
             Json::Str("550e8400-e29b-41d4-a716-446655440000".into()),
         );
-        r.set(t.field("name").unwrap(), Json::Str("Café \"Zoë\"\n\u{1}".into()));
+        r.set(
+            t.field("name").unwrap(),
+            Json::Str("Café \"Zoë\"\n\u{1}".into()),
+        );
         r.set(t.field("is_public").unwrap(), Json::Bool(true));
         r.set(t.field("created").unwrap(), Json::Null);
         let text = String::from_utf8(r.to_json()).unwrap();
@@ -285,7 +292,10 @@ mod tests {
         );
         r.set(t.field("savings").unwrap(), Json::Float(0.1));
         let text = String::from_utf8(r.to_json()).unwrap();
-        assert_eq!(text, r#"{"savings":0.1,"amount":12345678901234567890.123456789}"#);
+        assert_eq!(
+            text,
+            r#"{"savings":0.1,"amount":12345678901234567890.123456789}"#
+        );
     }
 
     #[test]

@@ -147,12 +147,7 @@ impl TypeDef {
     /// otherwise the required reference fields (student-favourites:
     /// `student_id` + `shop_id`, a guess SPEC.md §4.13 calls inferred).
     pub fn natural_key(&self) -> Vec<FieldId> {
-        if !self.key.is_empty()
-            && self
-                .key
-                .iter()
-                .all(|&k| self.fields[k as usize].required)
-        {
+        if !self.key.is_empty() && self.key.iter().all(|&k| self.fields[k as usize].required) {
             return self.key.clone();
         }
         if self.key.is_empty() {
@@ -421,7 +416,9 @@ pub fn load(text: &str) -> Result<Schema, SchemaError> {
             }
             let reference = if let Some(by) = &rf.references_by {
                 let by_field = field_names.iter().position(|n| n == by).ok_or_else(|| {
-                    SchemaError::Invalid(format!("{name}.{fname}: references_by unknown field {by}"))
+                    SchemaError::Invalid(format!(
+                        "{name}.{fname}: references_by unknown field {by}"
+                    ))
                 })?;
                 // Discriminator value of each target: the target type's
                 // singular name in upper case (tags → TAG), which must be
@@ -430,7 +427,10 @@ pub fn load(text: &str) -> Result<Schema, SchemaError> {
                 let mut map = Vec::new();
                 for t in targets {
                     let singular = names[t].trim_end_matches('s').to_uppercase();
-                    if !allowed.iter().any(|a| a.as_deref() == Some(singular.as_str())) {
+                    if !allowed
+                        .iter()
+                        .any(|a| a.as_deref() == Some(singular.as_str()))
+                    {
                         return Err(SchemaError::Invalid(format!(
                             "{name}.{fname}: no {by} value for {}",
                             names[t]
@@ -501,7 +501,9 @@ fn field_def(name: &str, rf: &RawField) -> Result<FieldDef, SchemaError> {
             "integer" => FieldType::Integer,
             "boolean" => FieldType::Boolean,
             other => {
-                return Err(SchemaError::Invalid(format!("{name}: unknown type {other}")));
+                return Err(SchemaError::Invalid(format!(
+                    "{name}: unknown type {other}"
+                )));
             }
         },
         serde_json::Value::Array(a)
@@ -509,7 +511,11 @@ fn field_def(name: &str, rf: &RawField) -> Result<FieldDef, SchemaError> {
         {
             FieldType::IntegerOrString
         }
-        other => return Err(SchemaError::Invalid(format!("{name}: unknown type {other}"))),
+        other => {
+            return Err(SchemaError::Invalid(format!(
+                "{name}: unknown type {other}"
+            )))
+        }
     };
     let format = match rf.format.as_deref() {
         None => None,
@@ -521,7 +527,9 @@ fn field_def(name: &str, rf: &RawField) -> Result<FieldDef, SchemaError> {
         Some("float") => Some(Format::Float),
         Some("epoch-integer-or-iso-date-time") => Some(Format::EpochIntegerOrIsoDateTime),
         Some(other) => {
-            return Err(SchemaError::Invalid(format!("{name}: unknown format {other}")));
+            return Err(SchemaError::Invalid(format!(
+                "{name}: unknown format {other}"
+            )));
         }
     };
     // The schema's notes give geographic ranges as inferred; apply them.
@@ -559,7 +567,12 @@ mod tests {
         assert_eq!(s.max_records_per_request, 5000);
         for (i, t) in s.types.iter().enumerate() {
             for &p in &t.parents {
-                assert!((p as usize) < i, "{} must come after its parent {}", t.name, s.ty(p).name);
+                assert!(
+                    (p as usize) < i,
+                    "{} must come after its parent {}",
+                    t.name,
+                    s.ty(p).name
+                );
                 assert!(s.ty(p).level < t.level);
             }
         }
@@ -598,7 +611,11 @@ mod tests {
                         assert!(t.parents.contains(ty), "{}.{} not an edge", t.name, f.name);
                         validated += *v as usize;
                     }
-                    Some(Reference::ByField { targets, validated: v, .. }) => {
+                    Some(Reference::ByField {
+                        targets,
+                        validated: v,
+                        ..
+                    }) => {
                         for (_, ty) in targets {
                             assert!((*ty as usize) < i);
                             assert!(t.parents.contains(ty));
@@ -616,10 +633,7 @@ mod tests {
 
     #[test]
     fn a_cycle_is_rejected() {
-        let text = SCHEMA_JSON.replace(
-            "\"shops\": []",
-            "\"shops\": [\"branches\"]",
-        );
+        let text = SCHEMA_JSON.replace("\"shops\": []", "\"shops\": [\"branches\"]");
         assert_ne!(text, SCHEMA_JSON, "test must actually alter the graph");
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("cycle"), "{err}");

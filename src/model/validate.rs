@@ -200,19 +200,67 @@ mod tests {
         };
         let cases: Vec<(&str, Vec<(&str, Json)>, Option<&str>)> = vec![
             ("valid", valid_tx(), None),
-            ("missing required", without("shop_id"), Some("shop_id: required field is missing")),
-            ("null required", with("shop_id", Json::Null), Some("shop_id: required field is null")),
-            ("bad uuid", with("shop_id", s("42")), Some("shop_id: must be a UUID")),
-            ("region lower", with("region", s("ca")), Some("region: must be two upper-case")),
-            ("region long", with("region", s("CAN")), Some("region: must be two upper-case")),
-            ("amount zero", with("amount", Json::Int(0)), Some("amount: must be > 0")),
-            ("amount negative", with("amount", Json::Num("-0.01".into())), Some("amount: must be > 0")),
-            ("savings negative", with("savings", Json::Float(-1.0)), Some("savings: must be >= 0")),
-            ("amount string", with("amount", s("12")), Some("amount: must be a number")),
-            ("bad datetime", with("created", s("2024-01-01 10:00")), Some("created: must be an RFC 3339")),
-            ("good datetime", with("created", s("2024-01-01T10:00:00.000001Z")), None),
+            (
+                "missing required",
+                without("shop_id"),
+                Some("shop_id: required field is missing"),
+            ),
+            (
+                "null required",
+                with("shop_id", Json::Null),
+                Some("shop_id: required field is null"),
+            ),
+            (
+                "bad uuid",
+                with("shop_id", s("42")),
+                Some("shop_id: must be a UUID"),
+            ),
+            (
+                "region lower",
+                with("region", s("ca")),
+                Some("region: must be two upper-case"),
+            ),
+            (
+                "region long",
+                with("region", s("CAN")),
+                Some("region: must be two upper-case"),
+            ),
+            (
+                "amount zero",
+                with("amount", Json::Int(0)),
+                Some("amount: must be > 0"),
+            ),
+            (
+                "amount negative",
+                with("amount", Json::Num("-0.01".into())),
+                Some("amount: must be > 0"),
+            ),
+            (
+                "savings negative",
+                with("savings", Json::Float(-1.0)),
+                Some("savings: must be >= 0"),
+            ),
+            (
+                "amount string",
+                with("amount", s("12")),
+                Some("amount: must be a number"),
+            ),
+            (
+                "bad datetime",
+                with("created", s("2024-01-01 10:00")),
+                Some("created: must be an RFC 3339"),
+            ),
+            (
+                "good datetime",
+                with("created", s("2024-01-01T10:00:00.000001Z")),
+                None,
+            ),
             ("nullable null", with("created", Json::Null), None),
-            ("not nullable null", with("discount_name", Json::Null), Some("discount_name: must not be null")),
+            (
+                "not nullable null",
+                with("discount_name", Json::Null),
+                Some("discount_name: must not be null"),
+            ),
         ];
         for (name, fields, want) in cases {
             let problems = validate(&rec("transactions", &fields));
@@ -237,7 +285,10 @@ mod tests {
                 ("birthdate", s("2001-02-30")),
             ],
         );
-        assert_eq!(describe(&validate(&c)), "birthdate: must be a date YYYY-MM-DD (e.g. 2001-04-30)");
+        assert_eq!(
+            describe(&validate(&c)),
+            "birthdate: must be a date YYYY-MM-DD (e.g. 2001-04-30)"
+        );
         let b = rec(
             "branches",
             &[
@@ -249,7 +300,10 @@ mod tests {
                 ("longitude", Json::Float(-180.0)),
             ],
         );
-        assert_eq!(describe(&validate(&b)), "latitude: must be between -90 and 90");
+        assert_eq!(
+            describe(&validate(&b)),
+            "latitude: must be between -90 and 90"
+        );
         let i = rec(
             "interactions",
             &[
@@ -273,6 +327,9 @@ mod tests {
                 ("event_timestamp", Json::Int(0)),
             ],
         );
-        assert_eq!(describe(&validate(&i)), "event_timestamp: must be a positive integer epoch");
+        assert_eq!(
+            describe(&validate(&i)),
+            "event_timestamp: must be a positive integer epoch"
+        );
     }
 }

@@ -1,0 +1,753 @@
+//! The sink: records in, API verdicts and durable progress out.
+//!
+//! Sources push [`SinkItem`]s through a bounded channel ([`SinkHandle`]).
+//! The sink task gathers them into an [`epoch::Epoch`] (newest version per
+//! key) and seals it when `batch.linger` has passed since its first item,
+//! when a type holds `max_records × concurrency` keys (or the bytes of that
+//! many full requests), or when a source asks ([`SinkItem::Flush`],
+//! barriers). One epoch is sent at a time, while the next one fills:
+//!
+//! 1. types level by level in the schema's dependency order, so a child is
+//!    never sent before the parents committed before it or with it;
+//! 2. per type: resolve soft deletes, drop records identical to what was
+//!    last accepted (fingerprints), dead-letter records that fail local
+//!    validation, cut batches by `max_records`/`max_bytes`, send them
+//!    concurrently (split on 207/400 to isolate rejected records);
+//! 3. one state-store write of every verdict together with the epoch's
+//!    progress marks, then a flush, then the marks are published to the
+//!    sources (who confirm them to PostgreSQL).
+//!
+//! When the next epoch is full while one is in flight, the sink stops
+//! reading its channel: sources block, and PostgreSQL holds the WAL. If the
+//! state store cannot be written, the epoch is retried until it can, so
+//! progress stops being confirmed and nothing is lost.
+
+pub mod client;
+pub mod deliver;
+pub mod epoch;
+pub mod policy;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, trace, warn};
+
+use crate::model::record::{Json, Record};
+use crate::model::schema::{schema, TypeId};
+use crate::model::validate::{describe, validate, Problem};
+use crate::ops::health::Health;
+use crate::ops::metrics::Metrics;
+use crate::state::{
+    Checkpoint, DeadLetter, KeyState, KeyStatus, ReplicationCheckpoint, StateError, StateKey,
+    StateStore, TypeStats, Write,
+};
+use client::ApiClient;
+use deliver::{deliver_batch, deliver_single, Outgoing, Verdict};
+use epoch::{Entry, Epoch, Op};
+
+/// What a source hands the sink.
+#[derive(Debug)]
+pub enum SinkItem {
+    /// A new version of a record.
+    Upsert {
+        /// Its key.
+        key: StateKey,
+        /// The mapped record.
+        record: Record,
+        /// Mapping problems (the record becomes a dead letter).
+        problems: Vec<Problem>,
+        /// Send even if unchanged (dead-letter replay).
+        force: bool,
+    },
+    /// The source row was deleted: send a soft delete.
+    Delete {
+        /// Its key.
+        key: StateKey,
+        /// The record built from the old row image, if it had every column.
+        basis: Option<Record>,
+    },
+    /// Progress: durable once everything before it is.
+    Mark(Checkpoint),
+    /// Seal the current epoch now.
+    Flush,
+    /// Wake the sender once everything before it is durable.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// The sink task has stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("the sink has stopped")]
+pub struct SinkClosed;
+
+/// What has been made durable.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Durable {
+    /// Epochs committed so far.
+    pub epochs: u64,
+    /// The latest replication checkpoint committed.
+    pub replication: Option<ReplicationCheckpoint>,
+}
+
+/// How sources talk to the sink.
+#[derive(Clone)]
+pub struct SinkHandle {
+    tx: mpsc::Sender<Vec<SinkItem>>,
+    durable: watch::Receiver<Durable>,
+}
+
+impl SinkHandle {
+    /// Sends items (blocks while the sink is saturated).
+    pub async fn send(&self, items: Vec<SinkItem>) -> Result<(), SinkClosed> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.tx.send(items).await.map_err(|_| SinkClosed)
+    }
+
+    /// Waits until everything sent before is durable.
+    pub async fn barrier(&self) -> Result<(), SinkClosed> {
+        let (tx, rx) = oneshot::channel();
+        self.send(vec![SinkItem::Barrier(tx)]).await?;
+        rx.await.map_err(|_| SinkClosed)
+    }
+
+    /// Durable progress, for confirming positions to PostgreSQL.
+    pub fn durable(&self) -> watch::Receiver<Durable> {
+        self.durable.clone()
+    }
+}
+
+/// Sink tuning, from `[batch]`/`[api]` and the mappings.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Records per request.
+    pub max_records: usize,
+    /// Bytes per request body.
+    pub max_bytes: usize,
+    /// Longest a record waits.
+    pub linger: Duration,
+    /// Requests in flight.
+    pub concurrency: usize,
+    /// Mapping ids whose last-sent records are kept (soft deletes).
+    pub keep_last_sent: HashSet<String>,
+}
+
+/// Shared by the sink task and the epoch being sent.
+struct Shared {
+    client: Arc<ApiClient>,
+    store: Arc<dyn StateStore>,
+    cfg: SinkConfig,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stats: Mutex<BTreeMap<TypeId, TypeStats>>,
+    stop: CancellationToken,
+}
+
+/// Starts the sink task. `stop` abandons in-flight work (records stay
+/// unconfirmed); closing every [`SinkHandle`] drains and ends it.
+pub fn spawn(
+    cfg: SinkConfig,
+    client: Arc<ApiClient>,
+    store: Arc<dyn StateStore>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) -> (SinkHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(64);
+    let (dtx, drx) = watch::channel(Durable {
+        epochs: 0,
+        replication: crate::state::replication_checkpoint(store.as_ref())
+            .ok()
+            .flatten(),
+    });
+    let stats = store.stats().unwrap_or_default();
+    let shared = Arc::new(Shared {
+        client,
+        store,
+        cfg,
+        metrics,
+        health,
+        stats: Mutex::new(stats),
+        stop,
+    });
+    let task = tokio::spawn(run(shared, rx, dtx));
+    (SinkHandle { tx, durable: drx }, task)
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Vec<SinkItem>>,
+    durable: watch::Sender<Durable>,
+) {
+    let cfg = &shared.cfg;
+    let full_records = cfg.max_records * cfg.concurrency;
+    let full_bytes = cfg.max_bytes * cfg.concurrency;
+    let mut open = Epoch::new();
+    let mut in_flight: Option<tokio::task::JoinHandle<Option<Epoch>>> = None;
+    let mut input_closed = false;
+    let mut epochs: u64 = 0;
+    loop {
+        let due = !open.is_empty()
+            && (open.flush
+                || input_closed
+                || open.is_full(full_records, full_bytes)
+                || open.started.is_some_and(|s| s.elapsed() >= cfg.linger));
+        if due && in_flight.is_none() {
+            let epoch = std::mem::replace(&mut open, Epoch::new());
+            in_flight = Some(tokio::spawn(send_epoch(shared.clone(), epoch)));
+            continue;
+        }
+        if input_closed && open.is_empty() && in_flight.is_none() {
+            break;
+        }
+        let accepting = !input_closed && !open.is_full(full_records, full_bytes);
+        let linger_at = open
+            .started
+            .map(|s| tokio::time::Instant::from_std(s + cfg.linger));
+        tokio::select! {
+            items = rx.recv(), if accepting => match items {
+                Some(items) => {
+                    for item in items {
+                        intake(&shared, &mut open, item);
+                    }
+                }
+                None => input_closed = true,
+            },
+            _ = sleep_until(linger_at), if linger_at.is_some() && in_flight.is_none() => {}
+            done = join(&mut in_flight), if in_flight.is_some() => {
+                in_flight = None;
+                match done {
+                    Some(epoch) => {
+                        epochs += 1;
+                        let replication = epoch.marks.iter().rev().find_map(|m| match m {
+                            Checkpoint::Replication(r) => Some(r.clone()),
+                            _ => None,
+                        });
+                        durable.send_modify(|d| {
+                            d.epochs = epochs;
+                            if replication.is_some() {
+                                d.replication = replication;
+                            }
+                        });
+                        for b in epoch.barriers {
+                            let _ = b.send(());
+                        }
+                    }
+                    None => {
+                        // Abandoned on shutdown: nothing more can be made durable.
+                        debug!("sink stopping with an unconfirmed epoch; it will be re-read after restart");
+                        return;
+                    }
+                }
+            }
+            _ = shared.stop.cancelled(), if in_flight.is_none() => return,
+        }
+    }
+    debug!(epochs, "sink drained");
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn join(h: &mut Option<tokio::task::JoinHandle<Option<Epoch>>>) -> Option<Epoch> {
+    match h {
+        Some(h) => match h.await {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %e, "epoch task failed");
+                None
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+fn intake(shared: &Shared, open: &mut Epoch, item: SinkItem) {
+    match item {
+        SinkItem::Upsert {
+            key,
+            record,
+            problems,
+            force,
+        } => {
+            shared
+                .metrics
+                .records_read
+                .get_or_create(&Metrics::ty(key.ty))
+                .inc();
+            bump_read(shared, key.ty);
+            open.add(key, Op::Upsert { record, problems }, force);
+        }
+        SinkItem::Delete { key, basis } => {
+            shared
+                .metrics
+                .records_read
+                .get_or_create(&Metrics::ty(key.ty))
+                .inc();
+            bump_read(shared, key.ty);
+            open.add(key, Op::Delete { basis }, false);
+        }
+        SinkItem::Mark(c) => open.mark(c),
+        SinkItem::Flush => open.flush = true,
+        SinkItem::Barrier(tx) => open.barrier(tx),
+    }
+}
+
+fn bump_read(shared: &Shared, ty: TypeId) {
+    shared
+        .stats
+        .lock()
+        .expect("lock")
+        .entry(ty)
+        .or_default()
+        .read += 1;
+}
+
+/// A record ready to go, with what is needed to record its verdict.
+struct Prepared {
+    key: StateKey,
+    json: Bytes,
+    fingerprint: u64,
+    cobi_key: Option<String>,
+    prior: Option<KeyState>,
+}
+
+/// Sends one epoch and commits its verdicts and marks. `None` if abandoned.
+async fn send_epoch(shared: Arc<Shared>, mut epoch: Epoch) -> Option<Epoch> {
+    let started = Instant::now();
+    let mut writes: Vec<Write> = Vec::new();
+    let records = epoch.len();
+    let s = schema();
+    for level in 0..=s.max_level {
+        let types: Vec<TypeId> = (0..s.types.len() as TypeId)
+            .filter(|&t| s.ty(t).level == level && epoch.len_of(t) > 0)
+            .collect();
+        let mut level_futures = FuturesUnordered::new();
+        for ty in types {
+            let entries = epoch.take_type(ty);
+            level_futures.push(send_type(shared.clone(), ty, entries));
+        }
+        while let Some(result) = level_futures.next().await {
+            writes.extend(result?);
+        }
+    }
+    for m in &epoch.marks {
+        writes.push(Write::Checkpoint(m.clone()));
+    }
+    {
+        let stats = shared.stats.lock().expect("lock");
+        for (t, st) in stats.iter() {
+            writes.push(Write::Stats(*t, st.clone()));
+        }
+    }
+    commit(&shared, writes).await?;
+    if records > 0 {
+        debug!(
+            records,
+            marks = epoch.marks.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "epoch delivered"
+        );
+    }
+    Some(epoch)
+}
+
+/// Writes and flushes, retrying until the store takes it (disk full,
+/// read-only…). `None` on shutdown.
+async fn commit(shared: &Arc<Shared>, writes: Vec<Write>) -> Option<()> {
+    let writes = Arc::new(writes);
+    let mut attempt = 0u32;
+    loop {
+        let store = shared.store.clone();
+        let w = writes.clone();
+        let result: Result<(), StateError> = tokio::task::spawn_blocking(move || {
+            store.apply(w.as_ref().clone())?;
+            store.flush()
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(StateError {
+                op: "write",
+                detail: e.to_string(),
+            })
+        });
+        match result {
+            Ok(()) => {
+                if !shared.health.set_state(true, None) {
+                    info!("state store writable again; confirming progress");
+                }
+                return Some(());
+            }
+            Err(e) => {
+                if shared.health.set_state(false, Some(e.to_string())) {
+                    error!(error = %e, "cannot write the state store; progress is not confirmed \
+                        until it can (free disk space or fix permissions on state.dir)");
+                }
+                let delay = policy::backoff(
+                    attempt,
+                    Duration::from_millis(200),
+                    Duration::from_secs(10),
+                    rand::random(),
+                );
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.stop.cancelled() => return None,
+                }
+            }
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// Resolves, sends and judges one type's entries. Returns the writes.
+async fn send_type(shared: Arc<Shared>, ty: TypeId, entries: Vec<Entry>) -> Option<Vec<Write>> {
+    let keep = shared.cfg.keep_last_sent.clone();
+    // Read what the store knows of each key, retrying while it fails.
+    let mut entries = entries;
+    let mut attempt = 0u32;
+    let priors = loop {
+        let store = shared.store.clone();
+        let (back, result) = tokio::task::spawn_blocking(move || {
+            let r = entries
+                .iter()
+                .map(|e| store.get_key(&e.key))
+                .collect::<Result<Vec<_>, StateError>>();
+            (entries, r)
+        })
+        .await
+        .expect("state reads do not panic");
+        entries = back;
+        match result {
+            Ok(p) => break p,
+            Err(e) => {
+                if shared.health.set_state(false, Some(e.to_string())) {
+                    error!(error = %e, "cannot read the state store; delivery waits until it can");
+                }
+                let delay = policy::backoff(
+                    attempt,
+                    Duration::from_millis(200),
+                    Duration::from_secs(10),
+                    rand::random(),
+                );
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.stop.cancelled() => return None,
+                }
+            }
+        }
+    };
+    let store = shared.store.clone();
+    let keep2 = keep.clone();
+    let (prepared, mut writes, unchanged, dead_local) =
+        tokio::task::spawn_blocking(move || resolve(store.as_ref(), ty, entries, priors, &keep2))
+            .await
+            .expect("resolve does not panic");
+    let label = Metrics::ty(ty);
+    if unchanged > 0 {
+        shared
+            .metrics
+            .records_unchanged
+            .get_or_create(&label)
+            .inc_by(unchanged as u64);
+    }
+    if dead_local > 0 {
+        shared
+            .metrics
+            .records_dead_lettered
+            .get_or_create(&label)
+            .inc_by(dead_local as u64);
+        warn!(type = %schema().ty(ty).name, count = dead_local,
+            "records failed local validation and were dead-lettered; see `cobi-sync dlq list`");
+    }
+    if prepared.is_empty() {
+        return Some(writes);
+    }
+    let t = schema().ty(ty);
+    let outgoing: Vec<Outgoing> = prepared
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Outgoing {
+            index: i,
+            json: p.json.clone(),
+            cobi_key: p.cobi_key.clone(),
+        })
+        .collect();
+    let mut verdicts: Vec<Option<Verdict>> = vec![None; prepared.len()];
+    let started = Instant::now();
+    let mut requests = 0usize;
+    if t.batch {
+        let batches = cut_batches(outgoing, shared.cfg.max_records, shared.cfg.max_bytes);
+        let mut running: FuturesUnordered<_> = batches
+            .into_iter()
+            .map(|b| {
+                let client = shared.client.clone();
+                async move { deliver_batch(&client, ty, b).await }
+            })
+            .collect();
+        while let Some((results, n)) = running.next().await {
+            requests += n;
+            for (i, v) in results {
+                verdicts[i] = v;
+            }
+        }
+    } else {
+        let client = shared.client.clone();
+        let mut running = futures_util::stream::iter(outgoing.into_iter().map(|o| {
+            let client = client.clone();
+            async move { (o.index, deliver_single(&client, ty, &o).await) }
+        }))
+        .buffer_unordered(shared.cfg.concurrency);
+        while let Some((i, v)) = running.next().await {
+            requests += 1;
+            verdicts[i] = v;
+        }
+    }
+    shared
+        .metrics
+        .batch_latency
+        .get_or_create(&label)
+        .observe(started.elapsed().as_secs_f64());
+    if verdicts.iter().any(|v| v.is_none()) {
+        return None;
+    }
+    let now = now_rfc3339();
+    let mut sent = 0u64;
+    let mut dead = 0u64;
+    for (p, v) in prepared.into_iter().zip(verdicts) {
+        match v.expect("checked") {
+            Verdict::Accepted => {
+                sent += 1;
+                let last_sent = keep.contains(&p.key.mapping).then(|| p.json.to_vec());
+                if p.prior
+                    .as_ref()
+                    .is_some_and(|s| s.status == KeyStatus::DeadLettered)
+                {
+                    writes.push(Write::RemoveDeadLetter(p.key.clone()));
+                }
+                writes.push(Write::Key(
+                    p.key,
+                    KeyState {
+                        status: KeyStatus::Accepted,
+                        fingerprint: p.fingerprint,
+                        last_sent,
+                    },
+                ));
+            }
+            Verdict::Rejected(reason) => {
+                dead += 1;
+                trace!(type = %t.name, source_key = %p.key.source_key, %reason, "record rejected by the api");
+                writes.extend(dead_letter_writes(
+                    shared.store.as_ref(),
+                    &p.key,
+                    p.cobi_key,
+                    &p.json,
+                    p.fingerprint,
+                    p.prior,
+                    reason,
+                    &now,
+                ));
+            }
+        }
+    }
+    if sent > 0 {
+        shared
+            .metrics
+            .records_sent
+            .get_or_create(&label)
+            .inc_by(sent);
+        shared
+            .metrics
+            .last_success
+            .get_or_create(&label)
+            .set(chrono::Utc::now().timestamp_micros() as f64 / 1e6);
+        let mut stats = shared.stats.lock().expect("lock");
+        let st = stats.entry(ty).or_default();
+        st.sent += sent;
+        st.last_success = Some(now.clone());
+    }
+    if dead > 0 {
+        shared
+            .metrics
+            .records_dead_lettered
+            .get_or_create(&label)
+            .inc_by(dead);
+        warn!(type = %t.name, count = dead, "records rejected by the cobi api were dead-lettered; see `cobi-sync dlq list`");
+    }
+    debug!(type = %t.name, sent, dead, requests, ms = started.elapsed().as_millis() as u64, "type delivered");
+    Some(writes)
+}
+
+/// Per entry: resolve deletes, skip unchanged, dead-letter invalid.
+fn resolve(
+    store: &dyn StateStore,
+    ty: TypeId,
+    entries: Vec<Entry>,
+    priors: Vec<Option<KeyState>>,
+    keep: &HashSet<String>,
+) -> (Vec<Prepared>, Vec<Write>, usize, usize) {
+    let t = schema().ty(ty);
+    let now = now_rfc3339();
+    let mut prepared = Vec::with_capacity(entries.len());
+    let mut writes = Vec::new();
+    let mut unchanged = 0;
+    let mut dead = 0;
+    for (entry, prior) in entries.into_iter().zip(priors) {
+        let (record, mut problems) = match entry.op {
+            Op::Upsert { record, problems } => (record, problems),
+            Op::Delete { basis } => {
+                let Some(is_deleted) = t.field("is_deleted") else {
+                    continue; // interactions have no soft delete
+                };
+                let from_store = || {
+                    prior
+                        .as_ref()
+                        .and_then(|p| p.last_sent.as_ref())
+                        .and_then(|j| Record::from_json(ty, j).ok())
+                };
+                match basis.or_else(from_store) {
+                    Some(mut r) => {
+                        r.set(is_deleted, Json::Bool(true));
+                        (r, Vec::new())
+                    }
+                    None => {
+                        // Never accepted: nothing to delete at Cobi. A dead
+                        // letter for it is moot now.
+                        if prior
+                            .as_ref()
+                            .is_some_and(|p| p.status == KeyStatus::DeadLettered)
+                        {
+                            writes.push(Write::RemoveDeadLetter(entry.key.clone()));
+                            writes.push(Write::RemoveKey(entry.key.clone()));
+                        } else if prior.is_some() && !keep.contains(&entry.key.mapping) {
+                            debug!(type = %t.name, "delete of a record whose content was not kept; not sent");
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        let json = record.to_json();
+        let fingerprint = xxhash_rust::xxh3::xxh3_64(&json);
+        if !entry.force && prior.as_ref().is_some_and(|p| p.fingerprint == fingerprint) {
+            unchanged += 1;
+            continue;
+        }
+        problems.extend(validate(&record));
+        let cobi_key = record.cobi_key();
+        if !problems.is_empty() {
+            dead += 1;
+            writes.extend(dead_letter_writes(
+                store,
+                &entry.key,
+                cobi_key,
+                &json,
+                fingerprint,
+                prior,
+                describe(&problems),
+                &now,
+            ));
+            continue;
+        }
+        prepared.push(Prepared {
+            key: entry.key,
+            json: Bytes::from(json),
+            fingerprint,
+            cobi_key,
+            prior,
+        });
+    }
+    (prepared, writes, unchanged, dead)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dead_letter_writes(
+    store: &dyn StateStore,
+    key: &StateKey,
+    cobi_key: Option<String>,
+    json: &[u8],
+    fingerprint: u64,
+    prior: Option<KeyState>,
+    reason: String,
+    now: &str,
+) -> Vec<Write> {
+    let existing = store.dead_letter(key).ok().flatten();
+    let dl = DeadLetter {
+        ty: schema().ty(key.ty).name.clone(),
+        mapping: key.mapping.clone(),
+        cobi_key,
+        source_key: key.source_key.clone(),
+        record: String::from_utf8_lossy(json).into_owned(),
+        reason,
+        attempts: existing.as_ref().map_or(1, |d| d.attempts + 1),
+        first_at: existing.map_or_else(|| now.to_string(), |d| d.first_at),
+        last_at: now.to_string(),
+    };
+    vec![
+        Write::DeadLetter(key.clone(), dl),
+        Write::Key(
+            key.clone(),
+            KeyState {
+                status: KeyStatus::DeadLettered,
+                fingerprint,
+                // Keep what Cobi last accepted, for a later soft delete.
+                last_sent: prior.and_then(|p| p.last_sent),
+            },
+        ),
+    ]
+}
+
+/// Cuts records into request-sized batches (records and body bytes).
+fn cut_batches(records: Vec<Outgoing>, max_records: usize, max_bytes: usize) -> Vec<Vec<Outgoing>> {
+    let mut out = Vec::new();
+    let mut cur: Vec<Outgoing> = Vec::new();
+    let mut bytes = 14usize;
+    for r in records {
+        let size = r.json.len() + 1;
+        if !cur.is_empty() && (cur.len() >= max_records || bytes + size > max_bytes) {
+            out.push(std::mem::take(&mut cur));
+            bytes = 14;
+        }
+        bytes += size;
+        cur.push(r);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_respect_count_and_bytes() {
+        let rec = |i: usize, len: usize| Outgoing {
+            index: i,
+            json: Bytes::from(vec![b'x'; len]),
+            cobi_key: None,
+        };
+        let b = cut_batches((0..10).map(|i| rec(i, 10)).collect(), 4, 1 << 20);
+        assert_eq!(b.iter().map(|b| b.len()).collect::<Vec<_>>(), [4, 4, 2]);
+        // 14 bytes of envelope + 11 per record: 3 records fit in 50 bytes.
+        let b = cut_batches((0..7).map(|i| rec(i, 10)).collect(), 100, 50);
+        assert_eq!(b.iter().map(|b| b.len()).collect::<Vec<_>>(), [3, 3, 1]);
+        // A record larger than max_bytes still goes, alone.
+        let b = cut_batches(vec![rec(0, 100), rec(1, 1)], 100, 50);
+        assert_eq!(b.iter().map(|b| b.len()).collect::<Vec<_>>(), [1, 1]);
+    }
+}

@@ -1,0 +1,391 @@
+//! Durable state: what was delivered, what was rejected, and how far the
+//! source has been read.
+//!
+//! The [`StateStore`] trait has two implementations: [`SledStore`] (the
+//! product, a sled database in `state.dir`) and [`MemoryStore`] (tests).
+//! What it holds:
+//!
+//! - per record key `(type, mapping, source key)`: a [`KeyState`] — the
+//!   fingerprint of the last version accepted (or dead-lettered), and the
+//!   last-sent record where soft deletes need it;
+//! - dead letters ([`DeadLetter`]) under the same key;
+//! - checkpoints ([`Checkpoint`]): the replication position with per-table
+//!   snapshot progress, per-mapping poll cursors, per-mapping snapshot
+//!   progress. Checkpoints never move backwards: a write older than what is
+//!   stored is ignored;
+//! - per-type counters for `status` when the daemon is stopped.
+//!
+//! Writes are grouped with [`StateStore::apply`] and become durable with
+//! [`StateStore::flush`], which the sink calls before any progress is
+//! confirmed to PostgreSQL. Keys are big-endian/ordered byte strings, so a
+//! type's keys are one prefix scan.
+
+mod memory;
+mod sled_store;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::schema::{schema, TypeId};
+
+pub use memory::MemoryStore;
+pub use sled_store::SledStore;
+
+/// A record's identity in the state store.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StateKey {
+    /// Cobi type.
+    pub ty: TypeId,
+    /// Mapping id ([`crate::config::MappingSettings::id`]).
+    pub mapping: String,
+    /// Source key ([`crate::mapping::engine::source_key`]).
+    pub source_key: String,
+}
+
+impl StateKey {
+    /// Encodes as `[type][mapping]\0[source key]`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(2 + self.mapping.len() + self.source_key.len());
+        k.push(self.ty);
+        k.extend_from_slice(self.mapping.as_bytes());
+        k.push(0);
+        k.extend_from_slice(self.source_key.as_bytes());
+        k
+    }
+
+    /// Decodes [`StateKey::encode`]'s output.
+    pub fn decode(bytes: &[u8]) -> Option<StateKey> {
+        let (&ty, rest) = bytes.split_first()?;
+        let nul = rest.iter().position(|&b| b == 0)?;
+        Some(StateKey {
+            ty,
+            mapping: String::from_utf8(rest[..nul].to_vec()).ok()?,
+            source_key: String::from_utf8(rest[nul + 1..].to_vec()).ok()?,
+        })
+    }
+
+    /// The prefix of every key of one mapping.
+    pub fn mapping_prefix(ty: TypeId, mapping: &str) -> Vec<u8> {
+        let mut k = vec![ty];
+        k.extend_from_slice(mapping.as_bytes());
+        k.push(0);
+        k
+    }
+}
+
+/// What happened to the last version of a key that reached a verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyStatus {
+    /// The API accepted it.
+    Accepted,
+    /// It became a dead letter.
+    DeadLettered,
+}
+
+/// The state of one record key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyState {
+    /// Accepted or dead-lettered.
+    pub status: KeyStatus,
+    /// Fingerprint of that version's JSON.
+    pub fingerprint: u64,
+    /// The JSON last accepted, where soft deletes need it.
+    pub last_sent: Option<Vec<u8>>,
+}
+
+impl KeyState {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(9 + self.last_sent.as_ref().map_or(0, |l| l.len()));
+        v.push(match self.status {
+            KeyStatus::Accepted => 1,
+            KeyStatus::DeadLettered => 2,
+        });
+        v.extend_from_slice(&self.fingerprint.to_be_bytes());
+        if let Some(l) = &self.last_sent {
+            v.extend_from_slice(l);
+        }
+        v
+    }
+
+    fn decode(b: &[u8]) -> Option<KeyState> {
+        if b.len() < 9 {
+            return None;
+        }
+        let status = match b[0] {
+            1 => KeyStatus::Accepted,
+            2 => KeyStatus::DeadLettered,
+            _ => return None,
+        };
+        let fingerprint = u64::from_be_bytes(b[1..9].try_into().ok()?);
+        let last_sent = (b.len() > 9).then(|| b[9..].to_vec());
+        Some(KeyState {
+            status,
+            fingerprint,
+            last_sent,
+        })
+    }
+}
+
+/// A record the API (or local validation) rejected, kept for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Cobi type name.
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// Mapping id.
+    pub mapping: String,
+    /// The record's Cobi key, if it has one.
+    pub cobi_key: Option<String>,
+    /// Source key.
+    pub source_key: String,
+    /// The record's JSON.
+    pub record: String,
+    /// Why it was rejected.
+    pub reason: String,
+    /// How many times it was rejected.
+    pub attempts: u32,
+    /// First rejection (RFC 3339).
+    pub first_at: String,
+    /// Last rejection (RFC 3339).
+    pub last_at: String,
+}
+
+impl DeadLetter {
+    /// Its state key.
+    pub fn key(&self) -> Option<StateKey> {
+        Some(StateKey {
+            ty: schema().type_id(&self.ty)?,
+            mapping: self.mapping.clone(),
+            source_key: self.source_key.clone(),
+        })
+    }
+}
+
+/// A column value in a checkpoint: the type OID and PostgreSQL's text form
+/// (`None` for NULL). Decoded with [`crate::mapping::decode::text`] for
+/// comparisons; bound as text parameters in queries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CursorValue {
+    /// Type OID.
+    pub oid: u32,
+    /// Text form.
+    pub text: Option<String>,
+}
+
+/// A position in a table ordered by `(cursor column, key)` or by key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    /// Cursor column value (poll mode), if ordered by a cursor.
+    pub cursor: Option<CursorValue>,
+    /// Key column values.
+    pub key: Vec<CursorValue>,
+}
+
+impl Position {
+    /// Compares positions with PostgreSQL's ordering of the decoded values.
+    pub fn cmp_values(&self, other: &Position) -> std::cmp::Ordering {
+        use crate::mapping::decode::text::decode_text;
+        use crate::mapping::value::{PgType, Value};
+        let val = |c: &CursorValue| -> Value {
+            match &c.text {
+                None => Value::Null,
+                Some(t) => decode_text(
+                    &PgType {
+                        oid: c.oid,
+                        name: String::new(),
+                        elem: None,
+                    },
+                    t.as_bytes(),
+                )
+                .unwrap_or_else(|_| Value::Text(t.as_str().into())),
+            }
+        };
+        let a = self.cursor.iter().chain(self.key.iter()).map(val);
+        let b = other.cursor.iter().chain(other.key.iter()).map(val);
+        for (x, y) in a.zip(b) {
+            let o = x.key_cmp(&y);
+            if o != std::cmp::Ordering::Equal {
+                return o;
+            }
+        }
+        std::cmp::Ordering::Equal
+    }
+}
+
+/// How far a table's snapshot has got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TableSnapshot {
+    /// Not read yet.
+    NotStarted,
+    /// Read up to and including this key.
+    InProgress(Position),
+    /// Fully read.
+    Done,
+}
+
+impl TableSnapshot {
+    fn rank(&self) -> u8 {
+        match self {
+            TableSnapshot::NotStarted => 0,
+            TableSnapshot::InProgress(_) => 1,
+            TableSnapshot::Done => 2,
+        }
+    }
+}
+
+/// The replication position with every table's snapshot progress, written
+/// as one value so both move together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ReplicationCheckpoint {
+    /// Confirmed LSN: everything committed up to here is delivered.
+    pub lsn: u64,
+    /// Snapshot progress per mapping id.
+    pub tables: BTreeMap<String, TableSnapshot>,
+}
+
+/// A progress marker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Checkpoint {
+    /// Replication mode.
+    Replication(ReplicationCheckpoint),
+    /// A poll mapping's cursor.
+    PollCursor {
+        /// Mapping id.
+        mapping: String,
+        /// Last delivered `(cursor, key)`.
+        position: Position,
+    },
+    /// A `snapshot` command's progress for one mapping (`None`: finished,
+    /// forget it).
+    Snapshot {
+        /// Mapping id.
+        mapping: String,
+        /// Progress.
+        progress: Option<TableSnapshot>,
+    },
+}
+
+impl Checkpoint {
+    /// Its name in the store.
+    pub fn name(&self) -> String {
+        match self {
+            Checkpoint::Replication(_) => "replication".into(),
+            Checkpoint::PollCursor { mapping, .. } => format!("poll/{mapping}"),
+            Checkpoint::Snapshot { mapping, .. } => format!("snapshot/{mapping}"),
+        }
+    }
+
+    /// Whether replacing `old` by `self` would move backwards.
+    pub fn is_behind(&self, old: &Checkpoint) -> bool {
+        match (self, old) {
+            (Checkpoint::Replication(new), Checkpoint::Replication(old)) => {
+                new.lsn < old.lsn
+                    || new.tables.iter().any(|(m, t)| {
+                        old.tables.get(m).is_some_and(|o| {
+                            t.rank() < o.rank()
+                                || matches!((t, o), (TableSnapshot::InProgress(a), TableSnapshot::InProgress(b)) if a.cmp_values(b).is_lt())
+                        })
+                    })
+            }
+            (
+                Checkpoint::PollCursor { position: new, .. },
+                Checkpoint::PollCursor { position: old, .. },
+            ) => new.cmp_values(old).is_lt(),
+            _ => false,
+        }
+    }
+}
+
+/// Per-type counters kept across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct TypeStats {
+    /// Records read from the source.
+    pub read: u64,
+    /// Records accepted by the API.
+    pub sent: u64,
+    /// Last accepted delivery (RFC 3339).
+    pub last_success: Option<String>,
+}
+
+/// One write in an atomic group.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// Set a key's state.
+    Key(StateKey, KeyState),
+    /// Forget a key.
+    RemoveKey(StateKey),
+    /// Add or replace a dead letter.
+    DeadLetter(StateKey, DeadLetter),
+    /// Remove a dead letter.
+    RemoveDeadLetter(StateKey),
+    /// Advance a checkpoint (ignored if it would move backwards).
+    Checkpoint(Checkpoint),
+    /// Replace a type's counters.
+    Stats(TypeId, TypeStats),
+}
+
+/// A state store failure (disk full, read-only, corrupt).
+#[derive(Debug, thiserror::Error)]
+#[error("state store {op} failed: {detail}")]
+pub struct StateError {
+    /// What was being done.
+    pub op: &'static str,
+    /// The underlying error.
+    pub detail: String,
+}
+
+/// The durable state behind the pipeline.
+pub trait StateStore: Send + Sync + 'static {
+    /// A key's state.
+    fn get_key(&self, key: &StateKey) -> Result<Option<KeyState>, StateError>;
+    /// Every key of one mapping, with its state.
+    fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyState)>, StateError>;
+    /// Applies a group of writes atomically.
+    fn apply(&self, writes: Vec<Write>) -> Result<(), StateError>;
+    /// Makes every applied write durable.
+    fn flush(&self) -> Result<(), StateError>;
+    /// A checkpoint by name.
+    fn checkpoint(&self, name: &str) -> Result<Option<Checkpoint>, StateError>;
+    /// Every checkpoint.
+    fn checkpoints(&self) -> Result<Vec<Checkpoint>, StateError>;
+    /// Removes a checkpoint (e.g. to re-run a snapshot).
+    fn remove_checkpoint(&self, name: &str) -> Result<(), StateError>;
+    /// Dead letters, all or of one type.
+    fn dead_letters(&self, ty: Option<TypeId>) -> Result<Vec<DeadLetter>, StateError>;
+    /// Number of dead letters per type.
+    fn dead_letter_counts(&self) -> Result<BTreeMap<TypeId, u64>, StateError> {
+        let mut m = BTreeMap::new();
+        for d in self.dead_letters(None)? {
+            if let Some(t) = schema().type_id(&d.ty) {
+                *m.entry(t).or_insert(0) += 1;
+            }
+        }
+        Ok(m)
+    }
+    /// A dead letter by key.
+    fn dead_letter(&self, key: &StateKey) -> Result<Option<DeadLetter>, StateError>;
+    /// Per-type counters.
+    fn stats(&self) -> Result<BTreeMap<TypeId, TypeStats>, StateError>;
+}
+
+/// The replication checkpoint, if any.
+pub fn replication_checkpoint(
+    store: &dyn StateStore,
+) -> Result<Option<ReplicationCheckpoint>, StateError> {
+    Ok(match store.checkpoint("replication")? {
+        Some(Checkpoint::Replication(r)) => Some(r),
+        _ => None,
+    })
+}
+
+/// A poll mapping's cursor, if any.
+pub fn poll_cursor(store: &dyn StateStore, mapping: &str) -> Result<Option<Position>, StateError> {
+    Ok(match store.checkpoint(&format!("poll/{mapping}"))? {
+        Some(Checkpoint::PollCursor { position, .. }) => Some(position),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,209 @@
+//! The sled-backed [`StateStore`] (sled 0.34).
+//!
+//! Trees: `keys` (record key → [`KeyState`]), `dead_letters` (record key →
+//! JSON [`DeadLetter`]), `checkpoints` (name → JSON [`Checkpoint`]),
+//! `stats` (type id → JSON [`TypeStats`]). A group of writes is one sled
+//! transaction across the trees, so it lands entirely or not at all.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use super::{Checkpoint, DeadLetter, KeyState, StateError, StateKey, StateStore, TypeStats, Write};
+use crate::model::schema::TypeId;
+
+/// sled database in the state directory.
+#[derive(Clone)]
+pub struct SledStore {
+    db: sled::Db,
+    keys: sled::Tree,
+    dead: sled::Tree,
+    checkpoints: sled::Tree,
+    stats: sled::Tree,
+}
+
+fn err(op: &'static str) -> impl Fn(sled::Error) -> StateError {
+    move |e| StateError {
+        op,
+        detail: e.to_string(),
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`. Fails with a clear message if
+    /// another process holds it (sled locks the directory): stop the daemon
+    /// or ask it through its HTTP endpoint.
+    pub fn open(dir: &Path) -> Result<SledStore, StateError> {
+        std::fs::create_dir_all(dir).map_err(|e| StateError {
+            op: "open",
+            detail: format!("cannot create {}: {e}", dir.display()),
+        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(32 * 1024 * 1024)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| StateError {
+                op: "open",
+                detail: if e.to_string().contains("lock") || e.to_string().contains("WouldBlock") {
+                    format!(
+                        "{} is in use by another cobi-sync process (is the daemon running? \
+                         `status` and `dlq` talk to it through http.listen): {e}",
+                        dir.display()
+                    )
+                } else {
+                    format!("{}: {e}", dir.display())
+                },
+            })?;
+        let open = |name: &str| db.open_tree(name).map_err(err("open"));
+        Ok(SledStore {
+            keys: open("keys")?,
+            dead: open("dead_letters")?,
+            checkpoints: open("checkpoints")?,
+            stats: open("stats")?,
+            db,
+        })
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("state values serialise")
+}
+
+impl StateStore for SledStore {
+    fn get_key(&self, key: &StateKey) -> Result<Option<KeyState>, StateError> {
+        Ok(self
+            .keys
+            .get(key.encode())
+            .map_err(err("read"))?
+            .and_then(|v| KeyState::decode(&v)))
+    }
+
+    fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyState)>, StateError> {
+        let prefix = StateKey::mapping_prefix(ty, mapping);
+        let mut out = Vec::new();
+        for item in self.keys.scan_prefix(&prefix) {
+            let (k, v) = item.map_err(err("scan"))?;
+            if let (Some(key), Some(state)) = (StateKey::decode(&k), KeyState::decode(&v)) {
+                out.push((key.source_key, state));
+            }
+        }
+        Ok(out)
+    }
+
+    fn apply(&self, writes: Vec<Write>) -> Result<(), StateError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        // Checkpoint monotonicity is decided against what is stored.
+        let mut resolved = Vec::with_capacity(writes.len());
+        for w in writes {
+            if let Write::Checkpoint(c) = &w {
+                if let Some(old) = self.checkpoint(&c.name())? {
+                    if c.is_behind(&old) {
+                        continue;
+                    }
+                }
+            }
+            resolved.push(w);
+        }
+        let result: Result<(), TransactionError<()>> =
+            (&self.keys, &self.dead, &self.checkpoints, &self.stats).transaction(
+                |(keys, dead, checkpoints, stats)| {
+                    for w in &resolved {
+                        match w {
+                            Write::Key(k, s) => {
+                                keys.insert(k.encode(), s.encode())?;
+                            }
+                            Write::RemoveKey(k) => {
+                                keys.remove(k.encode())?;
+                            }
+                            Write::DeadLetter(k, d) => {
+                                dead.insert(k.encode(), json(d))?;
+                            }
+                            Write::RemoveDeadLetter(k) => {
+                                dead.remove(k.encode())?;
+                            }
+                            Write::Checkpoint(c) => {
+                                checkpoints.insert(c.name().as_bytes(), json(c))?;
+                            }
+                            Write::Stats(t, s) => {
+                                stats.insert(&[*t], json(s))?;
+                            }
+                        }
+                    }
+                    Ok::<(), ConflictableTransactionError<()>>(())
+                },
+            );
+        result.map_err(|e| StateError {
+            op: "write",
+            detail: format!("{e:?}"),
+        })
+    }
+
+    fn flush(&self) -> Result<(), StateError> {
+        self.db.flush().map_err(err("flush"))?;
+        Ok(())
+    }
+
+    fn checkpoint(&self, name: &str) -> Result<Option<Checkpoint>, StateError> {
+        Ok(self
+            .checkpoints
+            .get(name.as_bytes())
+            .map_err(err("read"))?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    fn checkpoints(&self) -> Result<Vec<Checkpoint>, StateError> {
+        let mut out = Vec::new();
+        for item in self.checkpoints.iter() {
+            let (_, v) = item.map_err(err("scan"))?;
+            if let Ok(c) = serde_json::from_slice(&v) {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove_checkpoint(&self, name: &str) -> Result<(), StateError> {
+        self.checkpoints
+            .remove(name.as_bytes())
+            .map_err(err("write"))?;
+        Ok(())
+    }
+
+    fn dead_letters(&self, ty: Option<TypeId>) -> Result<Vec<DeadLetter>, StateError> {
+        let iter = match ty {
+            Some(t) => self.dead.scan_prefix([t]),
+            None => self.dead.iter(),
+        };
+        let mut out = Vec::new();
+        for item in iter {
+            let (_, v) = item.map_err(err("scan"))?;
+            if let Ok(d) = serde_json::from_slice(&v) {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    fn dead_letter(&self, key: &StateKey) -> Result<Option<DeadLetter>, StateError> {
+        Ok(self
+            .dead
+            .get(key.encode())
+            .map_err(err("read"))?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    fn stats(&self) -> Result<BTreeMap<TypeId, TypeStats>, StateError> {
+        let mut out = BTreeMap::new();
+        for item in self.stats.iter() {
+            let (k, v) = item.map_err(err("scan"))?;
+            if let (Some(&t), Ok(s)) = (k.first(), serde_json::from_slice(&v)) {
+                out.insert(t, s);
+            }
+        }
+        Ok(out)
+    }
+}

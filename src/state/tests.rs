@@ -1,0 +1,315 @@
+//! The state store contract, run against both implementations, and the
+//! crash-durability proof for sled.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use super::*;
+use crate::mapping::value::oid;
+
+fn key(ty: &str, sk: &str) -> StateKey {
+    StateKey {
+        ty: schema().type_id(ty).unwrap(),
+        mapping: format!("{ty}/public.t"),
+        source_key: sk.into(),
+    }
+}
+
+fn accepted(fp: u64, last: Option<&str>) -> KeyState {
+    KeyState {
+        status: KeyStatus::Accepted,
+        fingerprint: fp,
+        last_sent: last.map(|s| s.as_bytes().to_vec()),
+    }
+}
+
+fn int_pos(v: i64) -> Position {
+    Position {
+        cursor: None,
+        key: vec![CursorValue {
+            oid: oid::INT8,
+            text: Some(v.to_string()),
+        }],
+    }
+}
+
+fn contract(store: &dyn StateStore) {
+    // Keys.
+    let a = key("shops", "1");
+    let b = key("shops", "2");
+    let c = key("branches", "1");
+    assert_eq!(store.get_key(&a).unwrap(), None);
+    store
+        .apply(vec![
+            Write::Key(a.clone(), accepted(11, Some("{\"a\":1}"))),
+            Write::Key(b.clone(), accepted(22, None)),
+            Write::Key(c.clone(), accepted(33, None)),
+        ])
+        .unwrap();
+    store.flush().unwrap();
+    assert_eq!(
+        store.get_key(&a).unwrap(),
+        Some(accepted(11, Some("{\"a\":1}")))
+    );
+    let shop_keys: Vec<String> = store
+        .keys_of(a.ty, &a.mapping)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(shop_keys, ["1", "2"]);
+    store.apply(vec![Write::RemoveKey(b.clone())]).unwrap();
+    assert_eq!(store.get_key(&b).unwrap(), None);
+
+    // Dead letters.
+    let dl = DeadLetter {
+        ty: "branches".into(),
+        mapping: c.mapping.clone(),
+        cobi_key: Some("k".into()),
+        source_key: "1".into(),
+        record: "{}".into(),
+        reason: "region: must be two upper-case letters".into(),
+        attempts: 1,
+        first_at: "2024-01-01T00:00:00Z".into(),
+        last_at: "2024-01-01T00:00:00Z".into(),
+    };
+    store
+        .apply(vec![Write::DeadLetter(c.clone(), dl.clone())])
+        .unwrap();
+    assert_eq!(store.dead_letters(None).unwrap(), vec![dl.clone()]);
+    assert_eq!(store.dead_letters(Some(a.ty)).unwrap(), vec![]);
+    assert_eq!(store.dead_letters(Some(c.ty)).unwrap(), vec![dl.clone()]);
+    assert_eq!(store.dead_letter(&c).unwrap(), Some(dl.clone()));
+    assert_eq!(store.dead_letter_counts().unwrap().get(&c.ty), Some(&1));
+    assert_eq!(dl.key(), Some(c.clone()));
+    store
+        .apply(vec![Write::RemoveDeadLetter(c.clone())])
+        .unwrap();
+    assert!(store.dead_letters(None).unwrap().is_empty());
+
+    // Checkpoints never move backwards.
+    let rep = |lsn: u64, t: TableSnapshot| {
+        let mut tables = BTreeMap::new();
+        tables.insert("shops/public.t".to_string(), t);
+        Checkpoint::Replication(ReplicationCheckpoint { lsn, tables })
+    };
+    store
+        .apply(vec![Write::Checkpoint(rep(
+            100,
+            TableSnapshot::InProgress(int_pos(50)),
+        ))])
+        .unwrap();
+    store
+        .apply(vec![Write::Checkpoint(rep(90, TableSnapshot::Done))])
+        .unwrap();
+    assert_eq!(
+        replication_checkpoint(store).unwrap().unwrap().lsn,
+        100,
+        "an older LSN must be ignored"
+    );
+    store
+        .apply(vec![Write::Checkpoint(rep(
+            120,
+            TableSnapshot::InProgress(int_pos(9)),
+        ))])
+        .unwrap();
+    assert_eq!(
+        replication_checkpoint(store).unwrap().unwrap().lsn,
+        100,
+        "snapshot progress 9 < 50 must be ignored"
+    );
+    store
+        .apply(vec![Write::Checkpoint(rep(
+            120,
+            TableSnapshot::InProgress(int_pos(500)),
+        ))])
+        .unwrap();
+    assert_eq!(replication_checkpoint(store).unwrap().unwrap().lsn, 120);
+    store
+        .apply(vec![Write::Checkpoint(rep(130, TableSnapshot::Done))])
+        .unwrap();
+    let cp = replication_checkpoint(store).unwrap().unwrap();
+    assert_eq!(cp.tables["shops/public.t"], TableSnapshot::Done);
+
+    let cursor = |ts: &str, k: i64| Checkpoint::PollCursor {
+        mapping: "shops/public.t".into(),
+        position: Position {
+            cursor: Some(CursorValue {
+                oid: oid::TIMESTAMPTZ,
+                text: Some(ts.into()),
+            }),
+            key: int_pos(k).key,
+        },
+    };
+    store
+        .apply(vec![Write::Checkpoint(cursor("2024-01-02 00:00:00+00", 5))])
+        .unwrap();
+    store
+        .apply(vec![Write::Checkpoint(cursor(
+            "2024-01-01 23:00:00+00",
+            99,
+        ))])
+        .unwrap();
+    store
+        .apply(vec![Write::Checkpoint(cursor("2024-01-02 00:00:00+00", 4))])
+        .unwrap();
+    assert_eq!(
+        poll_cursor(store, "shops/public.t").unwrap().unwrap().key[0]
+            .text
+            .as_deref(),
+        Some("5")
+    );
+    store
+        .apply(vec![Write::Checkpoint(cursor(
+            "2024-01-02 00:00:00+00",
+            10,
+        ))])
+        .unwrap();
+    assert_eq!(
+        poll_cursor(store, "shops/public.t").unwrap().unwrap().key[0]
+            .text
+            .as_deref(),
+        Some("10"),
+        "key 10 > 5 at the same cursor (numerically, not as text)"
+    );
+    assert_eq!(store.checkpoints().unwrap().len(), 2);
+    store.remove_checkpoint("replication").unwrap();
+    assert_eq!(replication_checkpoint(store).unwrap(), None);
+
+    // Stats.
+    let st = TypeStats {
+        read: 3,
+        sent: 2,
+        last_success: Some("2024-01-01T00:00:00Z".into()),
+    };
+    store.apply(vec![Write::Stats(a.ty, st.clone())]).unwrap();
+    assert_eq!(store.stats().unwrap().get(&a.ty), Some(&st));
+}
+
+#[test]
+fn memory_store_contract() {
+    contract(&MemoryStore::new());
+}
+
+#[test]
+fn sled_store_contract_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        contract(&s);
+        s.flush().unwrap();
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    assert_eq!(
+        s.get_key(&key("shops", "1")).unwrap().unwrap().fingerprint,
+        11
+    );
+}
+
+#[test]
+fn second_open_of_the_same_dir_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let _a = SledStore::open(dir.path()).unwrap();
+    let err = SledStore::open(dir.path())
+        .err()
+        .expect("locked")
+        .to_string();
+    assert!(err.contains("in use by another cobi-sync process"), "{err}");
+}
+
+#[test]
+fn state_keys_round_trip_and_sort_by_type() {
+    let k = key("shops", "a|b\\c");
+    assert_eq!(StateKey::decode(&k.encode()), Some(k.clone()));
+    assert!(k
+        .encode()
+        .starts_with(&StateKey::mapping_prefix(k.ty, &k.mapping)));
+    assert!(key("institutes", "z").encode() < key("shops", "a").encode());
+}
+
+const CHILD_ENV: &str = "COBI_SYNC_STATE_CRASH_CHILD";
+
+/// Writes forever, printing `flushed N` after each flush (run as a child).
+fn crash_child(dir: &str) -> ! {
+    let store = SledStore::open(std::path::Path::new(dir)).unwrap();
+    let mut i: u64 = 0;
+    loop {
+        let mut writes = Vec::new();
+        for j in 0..50 {
+            writes.push(Write::Key(
+                key("shops", &format!("{i}-{j}")),
+                accepted(i, Some("{\"x\":1}")),
+            ));
+        }
+        writes.push(Write::Checkpoint(Checkpoint::Replication(
+            ReplicationCheckpoint {
+                lsn: i,
+                tables: BTreeMap::new(),
+            },
+        )));
+        store.apply(writes).unwrap();
+        if i % 5 == 0 {
+            store.flush().unwrap();
+            println!("flushed {i}");
+        }
+        i += 1;
+    }
+}
+
+#[test]
+fn flushed_writes_survive_sigkill() {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        crash_child(&dir);
+    }
+    for (round, target) in [7u64, 93, 251].into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "state::tests::flushed_writes_survive_sigkill",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut last_flushed = None;
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if let Some(n) = line.strip_prefix("flushed ") {
+                let n: u64 = n.trim().parse().unwrap();
+                last_flushed = Some(n);
+                if n >= target {
+                    // Mid-write: the child keeps applying unflushed batches.
+                    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+                    break;
+                }
+            }
+        }
+        let status = child.wait().unwrap();
+        assert!(
+            !status.success(),
+            "round {round}: child must have been killed"
+        );
+        let last = last_flushed.expect("child flushed at least once");
+        let store = SledStore::open(dir.path()).unwrap();
+        for i in 0..=last {
+            for j in 0..50 {
+                let st = store.get_key(&key("shops", &format!("{i}-{j}"))).unwrap();
+                assert_eq!(
+                    st.map(|s| s.fingerprint),
+                    Some(i),
+                    "round {round}: entry {i}-{j} flushed before the kill is missing"
+                );
+            }
+        }
+        let lsn = replication_checkpoint(&store).unwrap().unwrap().lsn;
+        assert!(
+            lsn >= last,
+            "round {round}: checkpoint {lsn} went back before the flushed {last}"
+        );
+    }
+}
