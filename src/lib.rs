@@ -15,9 +15,15 @@
 //! - [`mapping`]: a source row → a Cobi record (pure).
 //! - [`source`]: reading PostgreSQL (polling, logical replication, snapshots).
 
+pub mod check;
+pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod demo;
 pub mod mapping;
+pub mod mock_api;
 pub mod model;
 pub mod ops;
 pub mod sink;
+pub mod source;
 pub mod state;

@@ -228,6 +228,75 @@ region = { column = "country", transform = "upper" }
     }
 
     #[test]
+    fn the_example_documents_every_key_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cobi-sync.example.toml");
+        let settings = load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(settings.mappings.len(), 2);
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Every key the file format has (defaults serialised), plus the
+        // optional ones, appears as `key =` or `# key =`.
+        let defaults = toml::to_string(&raw::RawConfig::default()).unwrap();
+        let mut keys: Vec<String> = defaults
+            .lines()
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.trim().to_string()))
+            .filter(|k| k != "mapping")
+            .collect();
+        keys.extend(
+            [
+                "password_file",
+                "api_key_file",
+                "type",
+                "table",
+                "query",
+                "key",
+                "cursor",
+                "on_delete",
+                "on_truncate",
+                "reconcile",
+            ]
+            .map(String::from),
+        );
+        for k in keys {
+            let documented = text.lines().any(|l| {
+                let l = l.trim_start_matches('#').trim();
+                l.starts_with(&format!("{k} =")) || l.starts_with(&format!("{k}  "))
+            });
+            assert!(
+                documented,
+                "config/cobi-sync.example.toml does not document `{k}`"
+            );
+        }
+        // And its stated defaults are the real defaults.
+        let d = raw::RawConfig::default();
+        for (k, v) in [
+            ("mode", format!("{:?}", d.source.mode)),
+            ("slot", format!("{:?}", d.source.replication.slot)),
+            (
+                "max_slot_lag",
+                format!("{:?}", d.source.replication.max_slot_lag),
+            ),
+            ("schedule", format!("{:?}", d.source.poll.schedule)),
+            ("lookback", format!("{:?}", d.source.poll.lookback)),
+            ("page_size", d.source.poll.page_size.to_string()),
+            ("timeout", format!("{:?}", d.api.timeout)),
+            ("concurrency", d.api.concurrency.to_string()),
+            ("initial_backoff", format!("{:?}", d.api.initial_backoff)),
+            ("max_backoff", format!("{:?}", d.api.max_backoff)),
+            ("max_records", d.batch.max_records.to_string()),
+            ("max_bytes", format!("{:?}", d.batch.max_bytes)),
+            ("linger", format!("{:?}", d.batch.linger)),
+            ("listen", format!("{:?}", d.http.listen)),
+            ("namespace", format!("{:?}", d.ids.namespace)),
+        ] {
+            let line = format!("{k} = {v}");
+            assert!(
+                text.lines().any(|l| l.trim().starts_with(&line)),
+                "example should say `{line}`"
+            );
+        }
+    }
+
+    #[test]
     fn toml_syntax_errors_are_reported() {
         let e = errors("[source\nurl = 1");
         assert!(e[0].contains("cannot parse the file as TOML"), "{e:?}");

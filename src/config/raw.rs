@@ -7,10 +7,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole file.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
     /// `[source]`
@@ -32,7 +32,7 @@ pub struct RawConfig {
 }
 
 /// `[source]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawSource {
     /// libpq URL of the partner database.
@@ -63,7 +63,7 @@ impl Default for RawSource {
 }
 
 /// `[source.replication]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawReplication {
     /// Logical replication slot name.
@@ -88,7 +88,7 @@ impl Default for RawReplication {
 }
 
 /// `[source.poll]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawPoll {
     /// 6-field cron expression.
@@ -110,7 +110,7 @@ impl Default for RawPoll {
 }
 
 /// `[api]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawApi {
     /// API base URL.
@@ -150,7 +150,7 @@ impl Default for RawApi {
 }
 
 /// `[batch]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawBatch {
     /// Records per request (1..=5000).
@@ -172,7 +172,7 @@ impl Default for RawBatch {
 }
 
 /// `[state]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawState {
     /// State directory.
@@ -188,7 +188,7 @@ impl Default for RawState {
 }
 
 /// `[http]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawHttp {
     /// Listen address of the health/metrics endpoint ("" disables).
@@ -204,7 +204,7 @@ impl Default for RawHttp {
 }
 
 /// `[log]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLog {
     /// `json` or `text`.
@@ -223,7 +223,7 @@ impl Default for RawLog {
 }
 
 /// `[ids]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawIds {
     /// UUIDv5 namespace.
@@ -239,7 +239,7 @@ impl Default for RawIds {
 }
 
 /// One `[[mapping]]`.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawMapping {
     /// Cobi type.

@@ -1,5 +1,10 @@
 //! Operations: what an operator sees — health flags, Prometheus metrics,
 //! the HTTP endpoint, status reports, systemd notifications.
 
+pub mod dlq;
 pub mod health;
+pub mod http;
+pub mod logging;
 pub mod metrics;
+pub mod status;
+pub mod systemd;

@@ -1,0 +1,411 @@
+//! The command line (DESIGN.md §2): parsing with clap and dispatch.
+//!
+//! Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tracing::{error, info};
+
+use crate::config::{self, Mode, Settings};
+use crate::daemon::{self, DaemonError, Pipeline};
+use crate::model::schema::{schema, TypeId};
+use crate::ops::{dlq, logging, status};
+
+/// cobi-sync: keeps the Cobi platform in sync with your PostgreSQL database.
+#[derive(Debug, Parser)]
+#[command(name = "cobi-sync", version, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "COBI_SYNC_CONFIG", default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// What to do (default: run).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: snapshot once, then stream (or poll) changes forever.
+    Run,
+    /// Check the configuration, database, privileges, tables and API key.
+    Check,
+    /// One-off full upload of the mapped tables (or the named types and
+    /// what they depend on).
+    Snapshot {
+        /// Only these Cobi types (plus the types they depend on).
+        #[arg(long = "type", value_name = "TYPE")]
+        types: Vec<String>,
+        /// Re-send records even if identical to what was last accepted.
+        #[arg(long)]
+        force: bool,
+    },
+    /// State of the running daemon, or of the state dir when it is stopped.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect, re-send or drop dead-lettered records.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// A strict local stand-in for the Cobi Data API (trials, demos, tests).
+    MockApi(MockApiArgs),
+    /// The zero-setup tour: throwaway PostgreSQL + mock API + a live sync.
+    Demo,
+}
+
+/// `dlq` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List dead letters.
+    List {
+        /// Only this type.
+        #[arg(long = "type", value_name = "TYPE")]
+        ty: Option<String>,
+        /// JSON array (with the records).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-send dead letters in dependency order.
+    Replay {
+        /// Only this type.
+        #[arg(long = "type", value_name = "TYPE")]
+        ty: Option<String>,
+    },
+    /// Drop dead letters.
+    Purge {
+        /// Only this type.
+        #[arg(long = "type", value_name = "TYPE")]
+        ty: Option<String>,
+    },
+}
+
+/// `mock-api` options.
+#[derive(Debug, Args, Clone)]
+pub struct MockApiArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Bearer key clients must send.
+    #[arg(long, env = "COBI_API_KEY")]
+    pub api_key: String,
+    /// Share of requests answered 500.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// Share of requests answered 429 with Retry-After.
+    #[arg(long, default_value_t = 0.0)]
+    pub throttle_rate: f64,
+    /// Share of requests whose connection is closed without an answer.
+    #[arg(long, default_value_t = 0.0)]
+    pub drop_rate: f64,
+    /// Added latency per request (e.g. 20ms).
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    pub latency: Duration,
+    /// Seed of the fault injection.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    config::parse_duration(s)
+}
+
+/// Parses arguments and runs. The returned code is the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = rt.block_on(dispatch(cli));
+    rt.shutdown_timeout(Duration::from_secs(1));
+    ExitCode::from(code)
+}
+
+fn load(path: &std::path::Path) -> Result<Settings, u8> {
+    config::load(path).map_err(|e| {
+        eprint!("{e}");
+        2
+    })
+}
+
+fn resolve_type(name: &str) -> Result<TypeId, u8> {
+    schema().type_id(name).ok_or_else(|| {
+        eprintln!(
+            "--type {name}: unknown Cobi type; types are: {}",
+            schema().type_names().join(", ")
+        );
+        2
+    })
+}
+
+async fn dispatch(cli: Cli) -> u8 {
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => cmd_run(&cli.config).await,
+        Command::Check => crate::check::run(&cli.config).await,
+        Command::Snapshot { types, force } => cmd_snapshot(&cli.config, &types, force).await,
+        Command::Status { json } => cmd_status(&cli.config, json).await,
+        Command::Dlq { action } => cmd_dlq(&cli.config, action).await,
+        Command::MockApi(args) => cmd_mock_api(args).await,
+        Command::Demo => crate::demo::run().await,
+    };
+    match result {
+        Ok(()) => 0,
+        Err(code) => code,
+    }
+}
+
+async fn cmd_run(path: &std::path::Path) -> Result<(), u8> {
+    let settings = load(path)?;
+    logging::init(&settings.log);
+    daemon::run(settings).await.map_err(|e| {
+        eprintln!("cobi-sync: {e}");
+        e.exit_code()
+    })
+}
+
+async fn cmd_snapshot(path: &std::path::Path, types: &[String], force: bool) -> Result<(), u8> {
+    let settings = load(path)?;
+    logging::init(&settings.log);
+    let mut ids = Vec::new();
+    for t in types {
+        let id = resolve_type(t)?;
+        for a in schema().with_ancestors(id) {
+            if !ids.contains(&a) {
+                ids.push(a);
+            }
+        }
+    }
+    let store = daemon::open_store(&settings).map_err(|e| fail(&e))?;
+    daemon::check_secret_permissions(&settings);
+    let pipeline = Pipeline::start(&settings, store.clone()).map_err(|e| fail(&e))?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stop2 = stop.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        stop2.cancel();
+    });
+    let started = std::time::Instant::now();
+    let result = match settings.source.mode {
+        Mode::Poll => {
+            crate::source::snapshot::run(
+                &settings,
+                store.clone(),
+                &pipeline.sink,
+                &ids,
+                force,
+                &stop,
+            )
+            .await
+        }
+        Mode::Replication => {
+            crate::source::replication::snapshot_command(
+                settings.clone(),
+                store.clone(),
+                pipeline.sink.clone(),
+                pipeline.health.clone(),
+                pipeline.metrics.clone(),
+                &ids,
+                stop.clone(),
+            )
+            .await
+        }
+    };
+    let interrupted = stop.is_cancelled();
+    pipeline.drain(daemon::GRACE).await;
+    match result {
+        Ok(rows) => {
+            let secs = started.elapsed().as_secs_f64();
+            if interrupted {
+                println!("snapshot interrupted after {rows} rows; run it again to continue where it stopped");
+                Err(1)
+            } else {
+                println!(
+                    "snapshot complete: {rows} rows in {secs:.1}s ({:.0} rows/s)",
+                    rows as f64 / secs.max(1e-3)
+                );
+                let dead = store
+                    .dead_letter_counts()
+                    .map(|m| m.values().sum::<u64>())
+                    .unwrap_or(0);
+                if dead > 0 {
+                    println!("{dead} dead letters: see `cobi-sync dlq list`");
+                }
+                Ok(())
+            }
+        }
+        Err(e) => {
+            let e = match e {
+                crate::source::SourceError::Config(m) => DaemonError::Config(m),
+                crate::source::SourceError::Fatal(m) => DaemonError::Runtime(m),
+            };
+            Err(fail(&e))
+        }
+    }
+}
+
+fn fail(e: &DaemonError) -> u8 {
+    error!("{e}");
+    eprintln!("cobi-sync: {e}");
+    e.exit_code()
+}
+
+/// The running daemon's endpoint, if it answers.
+async fn daemon_url(settings: &Settings) -> Option<String> {
+    let addr = settings.http.listen?;
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .ok()?;
+    client.get(format!("{base}/healthz")).send().await.ok()?;
+    Some(base)
+}
+
+async fn cmd_status(path: &std::path::Path, json: bool) -> Result<(), u8> {
+    let settings = load(path)?;
+    let report = if let Some(base) = daemon_url(&settings).await {
+        let r = reqwest::get(format!("{base}/status")).await.map_err(|e| {
+            eprintln!("cannot read {base}/status: {e}");
+            1
+        })?;
+        r.json::<status::StatusReport>().await.map_err(|e| {
+            eprintln!("unexpected answer from {base}/status: {e}");
+            1
+        })?
+    } else {
+        let store = daemon::open_store(&settings).map_err(|e| {
+            eprintln!("{e}");
+            1
+        })?;
+        status::build(&settings, store.as_ref(), None).map_err(|e| {
+            eprintln!("{e}");
+            1
+        })?
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serialisable")
+        );
+    } else {
+        print!("{}", status::render(&report));
+    }
+    Ok(())
+}
+
+async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
+    let settings = load(path)?;
+    let ty_name = match &action {
+        DlqAction::List { ty, .. } | DlqAction::Replay { ty } | DlqAction::Purge { ty } => {
+            ty.clone()
+        }
+    };
+    let ty = ty_name.as_deref().map(resolve_type).transpose()?;
+    let query = ty_name.map(|t| format!("?type={t}")).unwrap_or_default();
+    if let Some(base) = daemon_url(&settings).await {
+        let client = reqwest::Client::new();
+        let (req, what) = match &action {
+            DlqAction::List { .. } => (client.get(format!("{base}/dlq{query}")), "list"),
+            DlqAction::Replay { .. } => {
+                (client.post(format!("{base}/dlq/replay{query}")), "replay")
+            }
+            DlqAction::Purge { .. } => (client.post(format!("{base}/dlq/purge{query}")), "purge"),
+        };
+        let resp = req.send().await.map_err(|e| {
+            eprintln!("dlq {what} through {base} failed: {e}");
+            1
+        })?;
+        if !resp.status().is_success() {
+            eprintln!("dlq {what}: {}", resp.text().await.unwrap_or_default());
+            return Err(1);
+        }
+        match action {
+            DlqAction::List { json, .. } => {
+                let rows: Vec<dlq::DeadLetterRow> = resp.json().await.map_err(|e| {
+                    eprintln!("unexpected answer: {e}");
+                    1
+                })?;
+                print_rows(&rows, json);
+            }
+            _ => println!("{}", resp.text().await.unwrap_or_default()),
+        }
+        return Ok(());
+    }
+    // The daemon is stopped: work on the state dir directly.
+    let store = daemon::open_store(&settings).map_err(|e| fail(&e))?;
+    match action {
+        DlqAction::List { json, .. } => {
+            let rows = dlq::list(store.as_ref(), ty).map_err(|e| {
+                eprintln!("{e}");
+                1
+            })?;
+            print_rows(&rows, json);
+        }
+        DlqAction::Purge { .. } => {
+            let n = dlq::purge(store.as_ref(), ty).map_err(|e| {
+                eprintln!("{e}");
+                1
+            })?;
+            println!("{{\"purged\":{n}}}");
+        }
+        DlqAction::Replay { .. } => {
+            logging::init(&settings.log);
+            let pipeline = Pipeline::start(&settings, store.clone()).map_err(|e| fail(&e))?;
+            let n = dlq::replay(store.as_ref(), &pipeline.sink, ty)
+                .await
+                .map_err(|e| {
+                    eprintln!("dlq replay: {e}");
+                    1
+                });
+            pipeline.drain(daemon::GRACE).await;
+            let n = n?;
+            let left = store.dead_letters(ty).map(|v| v.len()).unwrap_or(0);
+            info!(replayed = n, still_dead = left, "dlq replay done");
+            println!("{{\"replayed\":{n},\"still_dead\":{left}}}");
+        }
+    }
+    Ok(())
+}
+
+fn print_rows(rows: &[dlq::DeadLetterRow], json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(rows).expect("serialisable")
+        );
+    } else {
+        print!("{}", dlq::render(rows));
+    }
+}
+
+async fn cmd_mock_api(args: MockApiArgs) -> Result<(), u8> {
+    logging::init_default();
+    let opts = crate::mock_api::MockOptions {
+        listen: args.listen,
+        api_key: args.api_key,
+        fail_rate: args.fail_rate,
+        throttle_rate: args.throttle_rate,
+        drop_rate: args.drop_rate,
+        latency: args.latency,
+        seed: args.seed,
+    };
+    crate::mock_api::serve_until_signal(opts)
+        .await
+        .map_err(|e| {
+            eprintln!("mock-api: {e}");
+            1
+        })
+}

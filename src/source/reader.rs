@@ -1,0 +1,524 @@
+//! Reading a mapping's rows: `COPY (SELECT …) TO STDOUT (FORMAT binary)`,
+//! streamed and decoded into [`Value`]s without loading a table.
+//!
+//! [`SourceTable::resolve`] looks the mapping's table (or query) up, picks
+//! its key, builds the select list (types without a native binary decoder
+//! are cast to text) and compiles the mapping against it. It then builds
+//! the two kinds of ordered reads every mode uses: key-ordered chunks
+//! ([`SourceTable::key_chunk_sql`], snapshots and cursor-less polls) and
+//! `(cursor, key)`-ordered pages ([`SourceTable::poll_page_sql`]). Positions
+//! are inlined as typed literals from PostgreSQL's own text forms, so they
+//! round-trip exactly; text keys are ordered with `COLLATE "C"` so the
+//! order matches byte comparison in Rust.
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use tokio_postgres::{Client, CopyOutStream, Transaction};
+
+use crate::config::{quote_ident, MappingSettings, MappingSource};
+use crate::mapping::decode::binary::CopyBinaryReader;
+use crate::mapping::engine::{Column, CompiledMapping, MapContext};
+use crate::mapping::value::{oid, PgType, Value};
+use crate::source::pg::{self, quote_literal, TableInfo};
+use crate::state::{CursorValue, Position};
+
+/// Why a mapping cannot read its source.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A problem an operator must fix (missing table, column, key…).
+    #[error("{0}")]
+    Config(String),
+    /// The database failed.
+    #[error("{0}")]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// One selected column.
+#[derive(Debug, Clone)]
+pub struct SelectCol {
+    /// Column name.
+    pub name: String,
+    /// SQL expression in the select list.
+    pub expr: String,
+    /// Type of the selected value (after any cast to text).
+    pub ty: PgType,
+    /// The column's own type name (for typed literals).
+    pub source_type: String,
+}
+
+/// A mapping bound to its source.
+#[derive(Debug, Clone)]
+pub struct SourceTable {
+    /// The mapping.
+    pub mapping: MappingSettings,
+    /// Catalog info (tables only).
+    pub table: Option<TableInfo>,
+    /// `FROM` clause.
+    pub from_sql: String,
+    /// Selected columns, in row order.
+    pub select: Vec<SelectCol>,
+    /// Key columns (positions in `select`).
+    pub key: Vec<usize>,
+    /// Cursor column (position in `select`).
+    pub cursor: Option<usize>,
+    /// The mapping compiled against `select`.
+    pub compiled: CompiledMapping,
+}
+
+fn is_text_like(o: u32) -> bool {
+    matches!(
+        o,
+        oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::CHAR
+    )
+}
+
+impl SourceTable {
+    /// Resolves the mapping against the database.
+    pub async fn resolve(
+        client: &Client,
+        mapping: &MappingSettings,
+        ctx: MapContext,
+    ) -> Result<SourceTable, SetupError> {
+        let label = mapping.label();
+        let (table, columns, from_sql, default_key) = match &mapping.source {
+            MappingSource::Table { schema, name } => {
+                let info = pg::table_info(client, schema, name).await?.ok_or_else(|| {
+                    SetupError::Config(format!(
+                        "{label}: table {schema}.{name} does not exist or is not visible to the \
+                         connecting role; fix `table` or grant USAGE on the schema and SELECT on the table"
+                    ))
+                })?;
+                let cols = info.columns.clone();
+                let pk = info.primary_key.clone();
+                (Some(info), cols, mapping.source.sql(), pk)
+            }
+            MappingSource::Query(q) => {
+                let cols = pg::query_columns(client, q).await.map_err(|e| {
+                    SetupError::Config(format!(
+                        "{label}: the query does not run: {}",
+                        e.as_db_error()
+                            .map_or_else(|| e.to_string(), |d| d.message().to_string())
+                    ))
+                })?;
+                (None, cols, format!("({q}) AS q"), Vec::new())
+            }
+        };
+        let key_names = mapping.key.clone().unwrap_or(default_key);
+        if key_names.is_empty() {
+            return Err(SetupError::Config(format!(
+                "{label}: the table has no primary key; set `key = [\"col\", …]` to columns that \
+                 identify a row"
+            )));
+        }
+        let mut wanted: Vec<String> = key_names.clone();
+        if let Some(c) = &mapping.cursor {
+            if !wanted.contains(c) {
+                wanted.push(c.clone());
+            }
+        }
+        for c in mapping.columns() {
+            if !wanted.contains(&c) {
+                wanted.push(c);
+            }
+        }
+        let available = || {
+            columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut select = Vec::with_capacity(wanted.len());
+        for name in &wanted {
+            let Some(meta) = columns.iter().find(|c| &c.name == name) else {
+                let what = if key_names.contains(name) {
+                    "key column"
+                } else if mapping.cursor.as_deref() == Some(name.as_str()) {
+                    "cursor column"
+                } else {
+                    "column"
+                };
+                return Err(SetupError::Config(format!(
+                    "{label}: {what} `{name}` does not exist in {} (columns: {})",
+                    mapping.source.sql(),
+                    available()
+                )));
+            };
+            let q = quote_ident(name);
+            let native = |o: u32| oid::is_native(o);
+            let (expr, ty) = match meta.ty.elem {
+                Some(e) if native(e) => (q.clone(), meta.ty.clone()),
+                Some(_) => (
+                    format!("{q}::text[]"),
+                    PgType {
+                        oid: oid::TEXT_ARRAY,
+                        name: "text[]".into(),
+                        elem: Some(oid::TEXT),
+                    },
+                ),
+                None if native(meta.ty.oid) => (q.clone(), meta.ty.clone()),
+                None => (
+                    format!("{q}::text"),
+                    PgType {
+                        oid: oid::TEXT,
+                        name: "text".into(),
+                        elem: None,
+                    },
+                ),
+            };
+            select.push(SelectCol {
+                name: name.clone(),
+                expr,
+                ty,
+                source_type: meta.ty.name.clone(),
+            });
+        }
+        let pos = |n: &str| select.iter().position(|c| c.name == n).expect("selected");
+        let key: Vec<usize> = key_names.iter().map(|k| pos(k)).collect();
+        let cursor = mapping.cursor.as_deref().map(pos);
+        if let Some(c) = cursor {
+            let o = select[c].ty.oid;
+            if !matches!(
+                o,
+                oid::TIMESTAMPTZ
+                    | oid::TIMESTAMP
+                    | oid::DATE
+                    | oid::INT2
+                    | oid::INT4
+                    | oid::INT8
+                    | oid::NUMERIC
+            ) {
+                return Err(SetupError::Config(format!(
+                    "{label}: cursor column `{}` is {}; it must be a timestamp, timestamptz, date \
+                     or integer column that grows on every insert and update",
+                    select[c].name, select[c].source_type
+                )));
+            }
+        }
+        let layout: Vec<Column> = select
+            .iter()
+            .map(|c| Column {
+                name: c.name.clone(),
+                ty: c.ty.clone(),
+            })
+            .collect();
+        let compiled =
+            CompiledMapping::compile(mapping, &key_names, &layout, ctx).map_err(|errs| {
+                SetupError::Config(
+                    errs.iter()
+                        .map(|e| format!("{label}: {e}"))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                )
+            })?;
+        Ok(SourceTable {
+            mapping: mapping.clone(),
+            table,
+            from_sql,
+            select,
+            key,
+            cursor,
+            compiled,
+        })
+    }
+
+    /// Key column names.
+    pub fn key_names(&self) -> Vec<String> {
+        self.key
+            .iter()
+            .map(|&i| self.select[i].name.clone())
+            .collect()
+    }
+
+    fn select_list(&self) -> String {
+        self.select
+            .iter()
+            .map(|c| c.expr.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `"col"` (with `COLLATE "C"` for text) for ordering and comparing.
+    fn order_expr(&self, i: usize) -> String {
+        let c = &self.select[i];
+        let q = quote_ident(&c.name);
+        if is_text_like(c.ty.oid) {
+            format!("{q} COLLATE \"C\"")
+        } else {
+            q
+        }
+    }
+
+    /// A typed literal for a position value of column `i`.
+    fn literal(&self, i: usize, v: &CursorValue) -> String {
+        match &v.text {
+            None => "NULL".into(),
+            Some(t) => {
+                let c = &self.select[i];
+                if is_text_like(c.ty.oid) {
+                    format!("{} COLLATE \"C\"", quote_literal(t))
+                } else {
+                    format!("{}::{}", quote_literal(t), c.source_type)
+                }
+            }
+        }
+    }
+
+    fn copy(&self, query: String) -> String {
+        format!("COPY ({query}) TO STDOUT (FORMAT binary)")
+    }
+
+    /// The next chunk in key order after `after` (everything from the start
+    /// when `None`).
+    pub fn key_chunk_sql(&self, after: Option<&[CursorValue]>, limit: Option<usize>) -> String {
+        let keys: Vec<String> = self.key.iter().map(|&i| self.order_expr(i)).collect();
+        let mut q = format!("SELECT {} FROM {}", self.select_list(), self.from_sql);
+        if let Some(after) = after {
+            let lits: Vec<String> = self
+                .key
+                .iter()
+                .zip(after)
+                .map(|(&i, v)| self.literal(i, v))
+                .collect();
+            q.push_str(&format!(
+                " WHERE ({}) > ({})",
+                keys.join(", "),
+                lits.join(", ")
+            ));
+        }
+        q.push_str(&format!(" ORDER BY {}", keys.join(", ")));
+        if let Some(l) = limit {
+            q.push_str(&format!(" LIMIT {l}"));
+        }
+        self.copy(q)
+    }
+
+    /// Only the key columns, in key order (reconciliation).
+    pub fn keys_sql(&self) -> String {
+        let cols: Vec<String> = self
+            .key
+            .iter()
+            .map(|&i| self.select[i].expr.clone())
+            .collect();
+        format!(
+            "COPY (SELECT {} FROM {}) TO STDOUT (FORMAT binary)",
+            cols.join(", "),
+            self.from_sql
+        )
+    }
+
+    /// Types of [`SourceTable::keys_sql`]'s columns.
+    pub fn key_types(&self) -> Vec<PgType> {
+        self.key
+            .iter()
+            .map(|&i| self.select[i].ty.clone())
+            .collect()
+    }
+
+    /// The next page in `(cursor, key)` order. `after` is the last position
+    /// read; `from` (the lookback start) replaces it for the first page of
+    /// a tick; `horizon` is an SQL expression the cursor must not pass.
+    pub fn poll_page_sql(
+        &self,
+        after: Option<&Position>,
+        lookback_from: Option<&str>,
+        horizon: Option<&str>,
+        limit: usize,
+    ) -> String {
+        let c = self.cursor.expect("poll pages need a cursor");
+        let cursor = self.order_expr(c);
+        let mut order = vec![cursor.clone()];
+        order.extend(self.key.iter().map(|&i| self.order_expr(i)));
+        let mut conds = Vec::new();
+        if let Some(from) = lookback_from {
+            conds.push(format!("{cursor} >= {from}"));
+        } else if let Some(p) = after {
+            let mut lits = vec![p
+                .cursor
+                .as_ref()
+                .map_or("NULL".into(), |v| self.literal(c, v))];
+            lits.extend(
+                self.key
+                    .iter()
+                    .zip(&p.key)
+                    .map(|(&i, v)| self.literal(i, v)),
+            );
+            conds.push(format!("({}) > ({})", order.join(", "), lits.join(", ")));
+        }
+        if let Some(h) = horizon {
+            conds.push(format!("{cursor} <= {h}"));
+        }
+        let mut q = format!("SELECT {} FROM {}", self.select_list(), self.from_sql);
+        if !conds.is_empty() {
+            q.push_str(&format!(" WHERE {}", conds.join(" AND ")));
+        }
+        q.push_str(&format!(" ORDER BY {} LIMIT {limit}", order.join(", ")));
+        self.copy(q)
+    }
+
+    /// The lookback start for a cursor position: the cursor minus
+    /// `lookback` (time cursors) as an SQL expression; `None` for integer
+    /// cursors (no lookback) or no position.
+    pub fn lookback_from(
+        &self,
+        after: Option<&Position>,
+        lookback: std::time::Duration,
+    ) -> Option<String> {
+        let c = self.cursor?;
+        let v = after?.cursor.as_ref()?;
+        let lit = self.literal(c, v);
+        match self.select[c].ty.oid {
+            oid::TIMESTAMPTZ | oid::TIMESTAMP => Some(format!(
+                "({lit} - interval '{} microseconds')",
+                lookback.as_micros()
+            )),
+            oid::DATE => Some(format!("({lit} - {})", lookback.as_secs().div_ceil(86_400))),
+            _ => None,
+        }
+    }
+
+    /// The horizon the cursor must not pass: `min(now() − 1 s, start of the
+    /// oldest visible writing transaction)`, converted to the cursor's type
+    /// (`None` for integer cursors). `now_utc` and `oldest` come from the
+    /// poll transaction.
+    pub fn horizon(&self, safe_utc: &str, timezone: &str) -> Option<String> {
+        let c = self.cursor?;
+        let ts = format!("{}::timestamptz", quote_literal(safe_utc));
+        match self.select[c].ty.oid {
+            oid::TIMESTAMPTZ => Some(ts),
+            oid::TIMESTAMP => Some(format!("({ts} AT TIME ZONE {})", quote_literal(timezone))),
+            oid::DATE => Some(format!(
+                "({ts} AT TIME ZONE {})::date",
+                quote_literal(timezone)
+            )),
+            _ => None,
+        }
+    }
+
+    /// The position of a row (for cursors and chunk progress).
+    pub fn position_of(&self, row: &[Value]) -> Position {
+        Position {
+            cursor: self
+                .cursor
+                .map(|c| cursor_value(&self.select[c].ty, &row[c])),
+            key: self
+                .key
+                .iter()
+                .map(|&i| cursor_value(&self.select[i].ty, &row[i]))
+                .collect(),
+        }
+    }
+
+    /// Column types of the selected rows.
+    pub fn types(&self) -> Vec<PgType> {
+        self.select.iter().map(|c| c.ty.clone()).collect()
+    }
+}
+
+/// A value as PostgreSQL text input, for positions.
+pub fn cursor_value(ty: &PgType, v: &Value) -> CursorValue {
+    let text = match v {
+        Value::Null => None,
+        Value::Date(i32::MAX) | Value::Timestamp(i64::MAX) | Value::TimestampTz(i64::MAX) => {
+            Some("infinity".into())
+        }
+        Value::Date(i32::MIN) | Value::Timestamp(i64::MIN) | Value::TimestampTz(i64::MIN) => {
+            Some("-infinity".into())
+        }
+        other => other.to_text(),
+    };
+    CursorValue { oid: ty.oid, text }
+}
+
+/// Something that can run `COPY … TO STDOUT` (a client or a transaction).
+pub trait CopyOut {
+    /// Starts the copy.
+    fn copy_out_stream(
+        &self,
+        sql: &str,
+    ) -> impl std::future::Future<Output = Result<CopyOutStream, tokio_postgres::Error>> + Send;
+}
+
+impl CopyOut for Client {
+    fn copy_out_stream(
+        &self,
+        sql: &str,
+    ) -> impl std::future::Future<Output = Result<CopyOutStream, tokio_postgres::Error>> + Send
+    {
+        self.copy_out(sql)
+    }
+}
+
+impl CopyOut for Transaction<'_> {
+    fn copy_out_stream(
+        &self,
+        sql: &str,
+    ) -> impl std::future::Future<Output = Result<CopyOutStream, tokio_postgres::Error>> + Send
+    {
+        self.copy_out(sql)
+    }
+}
+
+/// Streams decoded rows of a `COPY … (FORMAT binary)`.
+pub struct RowStream {
+    inner: std::pin::Pin<Box<CopyOutStream>>,
+    reader: CopyBinaryReader,
+    done: bool,
+}
+
+impl RowStream {
+    /// Starts the copy on `client` (a client or a transaction).
+    pub async fn start<C: CopyOut>(
+        client: &C,
+        sql: &str,
+        types: Vec<PgType>,
+    ) -> Result<RowStream, tokio_postgres::Error> {
+        let stream = client.copy_out_stream(sql).await?;
+        Ok(RowStream {
+            inner: Box::pin(stream),
+            reader: CopyBinaryReader::new(types),
+            done: false,
+        })
+    }
+
+    /// Up to `max` rows; an empty vector at the end.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Vec<Value>>, ReadError> {
+        let mut out = Vec::with_capacity(max.min(4096));
+        while out.len() < max {
+            match self.reader.next_row() {
+                Ok(Some(row)) => {
+                    out.push(row);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => return Err(ReadError::Decode(e.to_string())),
+            }
+            if self.done || self.reader.finished() {
+                break;
+            }
+            match next_chunk(&mut self.inner).await {
+                Some(Ok(chunk)) => self.reader.push(chunk),
+                Some(Err(e)) => return Err(ReadError::Db(e)),
+                None => self.done = true,
+            }
+        }
+        Ok(out)
+    }
+}
+
+async fn next_chunk<S: Stream<Item = Result<Bytes, tokio_postgres::Error>> + ?Sized>(
+    s: &mut std::pin::Pin<Box<S>>,
+) -> Option<Result<Bytes, tokio_postgres::Error>> {
+    s.as_mut().next().await
+}
+
+/// A failure while reading rows.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The database failed.
+    #[error("{0}")]
+    Db(#[from] tokio_postgres::Error),
+    /// A value could not be decoded.
+    #[error("{0}")]
+    Decode(String),
+}
