@@ -24,6 +24,7 @@ pub mod mapping;
 pub mod mock_api;
 pub mod model;
 pub mod ops;
+pub mod pgtemp;
 pub mod sink;
 pub mod source;
 pub mod state;

@@ -241,11 +241,10 @@ impl SourceTable {
     /// `"col"` (with `COLLATE "C"` for text) for ordering and comparing.
     fn order_expr(&self, i: usize) -> String {
         let c = &self.select[i];
-        let q = quote_ident(&c.name);
         if is_text_like(c.ty.oid) {
-            format!("{q} COLLATE \"C\"")
+            format!("({}) COLLATE \"C\"", c.expr)
         } else {
-            q
+            c.expr.clone()
         }
     }
 
@@ -291,6 +290,24 @@ impl SourceTable {
             q.push_str(&format!(" LIMIT {l}"));
         }
         self.copy(q)
+    }
+
+    /// The row with these key values (TOAST fills).
+    pub fn row_by_key_sql(&self, key: &[CursorValue]) -> String {
+        let keys: Vec<String> = self.key.iter().map(|&i| self.order_expr(i)).collect();
+        let lits: Vec<String> = self
+            .key
+            .iter()
+            .zip(key)
+            .map(|(&i, v)| self.literal(i, v))
+            .collect();
+        self.copy(format!(
+            "SELECT {} FROM {} WHERE ({}) = ({})",
+            self.select_list(),
+            self.from_sql,
+            keys.join(", "),
+            lits.join(", ")
+        ))
     }
 
     /// Only the key columns, in key order (reconciliation).

@@ -1,0 +1,263 @@
+//! Shared test helpers: a real PostgreSQL per test, the real mock API over
+//! HTTP, the real binary, and waiting on conditions with deadlines.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cobi_sync::mock_api::{MockOptions, MockServer};
+use cobi_sync::pgtemp::PgTemp;
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cobi-sync")
+}
+
+/// The API key every test uses.
+pub const API_KEY: &str = "test-key-5f2c9a";
+
+/// A PostgreSQL cluster with a fresh database.
+pub struct Db {
+    pub pg: PgTemp,
+    pub name: String,
+}
+
+impl Db {
+    pub async fn start() -> Db {
+        let pg = PgTemp::start().await.expect("start PostgreSQL");
+        let name = pg.create_database(None).await.expect("create database");
+        Db { pg, name }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        self.pg.connect(&self.name).await.expect("connect")
+    }
+
+    pub fn url(&self) -> String {
+        self.pg.url(&self.name)
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        self.client()
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+}
+
+/// Starts the mock API on a free port.
+pub async fn mock() -> MockServer {
+    mock_with(0.0, 0.0, 0.0, Duration::ZERO).await
+}
+
+/// Starts the mock API with faults.
+pub async fn mock_with(fail: f64, throttle: f64, drop: f64, latency: Duration) -> MockServer {
+    MockServer::start(MockOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_key: API_KEY.into(),
+        fail_rate: fail,
+        throttle_rate: throttle,
+        drop_rate: drop,
+        latency,
+        seed: 7,
+    })
+    .await
+    .expect("start mock api")
+}
+
+/// A temporary directory for config, state and logs.
+pub struct Workdir {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    pub fn new() -> Workdir {
+        Workdir {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `cobi-sync.toml` with the given body, after a header with the
+    /// database, API, state dir and fast settings.
+    pub fn config(&self, db_url: &str, api: &str, mode: &str, body: &str) -> PathBuf {
+        let key_file = self.path("api-key");
+        if !key_file.exists() {
+            std::fs::write(&key_file, API_KEY).unwrap();
+            set_mode(&key_file, 0o600);
+        }
+        let text = format!(
+            r#"
+[source]
+url = "{db_url}"
+mode = "{mode}"
+
+[source.replication]
+slot = "cobi_test"
+publication = "cobi_test"
+
+[source.poll]
+schedule = "* * * * * *"
+lookback = "5s"
+page_size = 500
+
+[api]
+base_url = "{api}"
+api_key_file = "{key}"
+initial_backoff = "50ms"
+max_backoff = "1s"
+timeout = "5s"
+
+[batch]
+linger = "100ms"
+
+[state]
+dir = "{state}"
+
+[http]
+listen = ""
+
+[log]
+format = "text"
+level = "info"
+
+{body}
+"#,
+            key = key_file.display(),
+            state = self.path("state").display(),
+        );
+        let path = self.path("cobi-sync.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The real daemon in a child process; its stderr goes to a log file.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, log: &Path) -> Daemon {
+        Self::start_cmd(config, log, &["run"], &[])
+    }
+
+    pub fn start_cmd(config: &Path, log: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("--config")
+            .arg(config)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Daemon {
+            child: cmd.spawn().expect("spawn cobi-sync"),
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for the exit status (with a deadline).
+    pub fn term(&mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                panic!(
+                    "daemon did not stop within 20 s of SIGTERM\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `f` returns true, polling every 100 ms, or panics with
+/// `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs the binary to completion; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run cobi-sync");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Lines of a log file containing `needle`.
+pub fn log_lines(path: &Path, needle: &str) -> Vec<String> {
+    let Ok(f) = std::fs::File::open(path) else {
+        return vec![];
+    };
+    BufReader::new(f)
+        .lines()
+        .map_while(Result::ok)
+        .filter(|l| l.contains(needle))
+        .collect()
+}

@@ -1,0 +1,123 @@
+//! `cobi-sync run --config bad.toml` exits 2 naming the key, for a corpus
+//! of broken configurations, and never panics.
+
+use crate::common::run_cli;
+
+const GOOD: &str = r#"
+[source]
+url = "postgres://cobi_sync@127.0.0.1:1/shop"
+mode = "poll"
+[api]
+base_url = "http://127.0.0.1:9"
+[state]
+dir = "/tmp/cobi-sync-test-never-used"
+[[mapping]]
+type = "shops"
+table = "public.merchant"
+[mapping.fields]
+shop_id = { column = "id", transform = "uuid5" }
+name = "trade_name"
+region = { column = "country", transform = "upper" }
+"#;
+
+fn run_with(text: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let (code, _, err) = run_cli(&["run", "--config", path.to_str().unwrap()], &[]);
+    (code, err)
+}
+
+#[test]
+fn broken_configs_exit_2_naming_the_key() {
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "unknown key",
+            GOOD.replace("[api]", "[api]\ncolour = \"red\""),
+            "api.colour: unknown key",
+        ),
+        (
+            "bad duration",
+            GOOD.replace("[api]", "[api]\ntimeout = \"a while\""),
+            "api.timeout: `a while` is not a duration",
+        ),
+        (
+            "max_records = 6000",
+            GOOD.replace("[api]", "[batch]\nmax_records = 6000\n[api]"),
+            "batch.max_records: 6000 is out of range 1..=5000",
+        ),
+        (
+            "unknown type",
+            GOOD.replace("type = \"shops\"", "type = \"stores\""),
+            "mapping[0].type: unknown Cobi type `stores`",
+        ),
+        (
+            "field not in schema",
+            GOOD.replace(
+                "name = \"trade_name\"",
+                "name = \"trade_name\"\nlogo = \"logo_url\"",
+            ),
+            "mapping[0].fields.logo: `logo` is not a field of shops",
+        ),
+        (
+            "missing required field",
+            GOOD.replace("name = \"trade_name\"\n", ""),
+            "mapping[0].fields.name: required field of shops is not mapped",
+        ),
+        (
+            "uuid5:nosuchtype",
+            GOOD.replace("transform = \"uuid5\"", "transform = \"uuid5:nosuchtype\""),
+            "mapping[0].fields.shop_id: unknown type `nosuchtype`",
+        ),
+        (
+            "not toml",
+            "[source\nurl=".to_string(),
+            "cannot parse the file as TOML",
+        ),
+        ("missing file", String::new(), ""),
+    ];
+    for (name, text, want) in cases {
+        let (code, err) = if name == "missing file" {
+            let (c, _, e) = run_cli(&["run", "--config", "/nonexistent/cobi-sync.toml"], &[]);
+            (c, e)
+        } else {
+            run_with(&text)
+        };
+        assert_eq!(code, 2, "{name}: exit code, stderr: {err}");
+        assert!(err.contains(want), "{name}: want `{want}` in:\n{err}");
+        assert!(!err.contains("panicked"), "{name}: panic:\n{err}");
+    }
+}
+
+#[test]
+fn environment_overlays_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, GOOD).unwrap();
+    let p = path.to_str().unwrap();
+    // The overlay makes an otherwise valid file invalid: it was applied.
+    let (code, _, err) = run_cli(
+        &["check", "--config", p],
+        &[("COBI_SYNC__BATCH__MAX_RECORDS", "9000")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("batch.max_records: 9000"), "{err}");
+    // COBI_SYNC_CONFIG names the file when --config is absent.
+    let (code, _, err) = run_cli(
+        &["check"],
+        &[("COBI_SYNC_CONFIG", p), ("COBI_SYNC__API__TIMEOUT", "nope")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("api.timeout"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (code, _, err) = run_cli(&["frobnicate"], &[]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run_cli(
+        &["snapshot", "--type", "stores", "--config", "/nonexistent"],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+}

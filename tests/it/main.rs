@@ -1,0 +1,7 @@
+//! Integration tests: one test binary (link once), one module per area.
+//! Every test uses a real PostgreSQL started from initdb in a temp dir, and
+//! the project's own mock API over real HTTP.
+
+mod common;
+mod config_cli;
+mod types;
