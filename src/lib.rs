@@ -14,9 +14,11 @@
 //!   local validation.
 //! - [`mapping`]: a source row → a Cobi record (pure).
 //! - [`source`]: reading PostgreSQL (polling, logical replication, snapshots).
+//! - [`mock_api`]: a strict local stand-in for the Cobi Data API (`cobi-sync mock-api`).
 
 pub mod config;
 pub mod mapping;
+pub mod mock_api;
 pub mod model;
 pub mod ops;
 pub mod sink;
