@@ -14,6 +14,7 @@
 //!   local validation.
 //! - [`mapping`]: a source row → a Cobi record (pure).
 //! - [`source`]: reading PostgreSQL (polling, logical replication, snapshots).
+//! - [`mock_api`]: a strict local stand-in for the Cobi Data API (`cobi-sync mock-api`).
 
 pub mod check;
 pub mod cli;
