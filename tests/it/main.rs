@@ -4,4 +4,6 @@
 
 mod common;
 mod config_cli;
+mod partner;
+mod poll;
 mod types;

@@ -118,11 +118,7 @@ async fn every_type_maps_the_same_through_binary_and_text() {
         let binary = rows.next_batch(100).await.unwrap();
         assert_eq!(binary.len(), 3);
         // Text: what pgoutput sends (type output functions, same GUCs).
-        let cols: Vec<String> = t
-            .select
-            .iter()
-            .map(|c| format!("{}::text", c.expr))
-            .collect();
+        let cols: Vec<String> = t.select.iter().map(|c| c.expr.clone()).collect();
         let sql = format!("SELECT {} FROM public.ledger ORDER BY id", cols.join(", "));
         let msgs = client.simple_query(&sql).await.unwrap();
         let text_rows: Vec<Vec<Value>> = msgs

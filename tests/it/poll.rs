@@ -1,0 +1,205 @@
+//! Poll mode end to end: the real binary, a real PostgreSQL with the
+//! partner schema, the mock API.
+
+use std::time::Duration;
+
+use crate::common::{mock, mock_with, Daemon, Db, Workdir, API_KEY};
+use crate::partner::{self, wait_in_sync};
+
+async fn setup(n: usize) -> (Db, Workdir) {
+    let db = Db::start().await;
+    db.exec(partner::SCHEMA).await;
+    db.exec(&partner::seed_sql(n)).await;
+    (db, Workdir::new())
+}
+
+fn records_accepted(m: &cobi_sync::mock_api::MockServer) -> u64 {
+    m.stats().records_accepted.values().sum()
+}
+
+#[tokio::test]
+async fn full_run_then_live_changes_then_restarts() {
+    let (db, wd) = setup(120).await;
+    let mock = mock().await;
+    let cfg = wd.config(&db.url(), &mock.base_url(), "poll", partner::MAPPINGS);
+    let settings = cobi_sync::config::load(&cfg).unwrap();
+    let client = db.client().await;
+    let log = wd.path("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+
+    // Every row of every table, with the right values, parents first.
+    wait_in_sync(
+        &settings,
+        &client,
+        &mock,
+        Duration::from_secs(60),
+        &d.log_text(),
+    )
+    .await;
+    assert_eq!(
+        mock.stats().reference_failures,
+        0,
+        "a child arrived before its parent"
+    );
+    assert_eq!(mock.records("shops").len(), 120);
+
+    // Inserts, updates, soft deletes while it runs: within two ticks (1 s).
+    client
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO merchant (trade_name, country) VALUES ('New Shop', 'ca');
+             INSERT INTO outlet (merchant_id, label, country) VALUES (currval('merchant_id_seq'), 'New Outlet', 'ca');
+             COMMIT;
+             UPDATE member SET country = 'us', modified_at = now() WHERE id <= 10;
+             UPDATE merchant SET archived_at = now(), modified_at = now() WHERE id = 3;",
+        )
+        .await
+        .unwrap();
+    let changed = std::time::Instant::now();
+    wait_in_sync(
+        &settings,
+        &client,
+        &mock,
+        Duration::from_secs(10),
+        &d.log_text(),
+    )
+    .await;
+    assert!(
+        changed.elapsed() < Duration::from_secs(5),
+        "changes took {:?}",
+        changed.elapsed()
+    );
+    let shop3 = mock
+        .records("shops")
+        .into_iter()
+        .find(|r| r["name"] == "Shop 3 Zoë")
+        .unwrap();
+    assert_eq!(shop3["is_deleted"], true, "soft delete through archived_at");
+    assert_eq!(mock.stats().reference_failures, 0);
+
+    // A row whose transaction commits after a later-timestamped row was
+    // polled: explicit modified_at in the past, inside the lookback.
+    client
+        .batch_execute(
+            "INSERT INTO genre (label, modified_at) VALUES ('Late Genre', now() - interval '2 seconds');",
+        )
+        .await
+        .unwrap();
+    wait_in_sync(
+        &settings,
+        &client,
+        &mock,
+        Duration::from_secs(10),
+        &d.log_text(),
+    )
+    .await;
+
+    // SIGTERM and restart with no source change: nothing re-sent.
+    assert!(d.term().success(), "SIGTERM exits 0\n{}", d.log_text());
+    let before = records_accepted(&mock);
+    let mut d = Daemon::start(&cfg, &log);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        records_accepted(&mock),
+        before,
+        "records re-sent after a clean restart\n{}",
+        d.log_text()
+    );
+    assert!(d.term().success());
+}
+
+#[tokio::test]
+async fn sigkill_during_delivery_loses_nothing() {
+    let (db, wd) = setup(400).await;
+    // A slow API so the kill lands mid-delivery.
+    let mock = mock_with(0.0, 0.0, 0.0, Duration::from_millis(40)).await;
+    let body = partner::MAPPINGS.to_string();
+    let cfg = wd.config(&db.url(), &mock.base_url(), "poll", &body);
+    // Small batches: many requests in flight when the kill lands.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[batch]", "[batch]\nmax_records = 50");
+    std::fs::write(&cfg, text).unwrap();
+    let settings = cobi_sync::config::load(&cfg).unwrap();
+    let client = db.client().await;
+    let log = wd.path("daemon.log");
+    for round in 0..3 {
+        let mut d = Daemon::start(&cfg, &log);
+        let start = records_accepted(&mock);
+        crate::common::wait_until(Duration::from_secs(30), "deliveries start", || {
+            let m = &mock;
+            async move { records_accepted(m) > start + 100 }
+        })
+        .await;
+        client
+            .batch_execute(&format!(
+                "INSERT INTO merchant (trade_name, country) SELECT 'Kill {round} ' || g, 'gb' FROM generate_series(1, 50) g;"
+            ))
+            .await
+            .unwrap();
+        d.kill9();
+    }
+    let d = Daemon::start(&cfg, &log);
+    wait_in_sync(
+        &settings,
+        &client,
+        &mock,
+        Duration::from_secs(90),
+        &d.log_text(),
+    )
+    .await;
+    assert_eq!(mock.stats().reference_failures, 0);
+}
+
+#[tokio::test]
+async fn invalid_rows_are_dead_lettered_and_the_rest_arrives() {
+    let (db, wd) = setup(30).await;
+    db.exec(
+        "INSERT INTO merchant (trade_name, country) VALUES ('Bad Region', 'germany');
+         INSERT INTO purchase (merchant_id, country, total) VALUES (1, 'gb', 0);",
+    )
+    .await;
+    let mock = mock().await;
+    let cfg = wd.config(&db.url(), &mock.base_url(), "poll", partner::MAPPINGS);
+    let settings = cobi_sync::config::load(&cfg).unwrap();
+    let client = db.client().await;
+    let log = wd.path("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    // Everything but the two bad rows arrives.
+    crate::common::wait_until(Duration::from_secs(60), "valid rows delivered", || {
+        let (settings, client, mock) = (&settings, &client, &mock);
+        async move {
+            let e = partner::expected(settings, client).await;
+            let diff = partner::compare(&e, &partner::actual(mock));
+            diff.missing.len() == 2 && diff.different.is_empty() && diff.extra.is_empty()
+        }
+    })
+    .await;
+    assert!(d.term().success());
+    let (code, out, err) = crate::common::run_cli(
+        &["dlq", "list", "--json", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let reasons: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{} {}", r["type"], r["reason"]))
+        .collect();
+    assert_eq!(rows.len(), 2, "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("shops") && r.contains("region")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("transactions") && r.contains("amount: must be > 0")),
+        "{reasons:?}"
+    );
+    // The bad rows never reached the API.
+    assert_eq!(mock.stats().records_rejected.values().sum::<u64>(), 0);
+    let _ = API_KEY;
+}
