@@ -6,4 +6,5 @@ mod common;
 mod config_cli;
 mod partner;
 mod poll;
+mod replication;
 mod types;

@@ -365,8 +365,16 @@ pub fn compare(
                 _ => {}
             }
         }
+        // Interactions are events without a soft-delete flag: one deleted at
+        // the source stays at Cobi (documented).
+        let deletable = schema()
+            .type_id(t)
+            .is_some_and(|id| schema().ty(id).field("is_deleted").is_some());
         for (k, v) in a {
-            if !e.contains_key(k) && v.get("is_deleted") != Some(&serde_json::Value::Bool(true)) {
+            if deletable
+                && !e.contains_key(k)
+                && v.get("is_deleted") != Some(&serde_json::Value::Bool(true))
+            {
                 d.extra.push(format!("{t} {k}"));
             }
         }

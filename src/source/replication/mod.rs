@@ -19,8 +19,9 @@
 //!
 //! 1. in a `REPEATABLE READ` transaction, read `pg_current_snapshot()` and
 //!    the next chunk of rows after the last key;
-//! 2. emit a watermark with `pg_logical_emit_message` (non-transactional),
-//!    whose LSN is after every transaction the chunk's snapshot can see;
+//! 2. emit a watermark with `pg_logical_emit_message` in a transaction of
+//!    its own, which commits after every transaction the chunk's snapshot
+//!    can see, so it arrives in the stream after all of them;
 //! 3. until the watermark arrives in the stream, a change to a key in the
 //!    chunk's range is delivered (and the key dropped from the chunk) if its
 //!    transaction is *invisible* to the chunk's snapshot, and skipped if
@@ -1208,13 +1209,20 @@ impl Replicator {
         }
         self.chunk_seq += 1;
         let id = format!("{}:{}:{}", std::process::id(), t.mapping.id, self.chunk_seq);
-        client
-            .execute(
-                "SELECT pg_logical_emit_message(false, $1, $2::text)",
-                &[&WATERMARK_PREFIX, &id],
-            )
+        // Transactional, committed with a local WAL flush: the walsender
+        // only sends flushed WAL, and an unflushed message would wait for
+        // the WAL writer (up to wal_writer_delay) before the chunk moves on.
+        let tx = client.transaction().await.map_err(fatal_db(&url))?;
+        tx.batch_execute("SET LOCAL synchronous_commit = local")
             .await
             .map_err(fatal_db(&url))?;
+        tx.execute(
+            "SELECT pg_logical_emit_message(true, $1, $2::text)",
+            &[&WATERMARK_PREFIX, &id],
+        )
+        .await
+        .map_err(fatal_db(&url))?;
+        tx.commit().await.map_err(fatal_db(&url))?;
         self.pending = Some(PendingChunk {
             table: i,
             id,
