@@ -7,4 +7,5 @@ mod config_cli;
 mod partner;
 mod poll;
 mod replication;
+mod sink;
 mod types;
