@@ -1,11 +1,559 @@
-//! `cobi-sync check`.
+//! `cobi-sync check`: proves the configuration, the database, the role's
+//! privileges, every mapped table and column, replica identity, the
+//! publication and slot, and the API key — one line per check, each
+//! problem with how to fix it. Exit 0 only when nothing failed.
+//!
+//! It changes nothing: the publication and slot are only inspected (the
+//! daemon creates them at start when it can), and the API key is proven
+//! with `POST /v1/data/shops {"records": []}` (401/403 = rejected; any
+//! other answer = reachable and accepted).
 
-/// Runs every check; placeholder until implemented.
-pub async fn run(path: &std::path::Path) -> Result<(), u8> {
-    let _ = crate::config::load(path).map_err(|e| {
-        eprint!("{e}");
-        2u8
-    })?;
-    println!("ok   configuration");
-    Ok(())
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+
+use crate::config::{self, quote_ident, Mode, OnDelete, Settings};
+use crate::mapping::engine::MapContext;
+use crate::model::schema::schema;
+use crate::ops::health::Health;
+use crate::ops::metrics::Metrics;
+use crate::sink::client::ApiClient;
+use crate::source::pg;
+use crate::source::reader::{SetupError, SourceTable};
+use crate::source::replication::setup;
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Passed.
+    Ok(String),
+    /// Passed, with something worth knowing.
+    Warn(String),
+    /// Failed; the second part says how to fix it.
+    Fail(String, String),
+}
+
+/// One printed line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// What was checked.
+    pub name: String,
+    /// The verdict.
+    pub verdict: Verdict,
+}
+
+impl Line {
+    fn ok(name: impl Into<String>, detail: impl Into<String>) -> Line {
+        Line {
+            name: name.into(),
+            verdict: Verdict::Ok(detail.into()),
+        }
+    }
+    fn warn(name: impl Into<String>, detail: impl Into<String>) -> Line {
+        Line {
+            name: name.into(),
+            verdict: Verdict::Warn(detail.into()),
+        }
+    }
+    fn fail(name: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Line {
+        Line {
+            name: name.into(),
+            verdict: Verdict::Fail(detail.into(), fix.into()),
+        }
+    }
+
+    /// The line as printed.
+    pub fn render(&self) -> String {
+        match &self.verdict {
+            Verdict::Ok(d) => format!("ok      {:<28} {d}", self.name),
+            Verdict::Warn(d) => format!("warn    {:<28} {d}", self.name),
+            Verdict::Fail(d, fix) => format!(
+                "PROBLEM {:<28} {d}\n        {:<28} fix: {fix}",
+                self.name, ""
+            ),
+        }
+    }
+}
+
+/// `cobi-sync check`.
+pub async fn run(path: &Path) -> Result<(), u8> {
+    let settings = match config::load(path) {
+        Ok(s) => s,
+        Err(e) => {
+            println!(
+                "{}",
+                Line::fail(
+                    "configuration",
+                    format!("{} is invalid", path.display()),
+                    "see the errors below"
+                )
+                .render()
+            );
+            eprint!("{e}");
+            return Err(2);
+        }
+    };
+    let lines = check(&settings, &path.display().to_string()).await;
+    let mut failed = 0;
+    for l in &lines {
+        println!("{}", l.render());
+        if matches!(l.verdict, Verdict::Fail(..)) {
+            failed += 1;
+        }
+    }
+    if failed == 0 {
+        println!("all checks passed");
+        Ok(())
+    } else {
+        println!(
+            "{failed} problem{} found",
+            if failed == 1 { "" } else { "s" }
+        );
+        Err(1)
+    }
+}
+
+/// Runs every check for valid settings.
+pub async fn check(settings: &Settings, origin: &str) -> Vec<Line> {
+    let mut out = vec![Line::ok(
+        "configuration",
+        format!(
+            "{origin}: {} mode, {} mapping{}",
+            settings.source.mode.as_str(),
+            settings.mappings.len(),
+            if settings.mappings.len() == 1 {
+                ""
+            } else {
+                "s"
+            }
+        ),
+    )];
+    for path in [
+        settings.api.key.file.as_ref(),
+        settings.source.password_file.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        match config::secret::permission_warning(path) {
+            Some(w) => out.push(Line::fail(
+                "secret file permissions",
+                w,
+                format!("chmod 600 {}", path.display()),
+            )),
+            None if path.exists() => out.push(Line::ok(
+                "secret file permissions",
+                format!("{} is private", path.display()),
+            )),
+            None => {}
+        }
+    }
+    database_checks(settings, &mut out).await;
+    out.push(api_check(settings).await);
+    out
+}
+
+async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
+    let url = &settings.source.url;
+    let client = match pg::connect(&settings.source).await {
+        Ok(c) => {
+            out.push(Line::ok(
+                "database reachable",
+                format!("connected to {url}"),
+            ));
+            c
+        }
+        Err(e) => {
+            out.push(Line::fail(
+                "database reachable",
+                e.message.clone(),
+                "fix source.url / the password / TLS settings, or ask the DBA (the message says which)",
+            ));
+            return;
+        }
+    };
+    let replication = settings.source.mode == Mode::Replication;
+    // Server version.
+    match pg::server_version(&client).await {
+        Ok(v) => {
+            let min = if replication {
+                setup::MIN_VERSION
+            } else {
+                130_000
+            };
+            if v >= min {
+                out.push(Line::ok(
+                    "server version",
+                    format!("PostgreSQL {}.{}", v / 10000, v % 10000),
+                ));
+            } else {
+                out.push(Line::fail(
+                    "server version",
+                    format!(
+                        "PostgreSQL {} is too old for {} mode",
+                        v / 10000,
+                        settings.source.mode.as_str()
+                    ),
+                    if replication {
+                        "upgrade to PostgreSQL 14 or newer, or use source.mode = \"poll\""
+                    } else {
+                        "upgrade to PostgreSQL 13 or newer"
+                    },
+                ));
+            }
+        }
+        Err(e) => out.push(Line::fail(
+            "server version",
+            e.to_string(),
+            "check the connection",
+        )),
+    }
+    // wal_level.
+    if replication {
+        match client.query_one("SHOW wal_level", &[]).await {
+            Ok(r) => {
+                let level: String = r.get(0);
+                if level == "logical" {
+                    out.push(Line::ok("wal_level", "logical"));
+                } else {
+                    out.push(Line::fail(
+                        "wal_level",
+                        format!("is `{level}`; logical replication needs `logical`"),
+                        "set wal_level = logical in postgresql.conf and restart PostgreSQL, or use source.mode = \"poll\"",
+                    ));
+                }
+            }
+            Err(e) => out.push(Line::fail(
+                "wal_level",
+                e.to_string(),
+                "check the connection",
+            )),
+        }
+    }
+    // Role attributes.
+    let role = client
+        .query_one(
+            "SELECT current_user::text, rolreplication, rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await;
+    match role {
+        Ok(r) => {
+            let (user, repl, sup): (String, bool, bool) = (r.get(0), r.get(1), r.get(2));
+            if sup {
+                out.push(Line::fail(
+                    "least privilege",
+                    format!("connected as superuser {user}, which cobi-sync does not need"),
+                    format!(
+                        "create a dedicated role: CREATE ROLE cobi_sync LOGIN{} PASSWORD '…'; GRANT SELECT ON <mapped tables> TO cobi_sync; and use it in source.url",
+                        if replication { " REPLICATION" } else { "" }
+                    ),
+                ));
+            } else if replication && !repl {
+                out.push(Line::fail(
+                    "privileges",
+                    format!("role {user} lacks the REPLICATION attribute"),
+                    format!("ALTER ROLE {} REPLICATION;", quote_ident(&user)),
+                ));
+            } else {
+                out.push(Line::ok(
+                    "privileges",
+                    format!(
+                        "role {user}{}",
+                        if replication { " has REPLICATION" } else { "" }
+                    ),
+                ));
+            }
+        }
+        Err(e) => out.push(Line::fail(
+            "privileges",
+            e.to_string(),
+            "check the connection",
+        )),
+    }
+    // Tables, columns, types, SELECT, replica identity.
+    let ctx = MapContext::from_settings(settings);
+    let mut tables = Vec::new();
+    for m in &settings.mappings {
+        let name = format!("{} {}", m.label(), m.source.sql());
+        match SourceTable::resolve(&client, m, ctx).await {
+            Ok(t) => {
+                let mut problems = Vec::new();
+                if let Some(info) = &t.table {
+                    let can: bool = client
+                        .query_one(
+                            "SELECT has_table_privilege($1::oid, 'SELECT')",
+                            &[&info.oid],
+                        )
+                        .await
+                        .map(|r| r.get(0))
+                        .unwrap_or(false);
+                    if !can {
+                        problems.push((
+                            "the role cannot SELECT from it".to_string(),
+                            format!(
+                                "GRANT SELECT ON {} TO {};",
+                                m.source.sql(),
+                                quote_ident(&url.user)
+                            ),
+                        ));
+                    }
+                }
+                if let (Some(c), Some(info)) = (&t.mapping.cursor, &t.table) {
+                    if info.column(c).is_some_and(|col| !col.not_null) {
+                        out.push(Line::warn(
+                            name.clone(),
+                            format!("cursor column `{c}` is nullable: rows where it is NULL are never polled"),
+                        ));
+                    }
+                }
+                if problems.is_empty() {
+                    out.push(Line::ok(
+                        name,
+                        format!(
+                            "{} columns mapped, key ({})",
+                            t.select.len(),
+                            t.key_names().join(", ")
+                        ),
+                    ));
+                } else {
+                    for (d, f) in problems {
+                        out.push(Line::fail(name.clone(), d, f));
+                    }
+                }
+                tables.push(t);
+            }
+            Err(SetupError::Config(msg)) => {
+                out.push(Line::fail(
+                    name,
+                    msg.replace('\n', "; "),
+                    "fix the mapping (table/column names, key, transforms) or the table",
+                ));
+            }
+            Err(SetupError::Db(e)) => out.push(Line::fail(
+                name,
+                pg::explain(&e, url),
+                "check the connection",
+            )),
+        }
+    }
+    if !replication {
+        return;
+    }
+    // Replica identity vs deletes.
+    for t in &tables {
+        let Some(info) = &t.table else { continue };
+        let name = format!("replica identity {}", t.mapping.source.sql());
+        let one = std::slice::from_ref(t);
+        match setup::check_tables(&client, one).await {
+            Ok(()) => out.push(Line::ok(
+                name,
+                match (info.replica_identity, t.mapping.on_delete) {
+                    ('f', _) => "FULL: deletes carry the whole row".to_string(),
+                    (_, OnDelete::Soft) => {
+                        "deletes carry the key; soft deletes use the last-sent record".to_string()
+                    }
+                    _ => "deletes ignored (on_delete = \"ignore\")".to_string(),
+                },
+            )),
+            Err(e) => out.push(Line::fail(
+                name,
+                e.to_string().replace('\n', "; "),
+                "see the message",
+            )),
+        }
+    }
+    publication_check(settings, &client, &tables, out).await;
+    slot_check(settings, &client, out).await;
+}
+
+async fn publication_check(
+    settings: &Settings,
+    client: &Client,
+    tables: &[SourceTable],
+    out: &mut Vec<Line>,
+) {
+    let publication = &settings.source.replication.publication;
+    let row = client
+        .query_opt(
+            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await;
+    let name = format!("publication {publication}");
+    match row {
+        Err(e) => out.push(Line::fail(name, e.to_string(), "check the connection")),
+        Ok(None) => {
+            // Can this role create it? It must own every table.
+            let mut not_owned = Vec::new();
+            for t in tables {
+                if let Some(info) = &t.table {
+                    let owns: bool = client
+                        .query_one(
+                            "SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = $1",
+                            &[&info.oid],
+                        )
+                        .await
+                        .map(|r| r.get(0))
+                        .unwrap_or(false);
+                    if !owns {
+                        not_owned.push(t.mapping.source.sql());
+                    }
+                }
+            }
+            if not_owned.is_empty() {
+                out.push(Line::ok(name, "missing; the daemon creates it at start"));
+            } else {
+                out.push(Line::fail(
+                    name,
+                    format!(
+                        "missing, and this role cannot create it (it does not own {})",
+                        not_owned.join(", ")
+                    ),
+                    format!(
+                        "ask the table owner to run: {}",
+                        setup::create_publication_sql(publication, tables)
+                    ),
+                ));
+            }
+        }
+        Ok(Some(r)) => {
+            let all: bool = r.get(0);
+            if all {
+                out.push(Line::ok(name, "FOR ALL TABLES"));
+                return;
+            }
+            let listed: Vec<(String, String)> = client
+                .query(
+                    "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+                    &[publication],
+                )
+                .await
+                .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+                .unwrap_or_default();
+            let missing: Vec<String> = tables
+                .iter()
+                .filter_map(|t| t.table.as_ref())
+                .filter(|i| {
+                    !listed.contains(&(i.schema.clone(), i.name.clone())) && i.relkind != 'p'
+                })
+                .map(|i| format!("{}.{}", i.schema, i.name))
+                .collect();
+            if missing.is_empty() {
+                out.push(Line::ok(
+                    name,
+                    format!("lists every mapped table ({})", listed.len()),
+                ));
+            } else {
+                out.push(Line::warn(
+                    name,
+                    format!(
+                        "does not list {}; the daemon adds them at start (needs table ownership)",
+                        missing.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+async fn slot_check(settings: &Settings, client: &Client, out: &mut Vec<Line>) {
+    let slot = &settings.source.replication.slot;
+    let name = format!("replication slot {slot}");
+    // What cobi-sync confirmed before (the store is locked while the daemon
+    // runs: then the daemon itself watches the slot).
+    let known = crate::state::SledStore::open(&settings.state.dir)
+        .ok()
+        .and_then(|s| crate::state::replication_checkpoint(&s).ok().flatten())
+        .map_or(0, |c| c.lsn);
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text, active, COALESCE(wal_status, 'reserved'), \
+                    COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::int8 \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[slot],
+        )
+        .await;
+    match row {
+        Err(e) => out.push(Line::fail(name, e.to_string(), "check the connection")),
+        Ok(None) if known > 0 => out.push(Line::fail(
+            name,
+            format!(
+                "missing, but cobi-sync had confirmed changes up to {}: changes since may have been missed",
+                crate::ops::status::format_lsn(known)
+            ),
+            "run `cobi-sync snapshot` to re-create the slot and re-sync (unchanged records are not re-sent)",
+        )),
+        Ok(None) => out.push(Line::ok(name, "missing; the daemon creates it at start")),
+        Ok(Some(r)) => {
+            let plugin: Option<String> = r.get(0);
+            let status: String = r.get(3);
+            let lag: i64 = r.get(4);
+            if plugin.as_deref() != Some("pgoutput") {
+                out.push(Line::fail(
+                    name,
+                    format!("exists with plugin {}", plugin.unwrap_or_default()),
+                    "choose another source.replication.slot, or drop that slot",
+                ));
+            } else if status == "lost" {
+                out.push(Line::fail(
+                    name,
+                    "invalidated by the server (WAL it needed was removed)",
+                    "run `cobi-sync snapshot` to re-create it and re-sync",
+                ));
+            } else {
+                let max = settings.source.replication.max_slot_lag;
+                if lag as u64 > max {
+                    out.push(Line::warn(name, format!("lag {lag} bytes is above max_slot_lag ({max})")));
+                } else {
+                    out.push(Line::ok(name, format!("exists, lag {lag} bytes")));
+                }
+            }
+        }
+    }
+}
+
+async fn api_check(settings: &Settings) -> Line {
+    let name = "cobi api key";
+    if let Err(e) = settings.api.key.load() {
+        return Line::fail(
+            name,
+            e.to_string(),
+            format!("provide the key ({})", settings.api.key.describe()),
+        );
+    }
+    let client = match ApiClient::new(
+        &settings.api,
+        Arc::new(Health::default()),
+        Arc::new(Metrics::new()),
+        tokio_util::sync::CancellationToken::new(),
+    ) {
+        Ok(c) => c,
+        Err(e) => return Line::fail(name, e.to_string(), "check api settings"),
+    };
+    let shops = schema().type_id("shops").expect("shops exists");
+    match client.probe(shops).await {
+        Ok(401) | Ok(403) => Line::fail(
+            name,
+            format!(
+                "{} rejected the key from {}",
+                settings.api.base_url,
+                settings.api.key.describe()
+            ),
+            "put the key Cobi gave you in that place (support@hellocobi.com issues keys)",
+        ),
+        Ok(status) => Line::ok(
+            name,
+            format!(
+                "{} reachable, key accepted (HTTP {status} to an empty batch)",
+                settings.api.base_url
+            ),
+        ),
+        Err(e) => Line::fail(
+            name,
+            format!("cannot reach {}: {e}", settings.api.base_url),
+            "check api.base_url, DNS, proxies and firewalls",
+        ),
+    }
 }

@@ -2,6 +2,7 @@
 //! Every test uses a real PostgreSQL started from initdb in a temp dir, and
 //! the project's own mock API over real HTTP.
 
+mod check;
 mod common;
 mod config_cli;
 mod partner;
