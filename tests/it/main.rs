@@ -5,6 +5,7 @@
 mod check;
 mod common;
 mod config_cli;
+mod demo;
 mod partner;
 mod poll;
 mod replication;
