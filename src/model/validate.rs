@@ -198,7 +198,8 @@ mod tests {
             f.retain(|(n, _)| *n != field);
             f
         };
-        let cases: Vec<(&str, Vec<(&str, Json)>, Option<&str>)> = vec![
+        type Case<'a> = (&'a str, Vec<(&'a str, Json)>, Option<&'a str>);
+        let cases: Vec<Case> = vec![
             ("valid", valid_tx(), None),
             (
                 "missing required",

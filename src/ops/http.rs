@@ -55,18 +55,20 @@ struct TypeQuery {
     ty: Option<String>,
 }
 
-fn type_param(q: &TypeQuery) -> Result<Option<TypeId>, Response> {
+fn type_param(q: &TypeQuery) -> Result<Option<TypeId>, Box<Response>> {
     match &q.ty {
         None => Ok(None),
         Some(t) => schema().type_id(t).map(Some).ok_or_else(|| {
-            (
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "unknown type {t}; types are: {}",
-                    schema().type_names().join(", ")
-                ),
+            Box::new(
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown type {t}; types are: {}",
+                        schema().type_names().join(", ")
+                    ),
+                )
+                    .into_response(),
             )
-                .into_response()
         }),
     }
 }
@@ -116,7 +118,7 @@ async fn status_handler(State(s): State<AppState>) -> Response {
 async fn dlq_list(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Response {
     let ty = match type_param(&q) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match dlq::list(s.store.as_ref(), ty) {
         Ok(rows) => Json(rows).into_response(),
@@ -127,7 +129,7 @@ async fn dlq_list(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Resp
 async fn dlq_replay(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Response {
     let ty = match type_param(&q) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match dlq::replay(s.store.as_ref(), &s.sink, ty).await {
         Ok(n) => {
@@ -141,7 +143,7 @@ async fn dlq_replay(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Re
 async fn dlq_purge(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Response {
     let ty = match type_param(&q) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match dlq::purge(s.store.as_ref(), ty) {
         Ok(n) => {

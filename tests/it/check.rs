@@ -306,7 +306,7 @@ async fn every_check_names_the_problem_and_the_fix() {
                 store
                     .apply(vec![Write::Checkpoint(Checkpoint::Replication(
                         ReplicationCheckpoint {
-                            lsn: 0x1_6B37_48,
+                            lsn: 0x016B_3748,
                             tables: Default::default(),
                         },
                     ))])
