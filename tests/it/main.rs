@@ -6,6 +6,7 @@ mod check;
 mod common;
 mod config_cli;
 mod demo;
+mod ops;
 mod partner;
 mod poll;
 mod replication;
