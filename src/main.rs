@@ -2,5 +2,6 @@
 //! [`cobi_sync::cli`].
 
 fn main() -> std::process::ExitCode {
+    cobi_sync::ops::memory::tune_allocator();
     cobi_sync::cli::main()
 }

@@ -182,9 +182,28 @@ impl Record {
 
     /// Serialises the record as a JSON object, fields in schema order.
     pub fn to_json(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32 * self.fields.len() + 2);
+        let mut out = Vec::with_capacity(self.json_len_hint());
         self.write_json(&mut out);
         out
+    }
+
+    /// An upper bound of the JSON length for typical values (escapes
+    /// aside), so serialising allocates once.
+    pub fn json_len_hint(&self) -> usize {
+        let t = schema().ty(self.ty);
+        2 + self
+            .fields
+            .iter()
+            .map(|(f, v)| {
+                t.fields[*f as usize].name.len()
+                    + 4
+                    + match v {
+                        Json::Str(s) => s.len() + 2,
+                        Json::Num(s) => s.len(),
+                        _ => 24,
+                    }
+            })
+            .sum::<usize>()
     }
 
     /// Appends the JSON object to `out`.

@@ -133,7 +133,7 @@ pub fn purge(store: &dyn StateStore, ty: Option<TypeId>) -> Result<usize, StateE
         .filter_map(|d| d.key().map(Write::RemoveDeadLetter))
         .collect();
     let n = writes.len();
-    store.apply(writes)?;
+    store.apply(&writes)?;
     store.flush()?;
     Ok(n)
 }

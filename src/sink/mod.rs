@@ -50,6 +50,11 @@ use client::ApiClient;
 use deliver::{deliver_batch, deliver_single, Outgoing, Verdict};
 use epoch::{Entry, Epoch, Op};
 
+/// Most keys of one type in an epoch.
+pub const EPOCH_RECORDS: usize = 10_000;
+/// Most (approximate) bytes of records in an epoch.
+pub const EPOCH_BYTES: usize = 16 << 20;
+
 /// What a source hands the sink.
 #[derive(Debug)]
 pub enum SinkItem {
@@ -158,7 +163,7 @@ pub fn spawn(
     health: Arc<Health>,
     stop: CancellationToken,
 ) -> (SinkHandle, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(64);
+    let (tx, rx) = mpsc::channel(4);
     let (dtx, drx) = watch::channel(Durable {
         epochs: 0,
         replication: crate::state::replication_checkpoint(store.as_ref())
@@ -185,8 +190,12 @@ async fn run(
     durable: watch::Sender<Durable>,
 ) {
     let cfg = &shared.cfg;
-    let full_records = cfg.max_records * cfg.concurrency;
-    let full_bytes = cfg.max_bytes * cfg.concurrency;
+    // An epoch holds at most one round of concurrent requests, and at most
+    // EPOCH_RECORDS keys of a type / EPOCH_BYTES in all: two epochs (one
+    // filling, one in flight) bound the sink's memory whatever the size of
+    // a transaction or table.
+    let full_records = (cfg.max_records * cfg.concurrency).min(EPOCH_RECORDS);
+    let full_bytes = (cfg.max_bytes * cfg.concurrency).min(EPOCH_BYTES);
     let mut open = Epoch::new();
     let mut in_flight: Option<tokio::task::JoinHandle<Option<Epoch>>> = None;
     let mut input_closed = false;
@@ -370,7 +379,7 @@ async fn commit(shared: &Arc<Shared>, writes: Vec<Write>) -> Option<()> {
         let store = shared.store.clone();
         let w = writes.clone();
         let result: Result<(), StateError> = tokio::task::spawn_blocking(move || {
-            store.apply(w.as_ref().clone())?;
+            store.apply(w.as_ref())?;
             store.flush()
         })
         .await
@@ -531,7 +540,7 @@ async fn send_type(shared: Arc<Shared>, ty: TypeId, entries: Vec<Entry>) -> Opti
         match v.expect("checked") {
             Verdict::Accepted => {
                 sent += 1;
-                let last_sent = keep.contains(&p.key.mapping).then(|| p.json.to_vec());
+                let last_sent = keep.contains(&p.key.mapping).then(|| p.json.clone());
                 if p.prior
                     .as_ref()
                     .is_some_and(|s| s.status == KeyStatus::DeadLettered)
@@ -697,7 +706,7 @@ fn dead_letter_writes(
         last_at: now.to_string(),
     };
     vec![
-        Write::DeadLetter(key.clone(), dl),
+        Write::DeadLetter(key.clone(), Box::new(dl)),
         Write::Key(
             key.clone(),
             KeyState {

@@ -52,13 +52,13 @@ impl StateStore for MemoryStore {
             .keys
             .range(prefix.clone()..)
             .take_while(|(k, _)| k.starts_with(&prefix))
-            .filter_map(|(k, v)| StateKey::decode(k).map(|key| (key.source_key, v.clone())))
+            .filter_map(|(k, v)| StateKey::source_key_of(k).map(|sk| (sk, v.clone())))
             .collect())
     }
 
-    fn apply(&self, writes: Vec<Write>) -> Result<(), StateError> {
+    fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
         let mut inner = self.inner.lock().expect("lock");
-        for w in writes {
+        for w in writes.iter().cloned() {
             match w {
                 Write::Key(k, s) => {
                     inner.keys.insert(k.encode(), s);
@@ -67,7 +67,7 @@ impl StateStore for MemoryStore {
                     inner.keys.remove(&k.encode());
                 }
                 Write::DeadLetter(k, d) => {
-                    inner.dead.insert(k.encode(), d);
+                    inner.dead.insert(k.encode(), *d);
                 }
                 Write::RemoveDeadLetter(k) => {
                     inner.dead.remove(&k.encode());

@@ -15,7 +15,8 @@
 //!   stored is ignored;
 //! - per-type counters for `status` when the daemon is stopped.
 //!
-//! Writes are grouped with [`StateStore::apply`] and become durable with
+//! Writes are grouped with [`StateStore::apply`] (checkpoints last) and
+//! become durable with
 //! [`StateStore::flush`], which the sink calls before any progress is
 //! confirmed to PostgreSQL. Keys are big-endian/ordered byte strings, so a
 //! type's keys are one prefix scan.
@@ -44,32 +45,25 @@ pub struct StateKey {
 }
 
 impl StateKey {
-    /// Encodes as `[type][mapping]\0[source key]`.
+    /// Encodes as `[type][8-byte hash of the mapping id][source key]`:
+    /// short keys keep sled's per-entry memory down, and one mapping's keys
+    /// are one prefix scan.
     pub fn encode(&self) -> Vec<u8> {
-        let mut k = Vec::with_capacity(2 + self.mapping.len() + self.source_key.len());
-        k.push(self.ty);
-        k.extend_from_slice(self.mapping.as_bytes());
-        k.push(0);
+        let mut k = Self::mapping_prefix(self.ty, &self.mapping);
         k.extend_from_slice(self.source_key.as_bytes());
         k
     }
 
-    /// Decodes [`StateKey::encode`]'s output.
-    pub fn decode(bytes: &[u8]) -> Option<StateKey> {
-        let (&ty, rest) = bytes.split_first()?;
-        let nul = rest.iter().position(|&b| b == 0)?;
-        Some(StateKey {
-            ty,
-            mapping: String::from_utf8(rest[..nul].to_vec()).ok()?,
-            source_key: String::from_utf8(rest[nul + 1..].to_vec()).ok()?,
-        })
+    /// The source key of an encoded key.
+    pub fn source_key_of(bytes: &[u8]) -> Option<String> {
+        String::from_utf8(bytes.get(9..)?.to_vec()).ok()
     }
 
     /// The prefix of every key of one mapping.
     pub fn mapping_prefix(ty: TypeId, mapping: &str) -> Vec<u8> {
-        let mut k = vec![ty];
-        k.extend_from_slice(mapping.as_bytes());
-        k.push(0);
+        let mut k = Vec::with_capacity(24);
+        k.push(ty);
+        k.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(mapping.as_bytes()).to_be_bytes());
         k
     }
 }
@@ -91,7 +85,7 @@ pub struct KeyState {
     /// Fingerprint of that version's JSON.
     pub fingerprint: u64,
     /// The JSON last accepted, where soft deletes need it.
-    pub last_sent: Option<Vec<u8>>,
+    pub last_sent: Option<bytes::Bytes>,
 }
 
 impl KeyState {
@@ -118,7 +112,7 @@ impl KeyState {
             _ => return None,
         };
         let fingerprint = u64::from_be_bytes(b[1..9].try_into().ok()?);
-        let last_sent = (b.len() > 9).then(|| b[9..].to_vec());
+        let last_sent = (b.len() > 9).then(|| bytes::Bytes::copy_from_slice(&b[9..]));
         Some(KeyState {
             status,
             fingerprint,
@@ -316,7 +310,7 @@ pub enum Write {
     /// Forget a key.
     RemoveKey(StateKey),
     /// Add or replace a dead letter.
-    DeadLetter(StateKey, DeadLetter),
+    DeadLetter(StateKey, Box<DeadLetter>),
     /// Remove a dead letter.
     RemoveDeadLetter(StateKey),
     /// Advance a checkpoint (ignored if it would move backwards).
@@ -341,8 +335,10 @@ pub trait StateStore: Send + Sync + 'static {
     fn get_key(&self, key: &StateKey) -> Result<Option<KeyState>, StateError>;
     /// Every key of one mapping, with its state.
     fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyState)>, StateError>;
-    /// Applies a group of writes atomically.
-    fn apply(&self, writes: Vec<Write>) -> Result<(), StateError>;
+    /// Applies a group of writes, checkpoints last: after a crash, a
+    /// checkpoint is only present if the writes before it are (call
+    /// [`StateStore::flush`] to make them durable).
+    fn apply(&self, writes: &[Write]) -> Result<(), StateError>;
     /// Makes every applied write durable.
     fn flush(&self) -> Result<(), StateError>;
     /// A checkpoint by name.

@@ -2,13 +2,11 @@
 //!
 //! Trees: `keys` (record key → [`KeyState`]), `dead_letters` (record key →
 //! JSON [`DeadLetter`]), `checkpoints` (name → JSON [`Checkpoint`]),
-//! `stats` (type id → JSON [`TypeStats`]). A group of writes is one sled
-//! transaction across the trees, so it lands entirely or not at all.
+//! `stats` (type id → JSON [`TypeStats`]). Checkpoints of a group of writes
+//! are written last (see [`StateStore::apply`] below).
 
 use std::collections::BTreeMap;
 use std::path::Path;
-
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use super::{Checkpoint, DeadLetter, KeyState, StateError, StateKey, StateStore, TypeStats, Write};
 use crate::model::schema::TypeId;
@@ -41,7 +39,7 @@ impl SledStore {
         })?;
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(32 * 1024 * 1024)
+            .cache_capacity(4 * 1024 * 1024)
             .flush_every_ms(None)
             .open()
             .map_err(|e| StateError {
@@ -85,21 +83,21 @@ impl StateStore for SledStore {
         let mut out = Vec::new();
         for item in self.keys.scan_prefix(&prefix) {
             let (k, v) = item.map_err(err("scan"))?;
-            if let (Some(key), Some(state)) = (StateKey::decode(&k), KeyState::decode(&v)) {
-                out.push((key.source_key, state));
+            if let (Some(sk), Some(state)) = (StateKey::source_key_of(&k), KeyState::decode(&v)) {
+                out.push((sk, state));
             }
         }
         Ok(out)
     }
 
-    fn apply(&self, writes: Vec<Write>) -> Result<(), StateError> {
+    fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
         if writes.is_empty() {
             return Ok(());
         }
         // Checkpoint monotonicity is decided against what is stored.
         let mut resolved = Vec::with_capacity(writes.len());
         for w in writes {
-            if let Write::Checkpoint(c) = &w {
+            if let Write::Checkpoint(c) = w {
                 if let Some(old) = self.checkpoint(&c.name())? {
                     if c.is_behind(&old) {
                         continue;
@@ -108,38 +106,42 @@ impl StateStore for SledStore {
             }
             resolved.push(w);
         }
-        let result: Result<(), TransactionError<()>> =
-            (&self.keys, &self.dead, &self.checkpoints, &self.stats).transaction(
-                |(keys, dead, checkpoints, stats)| {
-                    for w in &resolved {
-                        match w {
-                            Write::Key(k, s) => {
-                                keys.insert(k.encode(), s.encode())?;
-                            }
-                            Write::RemoveKey(k) => {
-                                keys.remove(k.encode())?;
-                            }
-                            Write::DeadLetter(k, d) => {
-                                dead.insert(k.encode(), json(d))?;
-                            }
-                            Write::RemoveDeadLetter(k) => {
-                                dead.remove(k.encode())?;
-                            }
-                            Write::Checkpoint(c) => {
-                                checkpoints.insert(c.name().as_bytes(), json(c))?;
-                            }
-                            Write::Stats(t, s) => {
-                                stats.insert(&[*t], json(s))?;
-                            }
-                        }
-                    }
-                    Ok::<(), ConflictableTransactionError<()>>(())
-                },
-            );
-        result.map_err(|e| StateError {
-            op: "write",
-            detail: format!("{e:?}"),
-        })
+        // Plain inserts, checkpoints last. sled recovers a prefix of its
+        // log after a crash, so a checkpoint that survives implies every
+        // write before it did. (Batches and multi-tree transactions hold
+        // each write in memory several times over: measured ~100 MiB for
+        // one 20 000-record epoch, against ~10 MiB for plain inserts.)
+        let mut checkpoints = Vec::new();
+        for w in resolved {
+            match w {
+                Write::Key(k, s) => {
+                    self.keys
+                        .insert(k.encode(), s.encode())
+                        .map_err(err("write"))?;
+                }
+                Write::RemoveKey(k) => {
+                    self.keys.remove(k.encode()).map_err(err("write"))?;
+                }
+                Write::DeadLetter(k, d) => {
+                    self.dead
+                        .insert(k.encode(), json(d))
+                        .map_err(err("write"))?;
+                }
+                Write::RemoveDeadLetter(k) => {
+                    self.dead.remove(k.encode()).map_err(err("write"))?;
+                }
+                Write::Checkpoint(c) => checkpoints.push(c),
+                Write::Stats(t, s) => {
+                    self.stats.insert([*t], json(s)).map_err(err("write"))?;
+                }
+            }
+        }
+        for c in checkpoints {
+            self.checkpoints
+                .insert(c.name().as_bytes(), json(c))
+                .map_err(err("write"))?;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), StateError> {

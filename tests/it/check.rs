@@ -304,7 +304,7 @@ async fn every_check_names_the_problem_and_the_fix() {
                 let store = cobi_sync::state::SledStore::open(&wd.path("state")).unwrap();
                 use cobi_sync::state::{Checkpoint, ReplicationCheckpoint, StateStore, Write};
                 store
-                    .apply(vec![Write::Checkpoint(Checkpoint::Replication(
+                    .apply(&[Write::Checkpoint(Checkpoint::Replication(
                         ReplicationCheckpoint {
                             lsn: 0x016B_3748,
                             tables: Default::default(),

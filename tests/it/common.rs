@@ -161,7 +161,18 @@ impl Daemon {
             .append(true)
             .open(log)
             .unwrap();
-        let mut cmd = Command::new(bin());
+        // COBI_TEST_WRAP="valgrind --tool=massif …" runs the daemon under a
+        // profiler (investigations only).
+        let wrap = std::env::var("COBI_TEST_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(w) => {
+                let mut c = Command::new(w);
+                c.args(words).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
         cmd.arg("--config")
             .arg(config)
             .args(args)

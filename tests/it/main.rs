@@ -11,4 +11,5 @@ mod partner;
 mod poll;
 mod replication;
 mod sink;
+mod snapshot;
 mod types;

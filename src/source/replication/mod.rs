@@ -124,7 +124,7 @@ pub async fn snapshot_command(
         .remove_checkpoint("replication")
         .map_err(|e| SourceError::Fatal(e.to_string()))?;
     store
-        .apply(vec![Write::Checkpoint(Checkpoint::Replication(cp))])
+        .apply(&[Write::Checkpoint(Checkpoint::Replication(cp))])
         .and_then(|_| store.flush())
         .map_err(|e| SourceError::Fatal(e.to_string()))?;
     let mut r = Replicator::new(settings, store, sink, health, metrics, stop);
@@ -425,7 +425,7 @@ impl Replicator {
                 .remove_checkpoint("replication")
                 .map_err(|e| SourceError::Fatal(e.to_string()))?;
             self.store
-                .apply(vec![Write::Checkpoint(Checkpoint::Replication(cp))])
+                .apply(&[Write::Checkpoint(Checkpoint::Replication(cp))])
                 .and_then(|_| self.store.flush())
                 .map_err(|e| SourceError::Fatal(e.to_string()))?;
         }
