@@ -38,6 +38,7 @@
 //! over a million records per second and never limits a benchmark of the
 //! daemon.
 
+mod canonical;
 mod faults;
 mod parse;
 mod server;
