@@ -12,7 +12,6 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
@@ -226,26 +225,10 @@ impl Store {
         let store = &mut *guard;
         store.rejected += failures.len() as u64;
         store.accepted += accepted.len() as u64;
-        // Visit the table in bucket order (a hashbrown bucket is the hash's
-        // low bits): neighbouring lookups then share cache lines and the
-        // prefetcher helps, which matters once the table outgrows the
-        // cache. The sort is stable, so versions of one key keep their
-        // request order and the last one wins.
-        let buckets = (store.by_key.capacity() * 8 / 7 + 1).next_power_of_two() as u64;
-        let builder = Xxh3DefaultBuilder::new();
-        let mut ordered: Vec<(u64, Candidate)> = accepted
-            .into_iter()
-            .map(|c| {
-                let slot =
-                    key_of(&c.record).map_or(0, |k| builder.hash_one(k.as_bytes()) & (buckets - 1));
-                (slot, c)
-            })
-            .collect();
-        ordered.sort_by_key(|(slot, _)| *slot);
         // Records and replaced versions are freed after the lock is released.
-        let mut records = Vec::with_capacity(ordered.len());
+        let mut records = Vec::with_capacity(accepted.len());
         let mut replaced = Vec::new();
-        for (_, Candidate { record, json }) in ordered {
+        for Candidate { record, json } in accepted {
             match key_of(&record) {
                 None => store.unkeyed.push(json),
                 Some(key) => match store.by_key.get_mut(key.as_bytes()) {
