@@ -32,12 +32,18 @@
 //!   (`{"fail_rate", "throttle_rate", "drop_rate", "latency_ms"}`, each
 //!   optional).
 //!
-//! Records are stored as canonical JSON (schema field order), each type
-//! behind its own lock that is held only to look parents up or to apply;
-//! parsing and validation run outside any lock, so the mock ingests well
-//! over a million records per second and never limits a benchmark of the
-//! daemon.
+//! - Unknown type: 404; a body that is not `{"records": [...]}`, empty, or
+//!   over 5000 records: 400 with the envelope; bodies over 64 MiB: 413.
+//!
+//! Records are stored as canonical JSON (schema field order; a record that
+//! arrives in that form, as the daemon sends it, is stored as it came),
+//! each type behind its own lock that is held only to look parents up or
+//! to apply. Parsing and validation run outside any lock, on the tokio
+//! worker serving the connection (a 5000-record body takes a few
+//! milliseconds). `benches/mock_ingest.rs` measures about a million records
+//! per second on two cores, client included.
 
+mod canonical;
 mod faults;
 mod parse;
 mod server;
@@ -99,9 +105,9 @@ impl MockOptions {
 /// non-zero entries; types are named as in the URL (`user-interactions`).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct MockStats {
-    /// Answers to data/interaction requests by HTTP status (`"200"`,
-    /// `"207"`, `"400"`, `"401"`, `"429"`, `"500"`…), plus `"dropped"` for
-    /// connections closed without an answer.
+    /// Answers to every request outside `/_mock/` by HTTP status
+    /// (`"200"`, `"201"`, `"207"`, `"400"`, `"401"`, `"429"`, `"500"`…),
+    /// plus `"dropped"` for connections closed without an answer.
     pub requests_by_status: BTreeMap<String, u64>,
     /// Per type: records accepted, re-sends included.
     pub records_accepted: BTreeMap<String, u64>,

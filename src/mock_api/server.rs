@@ -280,7 +280,7 @@ fn batch(shared: &Shared, ty: TypeId, body: &[u8]) -> Resp {
         );
     }
     let total = parsed.total;
-    let checked = shared.store.check(ty, parsed.records);
+    let checked = shared.store.check(ty, parsed.records, body);
     let verdict = Verdict::Records {
         total,
         failed: checked.failures.len(),
@@ -302,7 +302,7 @@ fn single(shared: &Shared, ty: TypeId, body: &[u8]) -> Resp {
             )
         }
     };
-    let mut checked = shared.store.check(ty, vec![parsed]);
+    let mut checked = shared.store.check(ty, vec![parsed], body);
     let Some(accepted) = checked.accepted.pop() else {
         let reason = checked
             .failures

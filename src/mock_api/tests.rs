@@ -570,3 +570,35 @@ async fn stop_closes_the_port() {
     .await
     .is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uploads_are_all_counted() {
+    let srv = std::sync::Arc::new(start().await);
+    let mut tasks = Vec::new();
+    for t in 0..8u32 {
+        let srv = srv.clone();
+        tasks.push(tokio::spawn(async move {
+            for b in 0..10u32 {
+                // Overlapping keys across tasks: 0..=299.
+                let shops = (0..100)
+                    .map(|i| shop((t * 37 + b * 11 + i) % 300))
+                    .collect();
+                assert_eq!(upload(&srv, "shops", shops).await.status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let s = srv.stats();
+    assert_eq!(s.records_accepted["shops"], 8000);
+    assert_eq!(s.stored["shops"], 300);
+    assert_eq!(s.duplicates["shops"], 8000 - 300);
+    assert_eq!(s.requests_by_status["200"], 80);
+    let resp = client()
+        .get(format!("{}/_mock/records/widgets", srv.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+}
