@@ -4,6 +4,7 @@
 
 mod common;
 mod config_cli;
+mod packaging;
 mod partner;
 mod poll;
 mod replication;
