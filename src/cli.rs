@@ -33,6 +33,11 @@ pub enum Command {
     Run,
     /// Check the configuration, database, privileges, tables and API key.
     Check,
+    /// Validate the configuration file only; contacts nothing.
+    ///
+    /// Exit 0, or 2 listing every problem. The systemd unit's ExecStartPre:
+    /// unlike `check`, a briefly unreachable database cannot block start-up.
+    Validate,
     /// One-off full upload of the mapped tables (or the named types and
     /// what they depend on).
     Snapshot {
@@ -141,6 +146,18 @@ fn load(path: &std::path::Path) -> Result<Settings, u8> {
     })
 }
 
+/// `cobi-sync validate`: the configuration alone, nothing is contacted.
+fn cmd_validate(path: &std::path::Path) -> Result<(), u8> {
+    let settings = load(path)?;
+    println!(
+        "configuration {} is valid ({} mode, {} mappings)",
+        path.display(),
+        settings.source.mode.as_str(),
+        settings.mappings.len()
+    );
+    Ok(())
+}
+
 fn resolve_type(name: &str) -> Result<TypeId, u8> {
     schema().type_id(name).ok_or_else(|| {
         eprintln!(
@@ -155,6 +172,7 @@ async fn dispatch(cli: Cli) -> u8 {
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => cmd_run(&cli.config).await,
         Command::Check => crate::check::run(&cli.config).await,
+        Command::Validate => cmd_validate(&cli.config),
         Command::Snapshot { types, force } => cmd_snapshot(&cli.config, &types, force).await,
         Command::Status { json } => cmd_status(&cli.config, json).await,
         Command::Dlq { action } => cmd_dlq(&cli.config, action).await,

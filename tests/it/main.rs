@@ -7,6 +7,7 @@ mod common;
 mod config_cli;
 mod demo;
 mod ops;
+mod packaging;
 mod partner;
 mod poll;
 mod replication;
