@@ -11,6 +11,11 @@ use std::path::Path;
 use super::{Checkpoint, DeadLetter, KeyState, StateError, StateKey, StateStore, TypeStats, Write};
 use crate::model::schema::TypeId;
 
+fn is_lock_error(e: &sled::Error) -> bool {
+    let t = e.to_string();
+    t.contains("lock") || t.contains("WouldBlock")
+}
+
 /// sled database in the state directory.
 #[derive(Clone)]
 pub struct SledStore {
@@ -37,23 +42,38 @@ impl SledStore {
             op: "open",
             detail: format!("cannot create {}: {e}", dir.display()),
         })?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(4 * 1024 * 1024)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| StateError {
-                op: "open",
-                detail: if e.to_string().contains("lock") || e.to_string().contains("WouldBlock") {
-                    format!(
-                        "{} is in use by another cobi-sync process (is the daemon running? \
-                         `status` and `dlq` talk to it through http.listen): {e}",
-                        dir.display()
-                    )
-                } else {
-                    format!("{}: {e}", dir.display())
-                },
-            })?;
+        // sled releases its directory lock when its last handle (some held
+        // by background threads) drops, shortly after the owner closed it:
+        // retry a locked directory for up to two seconds.
+        let mut tries = 0;
+        let db = loop {
+            let result = sled::Config::new()
+                .path(dir)
+                .cache_capacity(4 * 1024 * 1024)
+                .flush_every_ms(None)
+                .open();
+            match result {
+                Ok(db) => break db,
+                Err(e) if is_lock_error(&e) && tries < 40 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => {
+                    return Err(StateError {
+                        op: "open",
+                        detail: if is_lock_error(&e) {
+                            format!(
+                                "{} is in use by another cobi-sync process (is the daemon running? \
+                                 `status` and `dlq` talk to it through http.listen): {e}",
+                                dir.display()
+                            )
+                        } else {
+                            format!("{}: {e}", dir.display())
+                        },
+                    })
+                }
+            }
+        };
         let open = |name: &str| db.open_tree(name).map_err(err("open"));
         Ok(SledStore {
             keys: open("keys")?,
