@@ -642,6 +642,10 @@ async fn run(opts: Opts) -> Result<()> {
         .await
         .unwrap_or_else(|e| Row::failed("COPY text → /dev/null", format!("{e:#}")));
 
+    let copy_psql = phase_copy_psql(&env, "bench", n)
+        .await
+        .unwrap_or_else(|e| Row::failed("COPY binary via psql \\copy → /dev/null", format!("{e:#}")));
+
     eprintln!("[3/8] mock-api ingest (in process)");
     let mock_row = phase_mock_ingest(n, None)
         .await
@@ -877,7 +881,11 @@ async fn run(opts: Opts) -> Result<()> {
         });
     }
 
-    let mut all = vec![copy_bin, copy_txt, mock_row, mock_proc_row, snap];
+    let mut copy_psql = copy_psql;
+    if let (Some(a), Some(b)) = (copy_psql.rate(), copy_bin.rate()) {
+        copy_psql.ratios.push((a / b, "COPY binary".into()));
+    }
+    let mut all = vec![copy_bin, copy_txt, copy_psql, mock_row, mock_proc_row, snap];
     all.extend(big);
     all.extend([py_snap, recv_row, drain_row, py_cdc_row]);
     extra.insert(
@@ -943,6 +951,33 @@ async fn phase_copy(env: &Env, db: &str, n: u64, binary: bool) -> Result<Row> {
         "median of 3 ({all} s), {} MiB, tokio-postgres copy_out in process",
         bytes >> 20
     )))
+}
+
+/// The same binary COPY through `psql`'s `\copy` to /dev/null (median of 3),
+/// for comparison with ceilings measured that way.
+async fn phase_copy_psql(env: &Env, db: &str, n: u64) -> Result<Row> {
+    let psql = env.pg.bindir().join("psql");
+    let mut secs = Vec::new();
+    for _ in 0..3 {
+        let mut cmd = Command::new(&psql);
+        cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", db])
+            .arg("-p")
+            .arg(env.pg.port().to_string())
+            .arg("-c")
+            .arg(format!(
+                "\\copy (SELECT {COLUMNS} FROM purchase) TO '/dev/null' WITH (FORMAT binary)"
+            ));
+        let log = env.path("psql.log");
+        let mut p = Proc::spawn("psql \\copy", cmd, &log)?;
+        let e = p.wait(Duration::from_secs(600)).await?;
+        if !e.success() {
+            bail!("psql ended with {}: {}", e.describe(), log_tail(&log, 5));
+        }
+        secs.push(e.wall.as_secs_f64());
+    }
+    let all = secs.iter().map(|s| format!("{s:.2}")).collect::<Vec<_>>().join("/");
+    Ok(Row::measured("COPY binary via psql \\copy → /dev/null", n, median(&mut secs))
+        .note(format!("median of 3 ({all} s), psql process wall time")))
 }
 
 fn uuid5(ty: &str, v: u64) -> uuid::Uuid {
