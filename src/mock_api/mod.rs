@@ -219,6 +219,34 @@ impl MockServer {
         self.shared.reset();
     }
 
+    /// Takes the API down (chaos tests): stops listening and closes every
+    /// connection, so clients get "connection refused"; what it stores is
+    /// kept for [`MockServer::come_back`].
+    pub async fn go_down(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Listens again on the same address, with the same records.
+    pub async fn come_back(&mut self) -> std::io::Result<()> {
+        if self.task.is_some() {
+            return Ok(());
+        }
+        let listener = TcpListener::bind(self.addr).await?;
+        let (stop, stopped) = oneshot::channel();
+        self.task = Some(tokio::spawn(server::accept_loop(
+            listener,
+            self.shared.clone(),
+            stopped,
+        )));
+        self.stop = Some(stop);
+        Ok(())
+    }
+
     /// Stops accepting, closes every connection and waits for the server
     /// task to end.
     pub async fn stop(mut self) {

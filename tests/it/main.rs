@@ -14,3 +14,4 @@ mod replication;
 mod sink;
 mod snapshot;
 mod types;
+mod chaos;

@@ -1,0 +1,6 @@
+//! Helpers of the end-to-end benchmark (`benches/e2e.rs`).
+
+pub mod proc;
+pub mod python;
+pub mod receiver;
+pub mod report;
