@@ -296,7 +296,9 @@ async fn make_database(env: &Env, db: &str, rows: u64) -> Result<()> {
     let t = Instant::now();
     env.pg.create_database(Some(db)).await?;
     let c = env.client(db).await?;
-    c.batch_execute(SCHEMA).await.context("creating the schema")?;
+    c.batch_execute(SCHEMA)
+        .await
+        .context("creating the schema")?;
     c.batch_execute(&merchants_sql()).await?;
     let step = 1_000_000;
     let mut from = 1;
@@ -475,7 +477,13 @@ fn ensure_binary(target_dir: &Path, release_dir: &Path) -> Result<PathBuf> {
         }
     }
     let mut child = cmd
-        .args(["build", "--release", "--bin", "cobi-sync", "--manifest-path"])
+        .args([
+            "build",
+            "--release",
+            "--bin",
+            "cobi-sync",
+            "--manifest-path",
+        ])
         .arg(&manifest)
         .env("CARGO_TARGET_DIR", target_dir)
         .stdout(Stdio::null())
@@ -486,7 +494,10 @@ fn ensure_binary(target_dir: &Path, release_dir: &Path) -> Result<PathBuf> {
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             let _ = tx.send(line);
         }
     });
@@ -635,27 +646,34 @@ async fn run(opts: Opts) -> Result<()> {
     make_database(&env, "bench", n).await?;
 
     eprintln!("[2/8] reference: COPY to /dev/null");
-    let copy_bin = phase_copy(&env, "bench", n, true).await.unwrap_or_else(|e| {
-        Row::failed("COPY binary → /dev/null (read ceiling)", format!("{e:#}"))
-    });
+    let copy_bin = phase_copy(&env, "bench", n, true)
+        .await
+        .unwrap_or_else(|e| {
+            Row::failed("COPY binary → /dev/null (read ceiling)", format!("{e:#}"))
+        });
     let copy_txt = phase_copy(&env, "bench", n, false)
         .await
         .unwrap_or_else(|e| Row::failed("COPY text → /dev/null", format!("{e:#}")));
 
-    let copy_psql = phase_copy_psql(&env, "bench", n)
-        .await
-        .unwrap_or_else(|e| Row::failed("COPY binary via psql \\copy → /dev/null", format!("{e:#}")));
+    let copy_psql = phase_copy_psql(&env, "bench", n).await.unwrap_or_else(|e| {
+        Row::failed("COPY binary via psql \\copy → /dev/null", format!("{e:#}"))
+    });
 
     eprintln!("[3/8] mock-api ingest (in process)");
-    let mock_row = phase_mock_ingest(n, None)
-        .await
-        .unwrap_or_else(|e| Row::failed("mock-api ingest (in process, 2 clients)", format!("{e:#}")));
+    let mock_row = phase_mock_ingest(n, None).await.unwrap_or_else(|e| {
+        Row::failed("mock-api ingest (in process, 2 clients)", format!("{e:#}"))
+    });
     let mock_proc_row = async {
         let m = MockProc::start(&env, "ingest-mock")?;
         phase_mock_ingest(n, Some(&m)).await
     }
     .await
-    .unwrap_or_else(|e| Row::failed("mock-api ingest (mock-api process, 2 clients)", format!("{e:#}")));
+    .unwrap_or_else(|e| {
+        Row::failed(
+            "mock-api ingest (mock-api process, 2 clients)",
+            format!("{e:#}"),
+        )
+    });
 
     eprintln!("[4/8] cobi-sync snapshot of {n} rows");
     let snap = phase_snapshot(&env, "bench", n, "snap")
@@ -689,7 +707,10 @@ async fn run(opts: Opts) -> Result<()> {
     let (recv_row, drain_row, py_cdc_row) = match repl {
         Ok(r) => r,
         Err(e) => (
-            Row::failed("pg_recvlogical → /dev/null (decode ceiling)", format!("{e:#}")),
+            Row::failed(
+                "pg_recvlogical → /dev/null (decode ceiling)",
+                format!("{e:#}"),
+            ),
             Row::failed("cobi-sync replication drain → mock-api", format!("{e:#}")),
             Row::failed("Python peer CDC → mock-api", "replication phase failed"),
         ),
@@ -731,10 +752,14 @@ async fn run(opts: Opts) -> Result<()> {
     if let (Some(a), Some(b)) = (py_cdc_row.rate(), recv_row.rate()) {
         py_cdc_row.ratios.push((a / b, "pg_recvlogical".into()));
     }
-    let best_daemon = [snap.rate(), big.as_ref().and_then(Row::rate), drain_row.rate()]
-        .into_iter()
-        .flatten()
-        .fold(0.0f64, f64::max);
+    let best_daemon = [
+        snap.rate(),
+        big.as_ref().and_then(Row::rate),
+        drain_row.rate(),
+    ]
+    .into_iter()
+    .flatten()
+    .fold(0.0f64, f64::max);
     let mut mock_row = mock_row;
     if let Some(a) = mock_row.rate() {
         if best_daemon > 0.0 {
@@ -754,8 +779,8 @@ async fn run(opts: Opts) -> Result<()> {
     }
     // ---- targets
     let mut targets = Vec::new();
-    let ratio_target = |what: &str, a: Option<f64>, b: Option<f64>, min: f64, bname: &str| {
-        match (a, b) {
+    let ratio_target =
+        |what: &str, a: Option<f64>, b: Option<f64>, min: f64, bname: &str| match (a, b) {
             (Some(a), Some(b)) => Target {
                 what: what.into(),
                 measured: format!("{:.0} vs {bname} {:.0} rows/s = {:.2}×", a, b, a / b),
@@ -766,8 +791,7 @@ async fn run(opts: Opts) -> Result<()> {
                 measured: "not measured".into(),
                 met: None,
             },
-        }
-    };
+        };
     targets.push(ratio_target(
         "snapshot ≥ 0.6 × COPY binary",
         snap.rate(),
@@ -841,7 +865,10 @@ async fn run(opts: Opts) -> Result<()> {
     for (label, r) in [("snapshot", Some(&snap)), ("big snapshot", big.as_ref())] {
         match r {
             Some(r) => targets.push(Target {
-                what: format!("peak RSS ≤ 100 MiB, {label} of {} rows", r.rows.map(|x| x.to_string()).unwrap_or("?".into())),
+                what: format!(
+                    "peak RSS ≤ 100 MiB, {label} of {} rows",
+                    r.rows.map(|x| x.to_string()).unwrap_or("?".into())
+                ),
                 measured: r
                     .rss_mib
                     .map(|m| format!("{m:.1} MiB"))
@@ -855,22 +882,25 @@ async fn run(opts: Opts) -> Result<()> {
             }),
         }
     }
-    if let (Some(s), Some(b)) = (
-        snap.rss_mib,
-        big.as_ref().and_then(|b| b.rss_mib),
-    ) {
+    if let (Some(s), Some(b)) = (snap.rss_mib, big.as_ref().and_then(|b| b.rss_mib)) {
         targets.push(Target {
             what: "peak RSS flat between the two snapshots (≤ +20 %)".into(),
             measured: format!("{s:.1} → {b:.1} MiB"),
             met: Some(b <= s * 1.2),
         });
     }
-    for (r, how) in [(&mock_row, "in process"), (&mock_proc_row, "mock-api process")] {
+    for (r, how) in [
+        (&mock_row, "in process"),
+        (&mock_proc_row, "mock-api process"),
+    ] {
         let what = format!("mock-api ingest ({how}) ≥ 3 × the daemon's best");
         targets.push(match r.rate() {
             Some(m) if best_daemon > 0.0 => Target {
                 what,
-                measured: format!("{m:.0} vs {best_daemon:.0} rows/s = {:.2}×", m / best_daemon),
+                measured: format!(
+                    "{m:.0} vs {best_daemon:.0} rows/s = {:.2}×",
+                    m / best_daemon
+                ),
                 met: Some(m / best_daemon >= 3.0),
             },
             _ => Target {
@@ -960,13 +990,24 @@ async fn phase_copy_psql(env: &Env, db: &str, n: u64) -> Result<Row> {
     let mut secs = Vec::new();
     for _ in 0..3 {
         let mut cmd = Command::new(&psql);
-        cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", db])
-            .arg("-p")
-            .arg(env.pg.port().to_string())
-            .arg("-c")
-            .arg(format!(
-                "\\copy (SELECT {COLUMNS} FROM purchase) TO '/dev/null' WITH (FORMAT binary)"
-            ));
+        cmd.args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            db,
+        ])
+        .arg("-p")
+        .arg(env.pg.port().to_string())
+        .arg("-c")
+        .arg(format!(
+            "\\copy (SELECT {COLUMNS} FROM purchase) TO '/dev/null' WITH (FORMAT binary)"
+        ));
         let log = env.path("psql.log");
         let mut p = Proc::spawn("psql \\copy", cmd, &log)?;
         let e = p.wait(Duration::from_secs(600)).await?;
@@ -975,9 +1016,17 @@ async fn phase_copy_psql(env: &Env, db: &str, n: u64) -> Result<Row> {
         }
         secs.push(e.wall.as_secs_f64());
     }
-    let all = secs.iter().map(|s| format!("{s:.2}")).collect::<Vec<_>>().join("/");
-    Ok(Row::measured("COPY binary via psql \\copy → /dev/null", n, median(&mut secs))
-        .note(format!("median of 3 ({all} s), psql process wall time")))
+    let all = secs
+        .iter()
+        .map(|s| format!("{s:.2}"))
+        .collect::<Vec<_>>()
+        .join("/");
+    Ok(Row::measured(
+        "COPY binary via psql \\copy → /dev/null",
+        n,
+        median(&mut secs),
+    )
+    .note(format!("median of 3 ({all} s), psql process wall time")))
 }
 
 fn uuid5(ty: &str, v: u64) -> uuid::Uuid {
@@ -1048,7 +1097,10 @@ async fn phase_mock_ingest(n: u64, external: Option<&MockProc>) -> Result<Row> {
                 .await?;
             let status = r.status();
             if status != 200 {
-                bail!("mock answered {status}: {}", r.text().await.unwrap_or_default());
+                bail!(
+                    "mock answered {status}: {}",
+                    r.text().await.unwrap_or_default()
+                );
             }
             r.bytes().await?;
             Ok::<(), anyhow::Error>(())
@@ -1086,7 +1138,12 @@ async fn phase_mock_ingest(n: u64, external: Option<&MockProc>) -> Result<Row> {
     }
     let secs = t.elapsed().as_secs_f64();
     let accepted = match (&inproc, external) {
-        (Some(m), _) => m.stats().records_accepted.get("transactions").copied().unwrap_or(0),
+        (Some(m), _) => m
+            .stats()
+            .records_accepted
+            .get("transactions")
+            .copied()
+            .unwrap_or(0),
         (None, Some(m)) => m.accepted("transactions").await?,
         (None, None) => unreachable!(),
     };
@@ -1119,7 +1176,11 @@ async fn phase_snapshot(env: &Env, db: &str, n: u64, name: &str) -> Result<Row> 
     } else {
         "cobi-sync snapshot (RSS point 2) → mock-api".to_string()
     };
-    let mut p = Proc::spawn("cobi-sync snapshot", env.daemon_cmd(&cfg, &["snapshot"]), &log)?;
+    let mut p = Proc::spawn(
+        "cobi-sync snapshot",
+        env.daemon_cmd(&cfg, &["snapshot"]),
+        &log,
+    )?;
     let timeout = Duration::from_secs(300 + n / 2_000);
     let exit = p.wait(timeout).await?;
     if !exit.success() {
@@ -1132,7 +1193,11 @@ async fn phase_snapshot(env: &Env, db: &str, n: u64, name: &str) -> Result<Row> 
         );
     }
     let stats = mock.stats().await?;
-    let tx = stats.records_accepted.get("transactions").copied().unwrap_or(0);
+    let tx = stats
+        .records_accepted
+        .get("transactions")
+        .copied()
+        .unwrap_or(0);
     let shops = stats.records_accepted.get("shops").copied().unwrap_or(0);
     let rejected: u64 = stats.records_rejected.values().sum();
     let mut row = Row::measured(&label, n, exit.wall.as_secs_f64());
@@ -1176,7 +1241,11 @@ async fn phase_python_snapshot(env: &Env, db: &str, n: u64) -> Result<Row> {
     let mut p = Proc::spawn("peer_snapshot.py", cmd, &log)?;
     let exit = p.wait(Duration::from_secs(600 + n / 500)).await?;
     if !exit.success() {
-        bail!("peer_snapshot.py ended with {}:\n{}", exit.describe(), log_tail(&log, 20));
+        bail!(
+            "peer_snapshot.py ended with {}:\n{}",
+            exit.describe(),
+            log_tail(&log, 20)
+        );
     }
     let tx = mock.accepted("transactions").await?;
     let mut row = Row::measured(label, n, exit.wall.as_secs_f64());
@@ -1202,7 +1271,13 @@ async fn slot_exists(c: &Client, slot: &str, active: bool) -> Result<bool> {
     Ok(n > 0)
 }
 
-async fn wait_slot(c: &Client, slot: &str, active: bool, p: &mut Proc, timeout: Duration) -> Result<()> {
+async fn wait_slot(
+    c: &Client,
+    slot: &str,
+    active: bool,
+    p: &mut Proc,
+    timeout: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if slot_exists(c, slot, active).await? {
@@ -1217,7 +1292,10 @@ async fn wait_slot(c: &Client, slot: &str, active: bool, p: &mut Proc, timeout: 
             );
         }
         if Instant::now() > deadline {
-            bail!("slot {slot} not {} after {timeout:?}", if active { "active" } else { "created" });
+            bail!(
+                "slot {slot} not {} after {timeout:?}",
+                if active { "active" } else { "created" }
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1228,25 +1306,44 @@ async fn phase_replication(env: &Env, n: u64) -> Result<(Row, Row, Row)> {
     make_database(env, db, 0).await?;
     let c = env.client(db).await?;
     let mock = MockProc::start(env, "repl-mock")?;
-    let cfg = env.config("repl", db, &mock.url, "replication", "initial", "cobi_bench", "1s")?;
+    let cfg = env.config(
+        "repl",
+        db,
+        &mock.url,
+        "replication",
+        "initial",
+        "cobi_bench",
+        "1s",
+    )?;
     let log = env.path("repl.log");
 
     // 1. First start: publication, slot, and the shops through the initial snapshot.
-    let mut d = Proc::spawn("cobi-sync run (setup)", env.daemon_cmd(&cfg, &["run"]), &log)?;
+    let mut d = Proc::spawn(
+        "cobi-sync run (setup)",
+        env.daemon_cmd(&cfg, &["run"]),
+        &log,
+    )?;
     mock.wait_accepted("shops", MERCHANTS, Duration::from_secs(120), &mut d)
         .await?;
     wait_slot(&c, "cobi_bench", false, &mut d, Duration::from_secs(30)).await?;
     let e = d.term(Duration::from_secs(20)).await;
     if !e.success() {
-        bail!("the daemon did not stop cleanly on SIGTERM ({}); log:\n{}", e.describe(), log_tail(&log, 20));
+        bail!(
+            "the daemon did not stop cleanly on SIGTERM ({}); log:\n{}",
+            e.describe(),
+            log_tail(&log, 20)
+        );
     }
 
     // 2. Reference slots at the same position, then the changes.
     let refs = ["bench_ref_1", "bench_ref_2", "bench_ref_3"];
     for s in refs.iter().chain(["bench_py"].iter()) {
-        c.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[s])
-            .await
-            .with_context(|| format!("creating slot {s}"))?;
+        c.execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[s],
+        )
+        .await
+        .with_context(|| format!("creating slot {s}"))?;
     }
     let t = Instant::now();
     let txs = 10u64.min(n);
@@ -1280,9 +1377,15 @@ async fn phase_replication(env: &Env, n: u64) -> Result<(Row, Row, Row)> {
     if before != 0 {
         bail!("the mock already holds {before} transactions before the drain");
     }
-    let mut d = Proc::spawn("cobi-sync run (drain)", env.daemon_cmd(&cfg, &["run"]), &log)?;
+    let mut d = Proc::spawn(
+        "cobi-sync run (drain)",
+        env.daemon_cmd(&cfg, &["run"]),
+        &log,
+    )?;
     let timeout = Duration::from_secs(300 + n / 2_000);
-    let done = mock.wait_accepted("transactions", n, timeout, &mut d).await?;
+    let done = mock
+        .wait_accepted("transactions", n, timeout, &mut d)
+        .await?;
     let secs = (done - d.started).as_secs_f64();
     d.sample_now();
     let cpu = d.cpu_secs_now().unwrap_or(f64::NAN);
@@ -1320,16 +1423,25 @@ async fn phase_replication(env: &Env, n: u64) -> Result<(Row, Row, Row)> {
     let mut recv_row = None;
     for s in refs {
         let mut cmd = Command::new(&recv);
-        cmd.args(["-h", "127.0.0.1", "-U", "postgres", "-d", db, "--no-loop", "--start"])
-            .arg("-p")
-            .arg(env.pg.port().to_string())
-            .arg("--slot")
-            .arg(s)
-            .arg("--endpos")
-            .arg(&endpos)
-            .args(["-o", "proto_version=1", "-o"])
-            .arg(format!("publication_names={PUBLICATION}"))
-            .args(["-f", "/dev/null"]);
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "--no-loop",
+            "--start",
+        ])
+        .arg("-p")
+        .arg(env.pg.port().to_string())
+        .arg("--slot")
+        .arg(s)
+        .arg("--endpos")
+        .arg(&endpos)
+        .args(["-o", "proto_version=1", "-o"])
+        .arg(format!("publication_names={PUBLICATION}"))
+        .args(["-f", "/dev/null"]);
         let rlog = env.path("pg_recvlogical.log");
         let mut p = Proc::spawn("pg_recvlogical", cmd, &rlog)?;
         match p.wait(Duration::from_secs(300 + n / 2_000)).await {
@@ -1342,16 +1454,29 @@ async fn phase_replication(env: &Env, n: u64) -> Result<(Row, Row, Row)> {
                 break;
             }
             Err(e) => {
-                recv_row = Some(Row::failed("pg_recvlogical → /dev/null (decode ceiling)", format!("{e:#}")));
+                recv_row = Some(Row::failed(
+                    "pg_recvlogical → /dev/null (decode ceiling)",
+                    format!("{e:#}"),
+                ));
                 break;
             }
         }
-        c.execute("SELECT pg_drop_replication_slot($1)", &[&s]).await.ok();
+        c.execute("SELECT pg_drop_replication_slot($1)", &[&s])
+            .await
+            .ok();
     }
     let recv_row = recv_row.unwrap_or_else(|| {
-        let all = times.iter().map(|s| format!("{s:.2}")).collect::<Vec<_>>().join("/");
-        Row::measured("pg_recvlogical → /dev/null (decode ceiling)", n, median(&mut times))
-            .note(format!("median of 3 slots ({all} s), --endpos {endpos}"))
+        let all = times
+            .iter()
+            .map(|s| format!("{s:.2}"))
+            .collect::<Vec<_>>()
+            .join("/");
+        Row::measured(
+            "pg_recvlogical → /dev/null (decode ceiling)",
+            n,
+            median(&mut times),
+        )
+        .note(format!("median of 3 slots ({all} s), --endpos {endpos}"))
     });
 
     // 5. The Python peer drains its own slot over the same changes.
@@ -1375,7 +1500,11 @@ async fn phase_replication(env: &Env, n: u64) -> Result<(Row, Row, Row)> {
                 let mut p = Proc::spawn("peer_cdc.py", cmd, &plog)?;
                 let e = p.wait(Duration::from_secs(600 + n / 500)).await?;
                 if !e.success() {
-                    bail!("peer_cdc.py ended with {}:\n{}", e.describe(), log_tail(&plog, 20));
+                    bail!(
+                        "peer_cdc.py ended with {}:\n{}",
+                        e.describe(),
+                        log_tail(&plog, 20)
+                    );
                 }
                 let after = mock.accepted("transactions").await?;
                 let mut row = Row::measured(py_label, n, e.wall.as_secs_f64());
@@ -1390,7 +1519,9 @@ async fn phase_replication(env: &Env, n: u64) -> Result<(Row, Row, Row)> {
             r.unwrap_or_else(|e| Row::failed(py_label, format!("{e:#}")))
         }
     };
-    c.execute("SELECT pg_drop_replication_slot('bench_py')", &[]).await.ok();
+    c.execute("SELECT pg_drop_replication_slot('bench_py')", &[])
+        .await
+        .ok();
     Ok((recv_row, drain, py_row))
 }
 
@@ -1426,7 +1557,11 @@ async fn phase_latency(env: &Env) -> Result<Latency> {
     )?;
     let log = env.path("latency.log");
     let c = env.client(db).await?;
-    let mut d = Proc::spawn("cobi-sync run (latency)", env.daemon_cmd(&cfg, &["run"]), &log)?;
+    let mut d = Proc::spawn(
+        "cobi-sync run (latency)",
+        env.daemon_cmd(&cfg, &["run"]),
+        &log,
+    )?;
     wait_slot(&c, "cobi_lat", true, &mut d, Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -1476,7 +1611,10 @@ async fn phase_latency(env: &Env) -> Result<Latency> {
     let first = commits.iter().map(|c| c.1).min().expect("rows");
     let last = commits.iter().map(|c| c.1).max().expect("rows");
     let achieved_rate = commits.len() as f64 / (last - first).as_secs_f64().max(1e-3);
-    let late = commits.iter().filter(|c| c.2 > Duration::from_millis(5)).count();
+    let late = commits
+        .iter()
+        .filter(|c| c.2 > Duration::from_millis(5))
+        .count();
     let mut commit_ms: Vec<f64> = commits.iter().map(|c| c.3.as_secs_f64() * 1e3).collect();
     commit_ms.sort_by(f64::total_cmp);
 
@@ -1519,16 +1657,23 @@ async fn phase_latency(env: &Env) -> Result<Latency> {
     }
 
     // Idle.
-    let cpu0 = d.cpu_secs_now().ok_or_else(|| anyhow!("cannot read /proc/PID/stat"))?;
+    let cpu0 = d
+        .cpu_secs_now()
+        .ok_or_else(|| anyhow!("cannot read /proc/PID/stat"))?;
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(o.idle_secs)).await;
-    let cpu1 = d.cpu_secs_now().ok_or_else(|| anyhow!("the daemon vanished while idle"))?;
+    let cpu1 = d
+        .cpu_secs_now()
+        .ok_or_else(|| anyhow!("the daemon vanished while idle"))?;
     let idle_cpu = cpu1 - cpu0;
     let idle_pct = 100.0 * idle_cpu / t0.elapsed().as_secs_f64();
     d.sample_now();
     let e = d.term(Duration::from_secs(20)).await;
     if !e.success() {
-        notes.push_str(&format!("; daemon stopped with {} on SIGTERM", e.describe()));
+        notes.push_str(&format!(
+            "; daemon stopped with {} on SIGTERM",
+            e.describe()
+        ));
     }
     let errors = std::fs::read_to_string(&log)
         .unwrap_or_default()
@@ -1536,7 +1681,10 @@ async fn phase_latency(env: &Env) -> Result<Latency> {
         .filter(|l| l.contains("ERROR"))
         .count();
     if errors > 0 {
-        notes.push_str(&format!("; {errors} ERROR log lines (see {})", log.display()));
+        notes.push_str(&format!(
+            "; {errors} ERROR log lines (see {})",
+            log.display()
+        ));
     }
     c.execute("SELECT pg_drop_replication_slot('cobi_lat')", &[])
         .await

@@ -78,7 +78,11 @@ const COLUMNS: [(&str, u32, &str); 10] = [
     ("channel", oid::TEXT, "online"),
     ("saved", oid::NUMERIC, "5.12"),
     ("total", oid::NUMERIC, "346.12"),
-    ("modified_at", oid::TIMESTAMPTZ, "2024-01-09 12:01:52.123456+00"),
+    (
+        "modified_at",
+        oid::TIMESTAMPTZ,
+        "2024-01-09 12:01:52.123456+00",
+    ),
 ];
 
 fn types() -> Vec<PgType> {
@@ -353,62 +357,100 @@ fn benches(c: &mut Criterion) {
 /// A quick, criterion-independent ns/row summary (median of 5 timed loops).
 fn summary() {
     let f = fixture();
-    let time = |name: &str, per_iter_rows: u64, iters: u64, mut work: Box<dyn FnMut() -> u64 + '_>| {
-        let mut samples = Vec::new();
-        let mut sink = 0u64;
-        for _ in 0..5 {
-            let t = Instant::now();
-            for _ in 0..iters {
-                sink = sink.wrapping_add(work());
+    let time =
+        |name: &str, per_iter_rows: u64, iters: u64, mut work: Box<dyn FnMut() -> u64 + '_>| {
+            let mut samples = Vec::new();
+            let mut sink = 0u64;
+            for _ in 0..5 {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    sink = sink.wrapping_add(work());
+                }
+                samples.push(t.elapsed().as_nanos() as f64 / (iters * per_iter_rows) as f64);
             }
-            samples.push(t.elapsed().as_nanos() as f64 / (iters * per_iter_rows) as f64);
-        }
-        samples.sort_by(f64::total_cmp);
-        black_box(sink);
-        println!("  {name:<36} {:>9.1} ns/row", samples[2]);
-    };
+            samples.sort_by(f64::total_cmp);
+            black_box(sink);
+            println!("  {name:<36} {:>9.1} ns/row", samples[2]);
+        };
     println!("\nhot path summary (median of 5 loops):");
-    time("pgoutput decode (Insert, 10 cols)", 1, 200_000, Box::new(|| {
-        matches!(pgoutput::decode(black_box(&f.message)), Ok(Message::Insert { .. })) as u64
-    }));
-    time("decode_text (10 values)", 1, 200_000, Box::new(|| {
-        f.types
-            .iter()
-            .zip(black_box(&f.texts))
-            .map(|(t, v)| decode_text(t, v).is_ok() as u64)
-            .sum()
-    }));
-    time("map_row (transactions)", 1, 100_000, Box::new(|| {
-        f.compiled.map_row(black_box(&f.row)).record.fields.len() as u64
-    }));
-    time("Record::to_json", 1, 200_000, Box::new(|| {
-        black_box(&f.record).to_json().len() as u64
-    }));
-    time("xxh3_64 of the JSON", 1, 1_000_000, Box::new(|| {
-        xxhash_rust::xxh3::xxh3_64(black_box(&f.json))
-    }));
-    time("CopyBinaryReader (1000-row buffer)", COPY_ROWS, 200, Box::new(|| {
-        let mut r = CopyBinaryReader::new(f.types.clone());
-        r.push(black_box(f.copy.clone()));
-        let mut n = 0;
-        while let Ok(Some(_)) = r.next_row() {
-            n += 1;
-        }
-        n
-    }));
-    time("pgoutput → row → record → JSON → xxh3", 1, 100_000, Box::new(|| {
-        let row = decode_row(&f, black_box(&f.message));
-        xxhash_rust::xxh3::xxh3_64(&f.compiled.map_row(&row).record.to_json())
-    }));
-    time("COPY binary → record → JSON → xxh3", COPY_ROWS, 100, Box::new(|| {
-        let mut r = CopyBinaryReader::new(f.types.clone());
-        r.push(black_box(f.copy.clone()));
-        let mut h = 0u64;
-        while let Ok(Some(row)) = r.next_row() {
-            h ^= xxhash_rust::xxh3::xxh3_64(&f.compiled.map_row(&row).record.to_json());
-        }
-        h
-    }));
+    time(
+        "pgoutput decode (Insert, 10 cols)",
+        1,
+        200_000,
+        Box::new(|| {
+            matches!(
+                pgoutput::decode(black_box(&f.message)),
+                Ok(Message::Insert { .. })
+            ) as u64
+        }),
+    );
+    time(
+        "decode_text (10 values)",
+        1,
+        200_000,
+        Box::new(|| {
+            f.types
+                .iter()
+                .zip(black_box(&f.texts))
+                .map(|(t, v)| decode_text(t, v).is_ok() as u64)
+                .sum()
+        }),
+    );
+    time(
+        "map_row (transactions)",
+        1,
+        100_000,
+        Box::new(|| f.compiled.map_row(black_box(&f.row)).record.fields.len() as u64),
+    );
+    time(
+        "Record::to_json",
+        1,
+        200_000,
+        Box::new(|| black_box(&f.record).to_json().len() as u64),
+    );
+    time(
+        "xxh3_64 of the JSON",
+        1,
+        1_000_000,
+        Box::new(|| xxhash_rust::xxh3::xxh3_64(black_box(&f.json))),
+    );
+    time(
+        "CopyBinaryReader (1000-row buffer)",
+        COPY_ROWS,
+        200,
+        Box::new(|| {
+            let mut r = CopyBinaryReader::new(f.types.clone());
+            r.push(black_box(f.copy.clone()));
+            let mut n = 0;
+            while let Ok(Some(_)) = r.next_row() {
+                n += 1;
+            }
+            n
+        }),
+    );
+    time(
+        "pgoutput → row → record → JSON → xxh3",
+        1,
+        100_000,
+        Box::new(|| {
+            let row = decode_row(&f, black_box(&f.message));
+            xxhash_rust::xxh3::xxh3_64(&f.compiled.map_row(&row).record.to_json())
+        }),
+    );
+    time(
+        "COPY binary → record → JSON → xxh3",
+        COPY_ROWS,
+        100,
+        Box::new(|| {
+            let mut r = CopyBinaryReader::new(f.types.clone());
+            r.push(black_box(f.copy.clone()));
+            let mut h = 0u64;
+            while let Ok(Some(row)) = r.next_row() {
+                h ^= xxhash_rust::xxh3::xxh3_64(&f.compiled.map_row(&row).record.to_json());
+            }
+            h
+        }),
+    );
 }
 
 criterion_group! {

@@ -32,9 +32,18 @@ pub fn ensure_venv(target_dir: &Path) -> Result<PathBuf, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    eprintln!("  installing psycopg2-binary and requests into {}", venv.display());
+    eprintln!(
+        "  installing psycopg2-binary and requests into {}",
+        venv.display()
+    );
     let out = Command::new(venv.join("bin/pip"))
-        .args(["install", "-q", "--disable-pip-version-check", "psycopg2-binary", "requests"])
+        .args([
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "psycopg2-binary",
+            "requests",
+        ])
         .output()
         .map_err(|e| format!("cannot run pip: {e}"))?;
     if !out.status.success() {

@@ -93,7 +93,9 @@ impl Report {
         [
             r.path.clone(),
             r.rows.map(fmt_int).unwrap_or_else(|| "-".into()),
-            r.secs.map(|s| format!("{s:.2}")).unwrap_or_else(|| "-".into()),
+            r.secs
+                .map(|s| format!("{s:.2}"))
+                .unwrap_or_else(|| "-".into()),
             r.rate()
                 .map(|x| fmt_int(x.round() as u64))
                 .unwrap_or_else(|| "-".into()),

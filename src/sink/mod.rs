@@ -378,7 +378,14 @@ async fn commit(shared: &Arc<Shared>, writes: Vec<Write>) -> Option<()> {
     loop {
         let store = shared.store.clone();
         let w = writes.clone();
+        let retry = attempt > 0;
         let result: Result<(), StateError> = tokio::task::spawn_blocking(move || {
+            if retry {
+                // A failed store (disk full, read-only) must be reopened
+                // before it accepts writes again; this epoch's writes are
+                // then applied again in full.
+                store.recover()?;
+            }
             store.apply(w.as_ref())?;
             store.flush()
         })
@@ -429,7 +436,13 @@ async fn send_type(shared: Arc<Shared>, ty: TypeId, entries: Vec<Entry>) -> Opti
     let mut attempt = 0u32;
     let priors = loop {
         let store = shared.store.clone();
+        let retry = attempt > 0;
         let (back, result) = tokio::task::spawn_blocking(move || {
+            if retry {
+                if let Err(e) = store.recover() {
+                    return (entries, Err(e));
+                }
+            }
             let r = entries
                 .iter()
                 .map(|e| store.get_key(&e.key))

@@ -60,13 +60,13 @@ pub fn mapped_items(t: &SourceTable, rows: Vec<Vec<Value>>) -> Vec<SinkItem> {
         .collect()
 }
 
-/// Sleeps for the next reconnect delay (1 s doubling to 30 s, jittered).
+/// Sleeps for the next reconnect delay (0.5 s doubling to 10 s, jittered).
 /// False if `stop` fired.
 pub async fn backoff_sleep(stop: &CancellationToken, attempt: &mut u32) -> bool {
     let d = crate::sink::policy::backoff(
         *attempt,
         Duration::from_millis(500),
-        Duration::from_secs(30),
+        Duration::from_secs(10),
         rand::random(),
     );
     *attempt = attempt.saturating_add(1);

@@ -363,6 +363,11 @@ pub trait StateStore: Send + Sync + 'static {
     fn dead_letter(&self, key: &StateKey) -> Result<Option<DeadLetter>, StateError>;
     /// Per-type counters.
     fn stats(&self) -> Result<BTreeMap<TypeId, TypeStats>, StateError>;
+    /// After a failure (disk full, read-only), re-opens the store as of
+    /// its last flush so writes can be retried.
+    fn recover(&self) -> Result<(), StateError> {
+        Ok(())
+    }
 }
 
 /// The replication checkpoint, if any.

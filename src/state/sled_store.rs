@@ -6,7 +6,8 @@
 //! are written last (see [`StateStore::apply`] below).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use super::{Checkpoint, DeadLetter, KeyState, StateError, StateKey, StateStore, TypeStats, Write};
 use crate::model::schema::TypeId;
@@ -16,14 +17,24 @@ fn is_lock_error(e: &sled::Error) -> bool {
     t.contains("lock") || t.contains("WouldBlock")
 }
 
-/// sled database in the state directory.
-#[derive(Clone)]
-pub struct SledStore {
+/// One open sled database and its trees.
+struct Trees {
     db: sled::Db,
     keys: sled::Tree,
     dead: sled::Tree,
     checkpoints: sled::Tree,
     stats: sled::Tree,
+}
+
+/// sled database in the state directory.
+///
+/// After an I/O error (a full or read-only disk) sled refuses every later
+/// write even once the cause is gone, so [`StateStore::recover`] closes and
+/// reopens the database: it comes back as of its last flush, and the
+/// caller re-applies what was not flushed.
+pub struct SledStore {
+    dir: PathBuf,
+    trees: RwLock<Option<Arc<Trees>>>,
 }
 
 fn err(op: &'static str) -> impl Fn(sled::Error) -> StateError {
@@ -38,6 +49,25 @@ impl SledStore {
     /// another process holds it (sled locks the directory): stop the daemon
     /// or ask it through its HTTP endpoint.
     pub fn open(dir: &Path) -> Result<SledStore, StateError> {
+        let trees = Self::open_trees(dir)?;
+        Ok(SledStore {
+            dir: dir.to_path_buf(),
+            trees: RwLock::new(Some(Arc::new(trees))),
+        })
+    }
+
+    fn t(&self) -> Result<Arc<Trees>, StateError> {
+        self.trees
+            .read()
+            .expect("lock")
+            .clone()
+            .ok_or_else(|| StateError {
+                op: "open",
+                detail: format!("{} could not be reopened", self.dir.display()),
+            })
+    }
+
+    fn open_trees(dir: &Path) -> Result<Trees, StateError> {
         std::fs::create_dir_all(dir).map_err(|e| StateError {
             op: "open",
             detail: format!("cannot create {}: {e}", dir.display()),
@@ -75,7 +105,7 @@ impl SledStore {
             }
         };
         let open = |name: &str| db.open_tree(name).map_err(err("open"));
-        Ok(SledStore {
+        Ok(Trees {
             keys: open("keys")?,
             dead: open("dead_letters")?,
             checkpoints: open("checkpoints")?,
@@ -91,7 +121,8 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
 
 impl StateStore for SledStore {
     fn get_key(&self, key: &StateKey) -> Result<Option<KeyState>, StateError> {
-        Ok(self
+        let tr = self.t()?;
+        Ok(tr
             .keys
             .get(key.encode())
             .map_err(err("read"))?
@@ -99,9 +130,10 @@ impl StateStore for SledStore {
     }
 
     fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyState)>, StateError> {
+        let tr = self.t()?;
         let prefix = StateKey::mapping_prefix(ty, mapping);
         let mut out = Vec::new();
-        for item in self.keys.scan_prefix(&prefix) {
+        for item in tr.keys.scan_prefix(&prefix) {
             let (k, v) = item.map_err(err("scan"))?;
             if let (Some(sk), Some(state)) = (StateKey::source_key_of(&k), KeyState::decode(&v)) {
                 out.push((sk, state));
@@ -111,6 +143,7 @@ impl StateStore for SledStore {
     }
 
     fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
+        let tr = self.t()?;
         if writes.is_empty() {
             return Ok(());
         }
@@ -135,29 +168,27 @@ impl StateStore for SledStore {
         for w in resolved {
             match w {
                 Write::Key(k, s) => {
-                    self.keys
+                    tr.keys
                         .insert(k.encode(), s.encode())
                         .map_err(err("write"))?;
                 }
                 Write::RemoveKey(k) => {
-                    self.keys.remove(k.encode()).map_err(err("write"))?;
+                    tr.keys.remove(k.encode()).map_err(err("write"))?;
                 }
                 Write::DeadLetter(k, d) => {
-                    self.dead
-                        .insert(k.encode(), json(d))
-                        .map_err(err("write"))?;
+                    tr.dead.insert(k.encode(), json(d)).map_err(err("write"))?;
                 }
                 Write::RemoveDeadLetter(k) => {
-                    self.dead.remove(k.encode()).map_err(err("write"))?;
+                    tr.dead.remove(k.encode()).map_err(err("write"))?;
                 }
                 Write::Checkpoint(c) => checkpoints.push(c),
-                Write::Stats(t, s) => {
-                    self.stats.insert([*t], json(s)).map_err(err("write"))?;
+                Write::Stats(ty, s) => {
+                    tr.stats.insert([*ty], json(s)).map_err(err("write"))?;
                 }
             }
         }
         for c in checkpoints {
-            self.checkpoints
+            tr.checkpoints
                 .insert(c.name().as_bytes(), json(c))
                 .map_err(err("write"))?;
         }
@@ -165,12 +196,14 @@ impl StateStore for SledStore {
     }
 
     fn flush(&self) -> Result<(), StateError> {
-        self.db.flush().map_err(err("flush"))?;
+        let tr = self.t()?;
+        tr.db.flush().map_err(err("flush"))?;
         Ok(())
     }
 
     fn checkpoint(&self, name: &str) -> Result<Option<Checkpoint>, StateError> {
-        Ok(self
+        let tr = self.t()?;
+        Ok(tr
             .checkpoints
             .get(name.as_bytes())
             .map_err(err("read"))?
@@ -178,8 +211,9 @@ impl StateStore for SledStore {
     }
 
     fn checkpoints(&self) -> Result<Vec<Checkpoint>, StateError> {
+        let tr = self.t()?;
         let mut out = Vec::new();
-        for item in self.checkpoints.iter() {
+        for item in tr.checkpoints.iter() {
             let (_, v) = item.map_err(err("scan"))?;
             if let Ok(c) = serde_json::from_slice(&v) {
                 out.push(c);
@@ -189,16 +223,18 @@ impl StateStore for SledStore {
     }
 
     fn remove_checkpoint(&self, name: &str) -> Result<(), StateError> {
-        self.checkpoints
+        let tr = self.t()?;
+        tr.checkpoints
             .remove(name.as_bytes())
             .map_err(err("write"))?;
         Ok(())
     }
 
     fn dead_letters(&self, ty: Option<TypeId>) -> Result<Vec<DeadLetter>, StateError> {
+        let tr = self.t()?;
         let iter = match ty {
-            Some(t) => self.dead.scan_prefix([t]),
-            None => self.dead.iter(),
+            Some(t) => tr.dead.scan_prefix([t]),
+            None => tr.dead.iter(),
         };
         let mut out = Vec::new();
         for item in iter {
@@ -211,7 +247,8 @@ impl StateStore for SledStore {
     }
 
     fn dead_letter(&self, key: &StateKey) -> Result<Option<DeadLetter>, StateError> {
-        Ok(self
+        let tr = self.t()?;
+        Ok(tr
             .dead
             .get(key.encode())
             .map_err(err("read"))?
@@ -219,13 +256,25 @@ impl StateStore for SledStore {
     }
 
     fn stats(&self) -> Result<BTreeMap<TypeId, TypeStats>, StateError> {
+        let tr = self.t()?;
         let mut out = BTreeMap::new();
-        for item in self.stats.iter() {
+        for item in tr.stats.iter() {
             let (k, v) = item.map_err(err("scan"))?;
             if let (Some(&t), Ok(s)) = (k.first(), serde_json::from_slice(&v)) {
                 out.insert(t, s);
             }
         }
         Ok(out)
+    }
+
+    fn recover(&self) -> Result<(), StateError> {
+        let mut slot = self.trees.write().expect("lock");
+        // Drop the failed database first: sled locks the directory.
+        if let Some(old) = slot.take() {
+            drop(old);
+        }
+        let fresh = Self::open_trees(&self.dir)?;
+        *slot = Some(Arc::new(fresh));
+        Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! Every test uses a real PostgreSQL started from initdb in a temp dir, and
 //! the project's own mock API over real HTTP.
 
+mod chaos;
 mod check;
 mod common;
 mod config_cli;
@@ -14,4 +15,3 @@ mod replication;
 mod sink;
 mod snapshot;
 mod types;
-mod chaos;
