@@ -116,6 +116,14 @@ pub fn load_str(text: &str, origin: &str) -> Result<Settings, ConfigErrors> {
         origin: origin.to_string(),
         errors,
     };
+    // Syntax first, with the toml crate's line and column.
+    if let Err(e) = toml::from_str::<toml::Table>(text) {
+        let msg = e.to_string().replace('\n', " ").replace("  ", " ");
+        return Err(fail(vec![ConfigError::new(
+            origin,
+            syntax_message(msg.trim()),
+        )]));
+    }
     let built = config::Config::builder()
         .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .add_source(

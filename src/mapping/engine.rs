@@ -569,10 +569,20 @@ pub fn source_key<'a>(values: impl Iterator<Item = &'a Value>) -> String {
     out
 }
 
-/// `UUIDv5(namespace, "<type>:<value>")` (DESIGN.md §3).
+/// `UUIDv5(namespace, "<type>:<value>")` (DESIGN.md §3): SHA-1 of the
+/// namespace and the name, hashed in place (no intermediate string), with
+/// the `sha1` crate's hardware-accelerated backend where the CPU has one.
 pub fn uuid5(namespace: &Uuid, ty: TypeId, value_text: &str) -> Uuid {
-    let name = format!("{}:{}", schema().ty(ty).name, value_text);
-    Uuid::new_v5(namespace, name.as_bytes())
+    use sha1::Digest;
+    let mut h = sha1::Sha1::new();
+    h.update(namespace.as_bytes());
+    h.update(schema().ty(ty).name.as_bytes());
+    h.update(b":");
+    h.update(value_text.as_bytes());
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_sha1_bytes(bytes).into_uuid()
 }
 
 fn apply_map(v: Value, map: &[(String, Value)]) -> Value {

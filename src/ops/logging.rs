@@ -13,8 +13,16 @@ use crate::config::{LogFormat, LogSettings};
 /// Installs the global subscriber. Safe to call once; later calls are
 /// ignored.
 pub fn init(settings: &LogSettings) {
+    // The replication crate logs its own connection errors at ERROR; the
+    // daemon reports them itself (with what to do), so they are silenced
+    // unless asked for by name.
+    let directive = if settings.level.contains("pgwire_replication") {
+        settings.level.clone()
+    } else {
+        format!("{},pgwire_replication=off", settings.level)
+    };
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
+        .or_else(|_| EnvFilter::try_new(&directive))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

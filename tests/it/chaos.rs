@@ -127,7 +127,7 @@ async fn ten_kills_during_snapshot_streaming_and_retry_storms() {
         &db.client().await,
         &mock,
         Duration::from_secs(240),
-        &d.log_text(),
+        &d.log,
     )
     .await;
     let stats = mock.stats();
@@ -177,7 +177,7 @@ async fn api_fault_mix_for_the_whole_run() {
         &db.client().await,
         &mock,
         Duration::from_secs(120),
-        &d.log_text(),
+        &d.log,
     )
     .await;
     let stats = mock.stats();
@@ -222,7 +222,7 @@ async fn postgres_down_for_30_seconds() {
         &db.client().await,
         &mock,
         Duration::from_secs(60),
-        &d.log_text(),
+        &d.log,
     )
     .await;
     let (stop, done, task) = writer(&db, 15).await;
@@ -252,7 +252,7 @@ async fn postgres_down_for_30_seconds() {
         &db.client().await,
         &mock,
         Duration::from_secs(90),
-        &d.log_text(),
+        &d.log,
     )
     .await;
     println!(
@@ -300,7 +300,7 @@ async fn api_down_for_60_seconds() {
         &db.client().await,
         &mock,
         Duration::from_secs(60),
-        &d.log_text(),
+        &d.log,
     )
     .await;
     let ready = || async move {
@@ -332,7 +332,7 @@ async fn api_down_for_60_seconds() {
         &db.client().await,
         &mock,
         Duration::from_secs(120),
-        &d.log_text(),
+        &d.log,
     )
     .await;
     crate::common::wait_until(Duration::from_secs(30), "ready again", || async move {
@@ -401,14 +401,7 @@ async fn state_dir_full_stops_confirming_then_recovers() {
     let log = wd.path("daemon.log");
     let d = Daemon::start(&cfg, &log);
     let client = db.client().await;
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(60),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(60), &d.log).await;
     // Fill the filesystem.
     let filler = state.join("filler");
     let _ = std::process::Command::new("dd")
@@ -448,14 +441,7 @@ async fn state_dir_full_stops_confirming_then_recovers() {
     std::fs::remove_file(&filler).unwrap();
     stop.store(true, Ordering::Relaxed);
     task.await.unwrap();
-    let diff = wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(90),
-        &d.log_text(),
-    )
-    .await;
+    let diff = wait_in_sync(&settings, &client, &mock, Duration::from_secs(90), &d.log).await;
     crate::common::wait_until(Duration::from_secs(30), "ready again", || async move {
         readyz().await.0 == 200
     })

@@ -2,6 +2,7 @@
 //! Every test uses a real PostgreSQL started from initdb in a temp dir, and
 //! the project's own mock API over real HTTP.
 
+mod badinput;
 mod chaos;
 mod check;
 mod common;
@@ -14,4 +15,5 @@ mod poll;
 mod replication;
 mod sink;
 mod snapshot;
+mod tls;
 mod types;

@@ -53,14 +53,7 @@ async fn endpoints_metrics_and_status() {
         async move { reqwest::get(&u).await.is_ok() }
     })
     .await;
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(60),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(60), &d.log).await;
     assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
     let (code, body) = get(&format!("{base}/readyz")).await;
     assert_eq!(code, 200, "{body}");
@@ -234,7 +227,7 @@ async fn rejected_rows_are_dead_lettered_then_replayed_after_the_fix() {
         &db.client().await,
         &mock,
         Duration::from_secs(30),
-        &d.log_text(),
+        &d.log,
     )
     .await;
 
@@ -278,7 +271,7 @@ async fn logs_status_and_metrics_hold_no_secrets_or_personal_data() {
         &db.client().await,
         &mock,
         Duration::from_secs(60),
-        &d.log_text(),
+        &d.log,
     )
     .await;
     db.exec("UPDATE member SET country = 'us' WHERE dob = '1987-06-05'; DELETE FROM favourite WHERE id = 1;").await;
@@ -287,7 +280,7 @@ async fn logs_status_and_metrics_hold_no_secrets_or_personal_data() {
         &db.client().await,
         &mock,
         Duration::from_secs(30),
-        &d.log_text(),
+        &d.log,
     )
     .await;
     let (_, status) = get(&format!("http://127.0.0.1:{port}/status")).await;

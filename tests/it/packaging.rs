@@ -698,14 +698,7 @@ async fn compose_sample_database_syncs_through_the_least_privilege_role() {
         ],
     );
     let client = db.client().await;
-    let diff = wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(60),
-        &d.log_text(),
-    )
-    .await;
+    let diff = wait_in_sync(&settings, &client, &mock, Duration::from_secs(60), &d.log).await;
     assert!(diff.rows >= 80, "the sample data: {} rows", diff.rows);
     assert_eq!(mock.records("shops").len(), 12);
 
@@ -717,14 +710,7 @@ async fn compose_sample_database_syncs_through_the_least_privilege_role() {
         )
         .await
         .unwrap();
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(30),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(30), &d.log).await;
     assert!(mock.records("shops").iter().any(|r| r["name"] == "Renamed"));
     assert_eq!(mock.stats().reference_failures, 0);
 

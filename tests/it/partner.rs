@@ -411,7 +411,7 @@ pub async fn wait_in_sync(
     client: &tokio_postgres::Client,
     mock: &MockServer,
     timeout: std::time::Duration,
-    log: &str,
+    log: &std::path::Path,
 ) -> Diff {
     let deadline = std::time::Instant::now() + timeout;
     loop {
@@ -430,7 +430,7 @@ pub async fn wait_in_sync(
                 &d.missing[..d.missing.len().min(10)],
                 &d.different[..d.different.len().min(3)],
                 &d.extra[..d.extra.len().min(10)],
-                tail(log, 60)
+                tail(&std::fs::read_to_string(log).unwrap_or_default(), 60)
             );
         }
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;

@@ -22,20 +22,15 @@ async fn full_run_then_live_changes_then_restarts() {
     let (db, wd) = setup(120).await;
     let mock = mock().await;
     let cfg = wd.config(&db.url(), &mock.base_url(), "poll", partner::MAPPINGS);
+    // A key file others can read: warned about, naming the file and the fix.
+    crate::common::set_mode(&wd.path("api-key"), 0o644);
     let settings = cobi_sync::config::load(&cfg).unwrap();
     let client = db.client().await;
     let log = wd.path("daemon.log");
     let mut d = Daemon::start(&cfg, &log);
 
     // Every row of every table, with the right values, parents first.
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(60),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(60), &d.log).await;
     assert_eq!(
         mock.stats().reference_failures,
         0,
@@ -56,14 +51,7 @@ async fn full_run_then_live_changes_then_restarts() {
         .await
         .unwrap();
     let changed = std::time::Instant::now();
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(10),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(10), &d.log).await;
     assert!(
         changed.elapsed() < Duration::from_secs(5),
         "changes took {:?}",
@@ -85,14 +73,7 @@ async fn full_run_then_live_changes_then_restarts() {
         )
         .await
         .unwrap();
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(10),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(10), &d.log).await;
 
     // SIGTERM and restart with no source change: nothing re-sent.
     assert!(d.term().success(), "SIGTERM exits 0\n{}", d.log_text());
@@ -140,14 +121,7 @@ async fn sigkill_during_delivery_loses_nothing() {
         d.kill9();
     }
     let d = Daemon::start(&cfg, &log);
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(90),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(90), &d.log).await;
     assert_eq!(mock.stats().reference_failures, 0);
 }
 

@@ -29,14 +29,7 @@ async fn snapshot_then_stream_all_types() {
     let client = db.client().await;
     let log = wd.path("daemon.log");
     let mut d = Daemon::start(&cfg, &log);
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(60),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(60), &d.log).await;
     assert_eq!(mock.stats().reference_failures, 0);
 
     // Inserts, updates, deletes (soft deletes from DELETE), in one transaction
@@ -57,14 +50,7 @@ async fn snapshot_then_stream_all_types() {
         )
         .await
         .unwrap();
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(20),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(20), &d.log).await;
     assert_eq!(mock.stats().reference_failures, 0);
     // The deleted purchase is a soft delete carrying its required fields.
     let deleted: Vec<_> = mock
@@ -122,14 +108,7 @@ async fn writes_during_the_initial_snapshot_are_all_present_and_current() {
         })
     };
     writer.await.unwrap();
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(120),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(120), &d.log).await;
     assert_eq!(mock.stats().reference_failures, 0, "{}", d.log_text());
 }
 
@@ -183,14 +162,7 @@ async fn restarts_and_kills_under_writes_lose_nothing() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
     let d = Daemon::start(&cfg, &log);
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(60),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(60), &d.log).await;
     assert_eq!(mock.stats().reference_failures, 0);
 }
 
@@ -209,14 +181,7 @@ async fn postgres_restart_mid_stream_reconnects() {
     let mut d = Daemon::start(&cfg, &log);
     {
         let client = db.client().await;
-        wait_in_sync(
-            &settings,
-            &client,
-            &mock,
-            Duration::from_secs(60),
-            &d.log_text(),
-        )
-        .await;
+        wait_in_sync(&settings, &client, &mock, Duration::from_secs(60), &d.log).await;
         client
             .batch_execute("INSERT INTO merchant (trade_name, country) SELECT 'Before ' || g, 'gb' FROM generate_series(1, 20) g;")
             .await
@@ -230,14 +195,7 @@ async fn postgres_restart_mid_stream_reconnects() {
         .batch_execute("INSERT INTO merchant (trade_name, country) SELECT 'After ' || g, 'gb' FROM generate_series(1, 20) g;")
         .await
         .unwrap();
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(60),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(60), &d.log).await;
     assert!(
         d.is_running(),
         "the daemon must reconnect by itself\n{}",
@@ -266,14 +224,7 @@ async fn toasted_value_is_delivered_whole_on_a_small_update() {
     let client = db.client().await;
     let log = wd.path("daemon.log");
     let d = Daemon::start(&cfg, &log);
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(30),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(30), &d.log).await;
     // Update a small column only: pgoutput sends the big one as "unchanged".
     client
         .batch_execute("UPDATE merchant SET listed = false WHERE id = 1")
@@ -290,14 +241,7 @@ async fn toasted_value_is_delivered_whole_on_a_small_update() {
         64_000,
         "the TOASTed name must be sent whole"
     );
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(10),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(10), &d.log).await;
 }
 
 #[tokio::test]
@@ -314,14 +258,7 @@ async fn writes_to_unmapped_tables_keep_the_slot_advancing() {
     let client = db.client().await;
     let log = wd.path("daemon.log");
     let d = Daemon::start(&cfg, &log);
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(30),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(30), &d.log).await;
     let mut last = confirmed_lsn(&client).await;
     let mut advances = 0;
     // Unmapped writes for a while (scaled down from a minute).

@@ -91,14 +91,7 @@ async fn replication_slot_loss_is_reported_and_snapshot_recovers() {
     let settings = cobi_sync::config::load(&cfg).unwrap();
     let client = db.client().await;
     let mut d = Daemon::start(&cfg, &wd.path("d1.log"));
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(60),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(60), &d.log).await;
     assert!(d.term().success());
     // Someone drops the slot; changes happen meanwhile.
     client
@@ -133,14 +126,7 @@ async fn replication_slot_loss_is_reported_and_snapshot_recovers() {
         )
         .await
         .unwrap();
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(30),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(30), &d.log).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,14 +152,7 @@ async fn a_200k_row_transaction_is_streamed_in_bounded_memory() {
         vec![("MALLOC_ARENA_MAX", arena.as_str())]
     };
     let d = Daemon::start_cmd(&cfg, &wd.path("daemon.log"), &["run"], &env);
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(30),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(30), &d.log).await;
     let base = vm_hwm_kib(d.child.id()).unwrap();
     // One transaction, 200 000 rows of ~250 bytes each (~50 MB of row data;
     // as mapped records in memory it would be several times that).
@@ -226,12 +205,5 @@ async fn a_200k_row_transaction_is_streamed_in_bounded_memory() {
         half / 1024,
         peak / 1024
     );
-    wait_in_sync(
-        &settings,
-        &client,
-        &mock,
-        Duration::from_secs(30),
-        &d.log_text(),
-    )
-    .await;
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(30), &d.log).await;
 }

@@ -337,6 +337,7 @@ impl Replicator {
             let start = self.checkpoint.lsn;
             let stream = match stream::open(&self.settings.source, start, start).await {
                 Ok(s) => s,
+                Err(e) if e.fatal => return Err(SourceError::Fatal(e.message)),
                 Err(e) => {
                     if e.slot_in_use {
                         let _ =

@@ -60,6 +60,9 @@ pub struct StreamError {
     pub message: String,
     /// The server said the slot is in use by another process.
     pub slot_in_use: bool,
+    /// Retrying cannot help (TLS configuration, authentication): an
+    /// operator must fix something.
+    pub fatal: bool,
 }
 
 /// A logical replication stream.
@@ -79,9 +82,21 @@ pub struct PgwireStream {
 
 fn wire_error(e: pgwire_replication::PgWireError) -> StreamError {
     let message = e.to_string();
+    let fatal =
+        e.is_auth() || message.contains("TLS config error") || message.contains("pg_hba.conf");
+    let hint = if message.contains("is an IP address") {
+        " (sslmode=verify-full checks the host name: put the name the server's certificate \
+         was issued for in source.url, or use sslmode=verify-ca)"
+    } else if message.contains("pg_hba.conf") {
+        " (the server must allow replication connections for this role: a `replication` \
+         line in pg_hba.conf)"
+    } else {
+        ""
+    };
     StreamError {
         slot_in_use: message.contains("is active for PID") || message.contains("55006"),
-        message: format!("replication connection: {message}"),
+        fatal,
+        message: format!("replication connection: {message}{hint}"),
     }
 }
 
@@ -97,6 +112,7 @@ pub async fn open(
         .map_err(|e| StreamError {
             message: e.message,
             slot_in_use: false,
+            fatal: true,
         })?
         .map(|s| s.expose().to_string())
         .unwrap_or_default();
