@@ -83,7 +83,7 @@ impl Pipeline {
             )
             .map_err(|e| DaemonError::Runtime(format!("cannot build the HTTP client: {e}")))?,
         );
-        let keep_last_sent: HashSet<String> = settings
+        let keep_last_sent: HashSet<std::sync::Arc<str>> = settings
             .mappings
             .iter()
             .filter(|m| m.needs_last_sent(settings.source.mode))

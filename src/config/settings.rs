@@ -222,7 +222,7 @@ pub struct MappingSettings {
     pub index: usize,
     /// Stable identity in the state store: `<type>/<schema.table>` or
     /// `<type>/query-<hash>`.
-    pub id: String,
+    pub id: std::sync::Arc<str>,
     /// Cobi type.
     pub ty: TypeId,
     /// Source.
@@ -915,7 +915,7 @@ fn validate_mapping(
     };
     Some(MappingSettings {
         index: i,
-        id,
+        id: id.into(),
         ty,
         source,
         key: m.key.clone(),
@@ -1079,7 +1079,7 @@ region = { column = "country", transform = "upper" }
         assert_eq!(s.batch.linger, std::time::Duration::from_millis(250));
         assert_eq!(s.batch.max_bytes, 2 * 1024 * 1024);
         assert_eq!(s.source.replication.max_slot_lag, 4 << 30);
-        assert_eq!(s.mappings[0].id, "shops/public.merchant");
+        assert_eq!(&*s.mappings[0].id, "shops/public.merchant");
         assert_eq!(s.mappings[0].columns(), ["id", "trade_name", "country"]);
         assert_eq!(s.http.listen.unwrap().port(), 9187);
     }

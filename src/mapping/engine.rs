@@ -569,6 +569,26 @@ pub fn source_key<'a>(values: impl Iterator<Item = &'a Value>) -> String {
     out
 }
 
+/// A UUID as lower-case hyphenated text (no formatting machinery).
+fn uuid_string(u: &Uuid) -> String {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    u.hyphenated().encode_lower(&mut buf).to_string()
+}
+
+/// [`uuid5`] of a value's text form, without building the text for the
+/// common kinds (integers, text, UUIDs).
+fn uuid5_of(namespace: &Uuid, ty: TypeId, v: &Value) -> Result<Uuid, String> {
+    match v {
+        Value::Int(i) => Ok(uuid5(namespace, ty, itoa::Buffer::new().format(*i))),
+        Value::Text(s) => Ok(uuid5(namespace, ty, s)),
+        Value::Uuid(u) => {
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            Ok(uuid5(namespace, ty, u.hyphenated().encode_lower(&mut buf)))
+        }
+        other => Ok(uuid5(namespace, ty, &text_of(other)?)),
+    }
+}
+
 /// `UUIDv5(namespace, "<type>:<value>")` (DESIGN.md §3): SHA-1 of the
 /// namespace and the name, hashed in place (no intermediate string), with
 /// the `sha1` crate's hardware-accelerated backend where the CPU has one.
@@ -684,11 +704,11 @@ fn apply_scalar(
                 Some(t) => *t,
                 None => return Err("transform `uuid5`: internal: own type not resolved".into()),
             };
-            Value::Uuid(uuid5(&ctx.namespace, ty, &text_of(&v)?))
+            Value::Uuid(uuid5_of(&ctx.namespace, ty, &v)?)
         }
         Transform::Uuid5Item => {
             let ty = item_type()?;
-            Value::Uuid(uuid5(&ctx.namespace, ty, &text_of(&v)?))
+            Value::Uuid(uuid5_of(&ctx.namespace, ty, &v)?)
         }
         Transform::IsNull | Transform::IsNotNull => unreachable!("handled above"),
     })
@@ -770,9 +790,9 @@ fn to_json(v: Value, def: &FieldDef, tz: Tz) -> Result<Json, String> {
                     }
                 }
                 (_, Value::Array(_)) => return Err("an array needs transform = \"csv\"".into()),
-                (Some(Format::Uuid), Value::Uuid(u)) => u.hyphenated().to_string(),
+                (Some(Format::Uuid), Value::Uuid(u)) => uuid_string(&u),
                 (Some(Format::Uuid), Value::Text(s)) => match Uuid::try_parse(s.trim()) {
-                    Ok(u) => u.hyphenated().to_string(),
+                    Ok(u) => uuid_string(&u),
                     Err(_) => return Err("text is not a UUID".into()),
                 },
                 (Some(Format::Uuid), other) => {
@@ -803,8 +823,8 @@ fn to_json(v: Value, def: &FieldDef, tz: Tz) -> Result<Json, String> {
                     None => return Err("text is not a date (YYYY-MM-DD)".into()),
                 },
                 (_, Value::Text(s)) => s.into(),
-                (_, Value::Uuid(u)) => u.hyphenated().to_string(),
-                (_, Value::Int(i)) => i.to_string(),
+                (_, Value::Uuid(u)) => uuid_string(&u),
+                (_, Value::Int(i)) => itoa::Buffer::new().format(i).to_string(),
                 (_, Value::Float(f)) => format_float(f),
                 (_, Value::Numeric(n)) => n.into(),
                 (_, Value::Bool(b)) => b.to_string(),

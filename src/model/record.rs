@@ -52,7 +52,7 @@ impl Json {
             Json::Bool(true) => out.extend_from_slice(b"true"),
             Json::Bool(false) => out.extend_from_slice(b"false"),
             Json::Int(i) => {
-                let _ = write!(VecWriter(out), "{i}");
+                out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes());
             }
             Json::Float(f) => {
                 // serde_json prints the shortest representation that
@@ -70,6 +70,12 @@ impl Json {
 pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
+    // Fast path: nothing to escape (ids, names, codes — nearly everything).
+    if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let esc: &[u8] = match b {

@@ -99,12 +99,7 @@ pub async fn replay(
     for d in letters {
         let Some(key) = d.key() else { continue };
         match Record::from_json(key.ty, d.record.as_bytes()) {
-            Ok(record) => items.push(SinkItem::Upsert {
-                key,
-                record,
-                problems: Vec::new(),
-                force: true,
-            }),
+            Ok(record) => items.push(SinkItem::upsert(key, &record, Vec::new(), true)),
             Err(e) => {
                 return Err(format!(
                     "dead letter {} {} holds a record that no longer parses ({e}); purge it",

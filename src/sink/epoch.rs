@@ -7,14 +7,14 @@
 //! after another, types level by level (parents first), which gives the
 //! delivery contract's "parents first" and "per-key order".
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::time::Instant;
 
 use tokio::sync::oneshot;
 
 use crate::model::record::{Json, Record};
 use crate::model::schema::{schema, TypeId};
-use crate::model::validate::Problem;
+use crate::sink::Outbound;
 use crate::state::{Checkpoint, StateKey};
 
 /// What to do with a key.
@@ -22,10 +22,8 @@ use crate::state::{Checkpoint, StateKey};
 pub enum Op {
     /// Send this version.
     Upsert {
-        /// The mapped record.
-        record: Record,
-        /// Mapping problems (non-empty: dead letter).
-        problems: Vec<Problem>,
+        /// The record, ready to send.
+        record: Outbound,
     },
     /// Send a soft delete; the record to mark deleted comes from `basis`
     /// (the old row image, or a version superseded in this epoch) or the
@@ -51,7 +49,7 @@ pub struct Entry {
 #[derive(Debug, Default)]
 pub struct Epoch {
     types: Vec<Vec<Option<Entry>>>,
-    index: Vec<HashMap<StateKey, usize>>,
+    index: Vec<FxHashMap<StateKey, usize>>,
     live: Vec<usize>,
     /// Progress marks, latest per checkpoint name.
     pub marks: Vec<Checkpoint>,
@@ -83,7 +81,7 @@ impl Epoch {
         let n = schema().types.len();
         Epoch {
             types: vec![Vec::new(); n],
-            index: vec![HashMap::new(); n],
+            index: vec![FxHashMap::default(); n],
             live: vec![0; n],
             ..Default::default()
         }
@@ -100,7 +98,7 @@ impl Epoch {
         self.touch();
         let t = key.ty as usize;
         let size = match &op {
-            Op::Upsert { record, .. } => approx_size(record) + key.source_key.len(),
+            Op::Upsert { record } => 96 + record.json.len() + key.source_key.len(),
             Op::Delete { basis } => basis.as_ref().map_or(64, approx_size),
         };
         self.bytes += size;
@@ -109,8 +107,8 @@ impl Epoch {
             let op = match (op, old.op) {
                 // A delete after an insert/update in the same epoch: the
                 // superseded version is what gets marked deleted.
-                (Op::Delete { basis: None }, Op::Upsert { record, .. }) => Op::Delete {
-                    basis: Some(record),
+                (Op::Delete { basis: None }, Op::Upsert { record }) => Op::Delete {
+                    basis: Record::from_json(key.ty, &record.json).ok(),
                 },
                 (Op::Delete { basis: None }, Op::Delete { basis }) => Op::Delete { basis },
                 (op, _) => op,
@@ -214,8 +212,7 @@ mod tests {
 
     fn upsert(r: Record) -> Op {
         Op::Upsert {
-            record: r,
-            problems: vec![],
+            record: Outbound::new(&r, vec![]),
         }
     }
 
@@ -230,7 +227,10 @@ mod tests {
         let names: Vec<_> = entries
             .iter()
             .map(|en| match &en.op {
-                Op::Upsert { record, .. } => record.get_named("name").cloned(),
+                Op::Upsert { record } => Record::from_json(key("shops", "1").ty, &record.json)
+                    .unwrap()
+                    .get_named("name")
+                    .cloned(),
                 Op::Delete { .. } => None,
             })
             .collect();

@@ -55,6 +55,34 @@ pub const EPOCH_RECORDS: usize = 10_000;
 /// Most (approximate) bytes of records in an epoch.
 pub const EPOCH_BYTES: usize = 16 << 20;
 
+/// A record made ready on the source's task: validated, serialised once,
+/// fingerprinted. The sink only compares and sends bytes.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// The JSON the API receives.
+    pub json: Bytes,
+    /// xxh3 of `json`.
+    pub fingerprint: u64,
+    /// The record's Cobi key, if it has one.
+    pub cobi_key: Option<String>,
+    /// Mapping and validation problems (non-empty: a dead letter).
+    pub problems: Vec<Problem>,
+}
+
+impl Outbound {
+    /// Validates and serialises `record`; `problems` are the mapping's.
+    pub fn new(record: &Record, mut problems: Vec<Problem>) -> Outbound {
+        problems.extend(validate(record));
+        let json = record.to_json();
+        Outbound {
+            fingerprint: xxhash_rust::xxh3::xxh3_64(&json),
+            json: Bytes::from(json),
+            cobi_key: record.cobi_key(),
+            problems,
+        }
+    }
+}
+
 /// What a source hands the sink.
 #[derive(Debug)]
 pub enum SinkItem {
@@ -62,10 +90,8 @@ pub enum SinkItem {
     Upsert {
         /// Its key.
         key: StateKey,
-        /// The mapped record.
-        record: Record,
-        /// Mapping problems (the record becomes a dead letter).
-        problems: Vec<Problem>,
+        /// The record, ready to send.
+        record: Outbound,
         /// Send even if unchanged (dead-letter replay).
         force: bool,
     },
@@ -82,6 +108,18 @@ pub enum SinkItem {
     Flush,
     /// Wake the sender once everything before it is durable.
     Barrier(oneshot::Sender<()>),
+}
+
+impl SinkItem {
+    /// An upsert of a mapped record (validated and serialised now, on the
+    /// caller's task).
+    pub fn upsert(key: StateKey, record: &Record, problems: Vec<Problem>, force: bool) -> SinkItem {
+        SinkItem::Upsert {
+            key,
+            record: Outbound::new(record, problems),
+            force,
+        }
+    }
 }
 
 /// The sink task has stopped.
@@ -139,7 +177,7 @@ pub struct SinkConfig {
     /// Requests in flight.
     pub concurrency: usize,
     /// Mapping ids whose last-sent records are kept (soft deletes).
-    pub keep_last_sent: HashSet<String>,
+    pub keep_last_sent: HashSet<std::sync::Arc<str>>,
 }
 
 /// Shared by the sink task and the epoch being sent.
@@ -197,27 +235,49 @@ async fn run(
     let full_records = (cfg.max_records * cfg.concurrency).min(EPOCH_RECORDS);
     let full_bytes = (cfg.max_bytes * cfg.concurrency).min(EPOCH_BYTES);
     let mut open = Epoch::new();
-    let mut in_flight: Option<tokio::task::JoinHandle<Option<Epoch>>> = None;
+    // One epoch is being delivered (HTTP) while the one before it may still
+    // be committing to the state store; commits happen in order. The epoch
+    // being delivered reads key states through an overlay of the writes not
+    // yet committed, so it sees what the previous epoch decided.
+    let mut sending: Option<tokio::task::JoinHandle<Option<Delivered>>> = None;
+    let mut committing: Option<tokio::task::JoinHandle<Option<Epoch>>> = None;
+    let mut waiting: Option<Delivered> = None;
+    let mut overlay: Arc<Overlay> = Arc::new(Overlay::default());
     let mut input_closed = false;
     let mut epochs: u64 = 0;
     loop {
+        if committing.is_none() {
+            if let Some((epoch, writes)) = waiting.take() {
+                committing = Some(tokio::spawn(commit_epoch(shared.clone(), epoch, writes)));
+            }
+        }
         let due = !open.is_empty()
             && (open.flush
                 || input_closed
                 || open.is_full(full_records, full_bytes)
                 || open.started.is_some_and(|s| s.elapsed() >= cfg.linger));
-        if due && in_flight.is_none() {
+        if due && sending.is_none() && waiting.is_none() {
             let epoch = std::mem::replace(&mut open, Epoch::new());
-            in_flight = Some(tokio::spawn(send_epoch(shared.clone(), epoch)));
+            sending = Some(tokio::spawn(send_epoch(
+                shared.clone(),
+                epoch,
+                overlay.clone(),
+            )));
             continue;
         }
-        if input_closed && open.is_empty() && in_flight.is_none() {
+        if input_closed
+            && open.is_empty()
+            && sending.is_none()
+            && waiting.is_none()
+            && committing.is_none()
+        {
             break;
         }
         let accepting = !input_closed && !open.is_full(full_records, full_bytes);
         let linger_at = open
             .started
             .map(|s| tokio::time::Instant::from_std(s + cfg.linger));
+        let idle = sending.is_none() && waiting.is_none();
         tokio::select! {
             items = rx.recv(), if accepting => match items {
                 Some(items) => {
@@ -227,9 +287,22 @@ async fn run(
                 }
                 None => input_closed = true,
             },
-            _ = sleep_until(linger_at), if linger_at.is_some() && in_flight.is_none() => {}
-            done = join(&mut in_flight), if in_flight.is_some() => {
-                in_flight = None;
+            _ = sleep_until(linger_at), if linger_at.is_some() && idle => {}
+            sent = join(&mut sending), if sending.is_some() => {
+                sending = None;
+                match sent {
+                    Some((epoch, writes)) => {
+                        overlay = Arc::new(Overlay::of(&writes));
+                        waiting = Some((epoch, writes));
+                    }
+                    None => {
+                        debug!("sink stopping with an unconfirmed epoch; it will be re-read after restart");
+                        return;
+                    }
+                }
+            }
+            done = join(&mut committing), if committing.is_some() => {
+                committing = None;
                 match done {
                     Some(epoch) => {
                         epochs += 1;
@@ -248,13 +321,12 @@ async fn run(
                         }
                     }
                     None => {
-                        // Abandoned on shutdown: nothing more can be made durable.
-                        debug!("sink stopping with an unconfirmed epoch; it will be re-read after restart");
+                        debug!("sink stopping with an uncommitted epoch; it will be re-read after restart");
                         return;
                     }
                 }
             }
-            _ = shared.stop.cancelled(), if in_flight.is_none() => return,
+            _ = shared.stop.cancelled(), if sending.is_none() && committing.is_none() => return,
         }
     }
     debug!(epochs, "sink drained");
@@ -267,7 +339,7 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-async fn join(h: &mut Option<tokio::task::JoinHandle<Option<Epoch>>>) -> Option<Epoch> {
+async fn join<T>(h: &mut Option<tokio::task::JoinHandle<Option<T>>>) -> Option<T> {
     match h {
         Some(h) => match h.await {
             Ok(r) => r,
@@ -282,19 +354,14 @@ async fn join(h: &mut Option<tokio::task::JoinHandle<Option<Epoch>>>) -> Option<
 
 fn intake(shared: &Shared, open: &mut Epoch, item: SinkItem) {
     match item {
-        SinkItem::Upsert {
-            key,
-            record,
-            problems,
-            force,
-        } => {
+        SinkItem::Upsert { key, record, force } => {
             shared
                 .metrics
                 .records_read
                 .get_or_create(&Metrics::ty(key.ty))
                 .inc();
             bump_read(shared, key.ty);
-            open.add(key, Op::Upsert { record, problems }, force);
+            open.add(key, Op::Upsert { record }, force);
         }
         SinkItem::Delete { key, basis } => {
             shared
@@ -331,7 +398,40 @@ struct Prepared {
 }
 
 /// Sends one epoch and commits its verdicts and marks. `None` if abandoned.
-async fn send_epoch(shared: Arc<Shared>, mut epoch: Epoch) -> Option<Epoch> {
+/// An epoch whose records have their verdicts, and the writes recording
+/// them (not committed yet).
+type Delivered = (Epoch, Arc<Vec<Write>>);
+
+/// Key states written by an epoch that is not committed yet (`None`: the
+/// key was removed).
+#[derive(Default)]
+struct Overlay(rustc_hash::FxHashMap<StateKey, Option<KeyState>>);
+
+impl Overlay {
+    fn of(writes: &[Write]) -> Overlay {
+        let mut m = rustc_hash::FxHashMap::default();
+        for w in writes {
+            match w {
+                Write::Key(k, s) => {
+                    m.insert(k.clone(), Some(s.clone()));
+                }
+                Write::RemoveKey(k) => {
+                    m.insert(k.clone(), None);
+                }
+                _ => {}
+            }
+        }
+        Overlay(m)
+    }
+}
+
+/// Delivers one epoch (levels in order) and returns its writes; the
+/// commit is [`commit_epoch`]'s. `None` if abandoned.
+async fn send_epoch(
+    shared: Arc<Shared>,
+    mut epoch: Epoch,
+    overlay: Arc<Overlay>,
+) -> Option<Delivered> {
     let started = Instant::now();
     let mut writes: Vec<Write> = Vec::new();
     let records = epoch.len();
@@ -343,41 +443,55 @@ async fn send_epoch(shared: Arc<Shared>, mut epoch: Epoch) -> Option<Epoch> {
         let mut level_futures = FuturesUnordered::new();
         for ty in types {
             let entries = epoch.take_type(ty);
-            level_futures.push(send_type(shared.clone(), ty, entries));
+            level_futures.push(send_type(shared.clone(), ty, entries, overlay.clone()));
         }
         while let Some(result) = level_futures.next().await {
             writes.extend(result?);
         }
     }
-    for m in &epoch.marks {
-        writes.push(Write::Checkpoint(m.clone()));
-    }
-    {
-        let stats = shared.stats.lock().expect("lock");
-        for (t, st) in stats.iter() {
-            writes.push(Write::Stats(*t, st.clone()));
-        }
-    }
-    commit(&shared, writes).await?;
     if records > 0 {
         debug!(
             records,
-            marks = epoch.marks.len(),
             ms = started.elapsed().as_millis() as u64,
             "epoch delivered"
         );
     }
+    Some((epoch, Arc::new(writes)))
+}
+
+/// Commits an epoch's writes with its progress marks and counters, then
+/// the epoch is durable. `None` on shutdown.
+async fn commit_epoch(shared: Arc<Shared>, epoch: Epoch, writes: Arc<Vec<Write>>) -> Option<Epoch> {
+    let started = Instant::now();
+    let mut all = Vec::with_capacity(epoch.marks.len() + 16);
+    for m in &epoch.marks {
+        all.push(Write::Checkpoint(m.clone()));
+    }
+    {
+        let stats = shared.stats.lock().expect("lock");
+        for (t, st) in stats.iter() {
+            all.push(Write::Stats(*t, st.clone()));
+        }
+    }
+    commit(&shared, writes, all).await?;
+    debug!(
+        writes = epoch.len(),
+        marks = epoch.marks.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "epoch committed"
+    );
     Some(epoch)
 }
 
 /// Writes and flushes, retrying until the store takes it (disk full,
 /// read-only…). `None` on shutdown.
-async fn commit(shared: &Arc<Shared>, writes: Vec<Write>) -> Option<()> {
-    let writes = Arc::new(writes);
+async fn commit(shared: &Arc<Shared>, writes: Arc<Vec<Write>>, last: Vec<Write>) -> Option<()> {
+    let last = Arc::new(last);
     let mut attempt = 0u32;
     loop {
         let store = shared.store.clone();
         let w = writes.clone();
+        let l = last.clone();
         let retry = attempt > 0;
         let result: Result<(), StateError> = tokio::task::spawn_blocking(move || {
             if retry {
@@ -387,6 +501,7 @@ async fn commit(shared: &Arc<Shared>, writes: Vec<Write>) -> Option<()> {
                 store.recover()?;
             }
             store.apply(w.as_ref())?;
+            store.apply(l.as_ref())?;
             store.flush()
         })
         .await
@@ -429,13 +544,19 @@ fn now_rfc3339() -> String {
 }
 
 /// Resolves, sends and judges one type's entries. Returns the writes.
-async fn send_type(shared: Arc<Shared>, ty: TypeId, entries: Vec<Entry>) -> Option<Vec<Write>> {
+async fn send_type(
+    shared: Arc<Shared>,
+    ty: TypeId,
+    entries: Vec<Entry>,
+    overlay: Arc<Overlay>,
+) -> Option<Vec<Write>> {
     let keep = shared.cfg.keep_last_sent.clone();
     // Read what the store knows of each key, retrying while it fails.
     let mut entries = entries;
     let mut attempt = 0u32;
     let priors = loop {
         let store = shared.store.clone();
+        let overlay = overlay.clone();
         let retry = attempt > 0;
         let (back, result) = tokio::task::spawn_blocking(move || {
             if retry {
@@ -445,7 +566,10 @@ async fn send_type(shared: Arc<Shared>, ty: TypeId, entries: Vec<Entry>) -> Opti
             }
             let r = entries
                 .iter()
-                .map(|e| store.get_key(&e.key))
+                .map(|e| match overlay.0.get(&e.key) {
+                    Some(s) => Ok(s.clone()),
+                    None => store.get_key(&e.key),
+                })
                 .collect::<Result<Vec<_>, StateError>>();
             (entries, r)
         })
@@ -619,7 +743,7 @@ fn resolve(
     ty: TypeId,
     entries: Vec<Entry>,
     priors: Vec<Option<KeyState>>,
-    keep: &HashSet<String>,
+    keep: &HashSet<std::sync::Arc<str>>,
 ) -> (Vec<Prepared>, Vec<Write>, usize, usize) {
     let t = schema().ty(ty);
     let now = now_rfc3339();
@@ -628,8 +752,8 @@ fn resolve(
     let mut unchanged = 0;
     let mut dead = 0;
     for (entry, prior) in entries.into_iter().zip(priors) {
-        let (record, mut problems) = match entry.op {
-            Op::Upsert { record, problems } => (record, problems),
+        let out = match entry.op {
+            Op::Upsert { record } => record,
             Op::Delete { basis } => {
                 let Some(is_deleted) = t.field("is_deleted") else {
                     continue; // interactions have no soft delete
@@ -643,7 +767,7 @@ fn resolve(
                 match basis.or_else(from_store) {
                     Some(mut r) => {
                         r.set(is_deleted, Json::Bool(true));
-                        (r, Vec::new())
+                        Outbound::new(&r, Vec::new())
                     }
                     None => {
                         // Never accepted: nothing to delete at Cobi. A dead
@@ -662,33 +786,33 @@ fn resolve(
                 }
             }
         };
-        let json = record.to_json();
-        let fingerprint = xxhash_rust::xxh3::xxh3_64(&json);
-        if !entry.force && prior.as_ref().is_some_and(|p| p.fingerprint == fingerprint) {
+        if !entry.force
+            && prior
+                .as_ref()
+                .is_some_and(|p| p.fingerprint == out.fingerprint)
+        {
             unchanged += 1;
             continue;
         }
-        problems.extend(validate(&record));
-        let cobi_key = record.cobi_key();
-        if !problems.is_empty() {
+        if !out.problems.is_empty() {
             dead += 1;
             writes.extend(dead_letter_writes(
                 store,
                 &entry.key,
-                cobi_key,
-                &json,
-                fingerprint,
+                out.cobi_key,
+                &out.json,
+                out.fingerprint,
                 prior,
-                describe(&problems),
+                describe(&out.problems),
                 &now,
             ));
             continue;
         }
         prepared.push(Prepared {
             key: entry.key,
-            json: Bytes::from(json),
-            fingerprint,
-            cobi_key,
+            json: out.json,
+            fingerprint: out.fingerprint,
+            cobi_key: out.cobi_key,
             prior,
         });
     }
@@ -709,7 +833,7 @@ fn dead_letter_writes(
     let existing = store.dead_letter(key).ok().flatten();
     let dl = DeadLetter {
         ty: schema().ty(key.ty).name.clone(),
-        mapping: key.mapping.clone(),
+        mapping: key.mapping.to_string(),
         cobi_key,
         source_key: key.source_key.clone(),
         record: String::from_utf8_lossy(json).into_owned(),

@@ -46,16 +46,16 @@ pub fn mapped_items(t: &SourceTable, rows: Vec<Vec<Value>>) -> Vec<SinkItem> {
     rows.into_iter()
         .map(|row| {
             let mapped = t.compiled.map_row(&row);
-            SinkItem::Upsert {
-                key: StateKey {
+            SinkItem::upsert(
+                StateKey {
                     ty: t.mapping.ty,
                     mapping: t.mapping.id.clone(),
                     source_key: t.compiled.source_key(&row),
                 },
-                record: mapped.record,
-                problems: mapped.problems,
-                force: false,
-            }
+                &mapped.record,
+                mapped.problems,
+                false,
+            )
         })
         .collect()
 }

@@ -269,7 +269,7 @@ impl PollSource {
                             pm.position = Some(pos.clone());
                             self.sink
                                 .send(vec![SinkItem::Mark(Checkpoint::PollCursor {
-                                    mapping: t.mapping.id.clone(),
+                                    mapping: t.mapping.id.to_string(),
                                     position: pos.clone(),
                                 })])
                                 .await

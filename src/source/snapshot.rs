@@ -78,7 +78,7 @@ pub async fn run(
         .map_err(db_err)?;
     let mut total = 0u64;
     for t in &tables {
-        let id = t.mapping.id.clone();
+        let id = t.mapping.id.to_string();
         let progress_state = match store.checkpoint(&format!("snapshot/{id}")) {
             Ok(Some(Checkpoint::Snapshot { progress, .. })) => progress,
             _ => None,
@@ -168,7 +168,7 @@ pub async fn run(
         .iter()
         .map(|t| {
             SinkItem::Mark(Checkpoint::Snapshot {
-                mapping: t.mapping.id.clone(),
+                mapping: t.mapping.id.to_string(),
                 progress: None,
             })
         })

@@ -38,8 +38,8 @@ pub use sled_store::SledStore;
 pub struct StateKey {
     /// Cobi type.
     pub ty: TypeId,
-    /// Mapping id ([`crate::config::MappingSettings::id`]).
-    pub mapping: String,
+    /// Mapping id ([`crate::config::MappingSettings::id`]), shared.
+    pub mapping: std::sync::Arc<str>,
     /// Source key ([`crate::mapping::engine::source_key`]).
     pub source_key: String,
 }
@@ -150,7 +150,7 @@ impl DeadLetter {
     pub fn key(&self) -> Option<StateKey> {
         Some(StateKey {
             ty: schema().type_id(&self.ty)?,
-            mapping: self.mapping.clone(),
+            mapping: self.mapping.as_str().into(),
             source_key: self.source_key.clone(),
         })
     }

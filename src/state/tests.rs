@@ -10,7 +10,7 @@ use crate::mapping::value::oid;
 fn key(ty: &str, sk: &str) -> StateKey {
     StateKey {
         ty: schema().type_id(ty).unwrap(),
-        mapping: format!("{ty}/public.t"),
+        mapping: format!("{ty}/public.t").into(),
         source_key: sk.into(),
     }
 }
@@ -64,7 +64,7 @@ fn contract(store: &dyn StateStore) {
     // Dead letters.
     let dl = DeadLetter {
         ty: "branches".into(),
-        mapping: c.mapping.clone(),
+        mapping: c.mapping.to_string(),
         cobi_key: Some("k".into()),
         source_key: "1".into(),
         record: "{}".into(),

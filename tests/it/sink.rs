@@ -91,7 +91,7 @@ fn generate(n: usize) -> Vec<(StateKey, Record)> {
             out.push((
                 StateKey {
                     ty,
-                    mapping: format!("{}/gen", t.name),
+                    mapping: format!("{}/gen", t.name).into(),
                     source_key: i.to_string(),
                 },
                 r,
@@ -102,12 +102,7 @@ fn generate(n: usize) -> Vec<(StateKey, Record)> {
 }
 
 fn upsert(k: StateKey, r: Record) -> SinkItem {
-    SinkItem::Upsert {
-        key: k,
-        record: r,
-        problems: vec![],
-        force: false,
-    }
+    SinkItem::upsert(k, &r, vec![], false)
 }
 
 /// Records at the mock, by type, as canonical JSON texts.
@@ -196,15 +191,9 @@ async fn fifty_thousand_records_out_of_order_arrive_parents_first() {
 
 fn clone_item(i: &SinkItem) -> SinkItem {
     match i {
-        SinkItem::Upsert {
-            key,
-            record,
-            problems,
-            force,
-        } => SinkItem::Upsert {
+        SinkItem::Upsert { key, record, force } => SinkItem::Upsert {
             key: key.clone(),
             record: record.clone(),
-            problems: problems.clone(),
             force: *force,
         },
         _ => unreachable!(),

@@ -27,7 +27,7 @@ fn mapping(ty: &str, fields: &[(&str, serde_json::Value)]) -> MappingSettings {
     fs.sort_by_key(|(f, _)| *f);
     MappingSettings {
         index: 0,
-        id: format!("{ty}/public.src"),
+        id: format!("{ty}/public.src").into(),
         ty: t,
         source: MappingSource::Table {
             schema: "public".into(),

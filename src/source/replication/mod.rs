@@ -115,7 +115,8 @@ pub async fn snapshot_command(
         .unwrap_or_default();
     for m in &settings.mappings {
         if types.is_empty() || types.contains(&m.ty) {
-            cp.tables.insert(m.id.clone(), TableSnapshot::NotStarted);
+            cp.tables
+                .insert(m.id.to_string(), TableSnapshot::NotStarted);
         }
     }
     // Going back to "not copied" is the one deliberate backwards move:
@@ -451,7 +452,7 @@ impl Replicator {
         let mut tables = BTreeMap::new();
         self.last_keys = Vec::with_capacity(self.tables.len());
         for t in &self.tables {
-            let st = cp.tables.remove(&t.mapping.id).unwrap_or(if initial {
+            let st = cp.tables.remove(&*t.mapping.id).unwrap_or(if initial {
                 TableSnapshot::NotStarted
             } else {
                 TableSnapshot::Done
@@ -460,7 +461,7 @@ impl Replicator {
                 TableSnapshot::InProgress(p) => Some(position_values(t, p)),
                 _ => None,
             });
-            tables.insert(t.mapping.id.clone(), st);
+            tables.insert(t.mapping.id.to_string(), st);
         }
         cp.tables = tables;
         self.checkpoint = cp;
@@ -473,7 +474,7 @@ impl Replicator {
     }
 
     fn table_state(&self, i: usize) -> &TableSnapshot {
-        &self.checkpoint.tables[&self.tables[i].mapping.id]
+        &self.checkpoint.tables[&*self.tables[i].mapping.id]
     }
 
     fn snapshot_remaining(&self) -> Option<usize> {
@@ -999,15 +1000,15 @@ impl Replicator {
                         Ok(c) => c,
                         Err(e) => {
                             let sk = source_key(key.iter());
-                            self.push(SinkItem::Upsert {
-                                key: state_key(sk),
-                                record: Record::new(ty),
-                                problems: vec![Problem {
+                            self.push(SinkItem::upsert(
+                                state_key(sk),
+                                &Record::new(ty),
+                                vec![Problem {
                                     field: "(mapping)".into(),
                                     reason: e,
                                 }],
-                                force: false,
-                            })
+                                false,
+                            ))
                             .await?;
                             continue;
                         }
@@ -1055,12 +1056,12 @@ impl Replicator {
                         match fetched.into_iter().next() {
                             Some(current) => {
                                 let m = t.compiled.map_row(&current);
-                                self.push(SinkItem::Upsert {
-                                    key: state_key(sk),
-                                    record: m.record,
-                                    problems: m.problems,
-                                    force: false,
-                                })
+                                self.push(SinkItem::upsert(
+                                    state_key(sk),
+                                    &m.record,
+                                    m.problems,
+                                    false,
+                                ))
                                 .await?;
                             }
                             None => {
@@ -1071,12 +1072,12 @@ impl Replicator {
                     }
                     let mut m = compiled.map_row(&row);
                     m.problems.extend(new_problems.iter().cloned());
-                    self.push(SinkItem::Upsert {
-                        key: state_key(sk),
-                        record: m.record,
-                        problems: m.problems,
-                        force: false,
-                    })
+                    self.push(SinkItem::upsert(
+                        state_key(sk),
+                        &m.record,
+                        m.problems,
+                        false,
+                    ))
                     .await?;
                 }
                 (None, None) => {}
@@ -1255,7 +1256,7 @@ impl Replicator {
         }
         self.copied += n;
         let t = &self.tables[i];
-        let id = t.mapping.id.clone();
+        let id = t.mapping.id.to_string();
         let label = t.mapping.label();
         let state = match p.upper_position {
             Some(pos) => {
