@@ -206,16 +206,19 @@ fn cmp_keys(a: &[Value], b: &[Value]) -> std::cmp::Ordering {
 /// A mapping of a relation in the stream.
 struct RelMapping {
     table: usize,
-    compiled: Result<CompiledMapping, String>,
+    compiled: Arc<Result<CompiledMapping, String>>,
     /// Relation positions of the mapping's key columns.
-    key: Vec<usize>,
+    key: Arc<[usize]>,
     /// Relation positions the mapping reads.
-    used: Vec<usize>,
+    used: Arc<[usize]>,
 }
 
+/// A relation as the stream describes it, shared (cheap to hold per
+/// change).
 struct RelState {
     rel: Relation,
-    types: Vec<PgType>,
+    names: Arc<[String]>,
+    types: Arc<[PgType]>,
     mappings: Vec<RelMapping>,
 }
 
@@ -805,17 +808,18 @@ impl Replicator {
             };
             mappings.push(RelMapping {
                 table: i,
-                compiled,
-                key,
-                used,
+                compiled: Arc::new(compiled),
+                key: key.into(),
+                used: used.into(),
             });
         }
         debug!(relation = %format!("{}.{}", rel.namespace, rel.name), mappings = mappings.len(), "relation");
         self.relations.insert(
             rel.oid,
             RelState {
+                names: columns.iter().map(|c| c.name.clone()).collect(),
                 rel,
-                types,
+                types: types.into(),
                 mappings,
             },
         );
@@ -902,7 +906,7 @@ impl Replicator {
         if rs.mappings.is_empty() {
             return Ok(());
         }
-        let names: Vec<String> = rs.rel.columns.iter().map(|c| c.name.clone()).collect();
+        let names = rs.names.clone();
         let types = rs.types.clone();
         let (new_vals, new_problems) = match &new {
             Some(t) => {
@@ -953,7 +957,7 @@ impl Replicator {
                         continue;
                     }
                     let basis = if !old_is_key_only {
-                        match &compiled {
+                        match &*compiled {
                             Ok(c) => {
                                 let row: Vec<Value> = old_v
                                     .iter()
@@ -996,7 +1000,7 @@ impl Replicator {
                     if !self.snapshot_allows(table, &key, xid) {
                         continue;
                     }
-                    let compiled = match compiled {
+                    let compiled = match &*compiled {
                         Ok(c) => c,
                         Err(e) => {
                             let sk = source_key(key.iter());
@@ -1005,7 +1009,7 @@ impl Replicator {
                                 &Record::new(ty),
                                 vec![Problem {
                                     field: "(mapping)".into(),
-                                    reason: e,
+                                    reason: e.clone(),
                                 }],
                                 false,
                             ))
