@@ -8,6 +8,7 @@ mod check;
 mod common;
 mod config_cli;
 mod demo;
+mod features;
 mod ops;
 mod packaging;
 mod partner;
