@@ -740,32 +740,55 @@ fn to_utc_micros(v: &Value, tz: Tz) -> Result<i64, String> {
 /// Validates and normalises decimal text (`" 12.50 "` → `12.50`,
 /// `+1` → `1`, `1e3` kept). `None` if not a finite number.
 fn parse_decimal(s: &str) -> Option<String> {
+    // Decimal text in, a JSON number out (exact: no float round trip).
+    // Accepts `[+-]digits[.digits][e[+-]digits]` with digits on at least one
+    // side of the point; JSON forbids a leading '+', leading zeros, a bare
+    // '.' at either end, so those are normalised away. NaN, infinities and
+    // numbers beyond f64 range are refused: the API cannot take them.
     let t = s.trim();
-    let body = t.strip_prefix('+').unwrap_or(t);
-    let f: f64 = body.parse().ok()?;
-    if !f.is_finite()
-        || body
-            .chars()
-            .any(|c| c.is_alphabetic() && c != 'e' && c != 'E')
-    {
+    let (neg, body) = match t.as_bytes().first()? {
+        b'-' => (true, &t[1..]),
+        b'+' => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (mantissa, exp) = match body.find(['e', 'E']) {
+        Some(i) => (&body[..i], Some(&body[i + 1..])),
+        None => (body, None),
+    };
+    let (int, frac) = match mantissa.split_once('.') {
+        Some((i, f)) => (i, f),
+        None => (mantissa, ""),
+    };
+    let all_digits = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+    if (int.is_empty() && frac.is_empty()) || !all_digits(int) || !all_digits(frac) {
         return None;
     }
-    // JSON numbers cannot start with '.' or have a leading '+'.
-    let (neg, digits) = match body.strip_prefix('-') {
-        Some(d) => (true, d),
-        None => (false, body),
+    let exp = match exp {
+        None => None,
+        Some(e) => {
+            let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
+            if digits.is_empty() || !all_digits(digits) {
+                return None;
+            }
+            Some(e)
+        }
     };
-    let digits = if digits.starts_with('.') {
-        format!("0{digits}")
-    } else {
-        digits.to_string()
-    };
-    let digits = if digits.ends_with('.') {
-        digits.trim_end_matches('.').to_string()
-    } else {
-        digits
-    };
-    Some(if neg { format!("-{digits}") } else { digits })
+    let int = int.trim_start_matches('0');
+    let mut out = String::with_capacity(t.len() + 1);
+    if neg {
+        out.push('-');
+    }
+    out.push_str(if int.is_empty() { "0" } else { int });
+    if !frac.is_empty() {
+        out.push('.');
+        out.push_str(frac);
+    }
+    if let Some(e) = exp {
+        out.push('e');
+        out.push_str(e);
+    }
+    out.parse::<f64>().ok().filter(|f| f.is_finite())?;
+    Some(out)
 }
 
 /// Converts a final value to the field's JSON type and format.

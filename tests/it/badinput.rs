@@ -4,7 +4,7 @@
 //! the value decoders have their own property tests next to their code.
 //!
 //! CI runs the default number of cases; a longer run:
-//! `PROPTEST_CASES=100000 cargo test --release --test it badinput`.
+//! `PROPTEST_CASES=100000 cargo test --release never_panic` (all fuzz targets).
 
 use proptest::prelude::*;
 
@@ -119,7 +119,10 @@ fn config_text() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(
+        // CI's smoke run; `PROPTEST_CASES=100000` for a longer one.
+        std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256),
+    ))]
 
     #[test]
     fn config_loading_never_panics(text in config_text()) {
@@ -225,7 +228,10 @@ gender = { column = "i", transform = "csv" }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(
+        // CI's smoke run; `PROPTEST_CASES=100000` for a longer one.
+        std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(512),
+    ))]
 
     #[test]
     fn mapping_never_panics_and_reports_problems_by_field(row in proptest::collection::vec(any_value(), 10)) {

@@ -306,3 +306,47 @@ fn missing_columns_are_named() {
         ]
     );
 }
+
+#[test]
+fn decimal_text_becomes_valid_json_numbers() {
+    let cases: &[(&str, Option<&str>)] = &[
+        ("12.50", Some("12.50")),
+        ("0", Some("0")),
+        ("00", Some("0")),
+        ("007", Some("7")),
+        ("-0012.5", Some("-12.5")),
+        ("+5", Some("5")),
+        (".5", Some("0.5")),
+        ("-.5", Some("-0.5")),
+        ("5.", Some("5")),
+        ("1.e5", Some("1e5")),
+        ("2.5E-3", Some("2.5e-3")),
+        (" 42 ", Some("42")),
+        (
+            "123456789012345678901234567890.123456789",
+            Some("123456789012345678901234567890.123456789"),
+        ),
+        ("", None),
+        (".", None),
+        ("-", None),
+        ("1e", None),
+        ("1e+", None),
+        ("1.2.3", None),
+        ("NaN", None),
+        ("Infinity", None),
+        ("-Infinity", None),
+        ("1e999", None),
+        ("0x10", None),
+        ("1_000", None),
+        ("１２", None),
+    ];
+    for (input, want) in cases {
+        let got = parse_decimal(input);
+        assert_eq!(got.as_deref(), *want, "{input:?}");
+        if let Some(g) = got {
+            let v: serde_json::Value =
+                serde_json::from_str(&g).unwrap_or_else(|e| panic!("{input:?} -> {g}: {e}"));
+            assert!(v.is_number(), "{input:?} -> {g}");
+        }
+    }
+}

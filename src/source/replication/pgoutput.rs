@@ -1602,7 +1602,10 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig::with_cases(
+        // CI's smoke run; `PROPTEST_CASES=100000` for a longer one.
+        std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(512),
+    ))]
 
         #[test]
         fn decode_never_panics_on_arbitrary_bytes(
