@@ -22,33 +22,47 @@ use crate::pgtemp::{PgTemp, PgTempError};
 use crate::source::replication;
 use crate::state::{SledStore, StateStore};
 
-/// The sample partner schema: one table per Cobi type.
+/// The sample partner schema: one table per Cobi type, named like a
+/// partner's (integer keys, a `timestamp without time zone`, numeric amounts,
+/// an enum, arrays). The integration tests use the same tables and mappings.
 pub const SCHEMA: &str = r#"
 CREATE TYPE promo_kind AS ENUM ('percentage', 'fixed');
-CREATE TABLE campus (id serial PRIMARY KEY, title text NOT NULL, cc text NOT NULL);
-CREATE TABLE programme (id serial PRIMARY KEY, title text NOT NULL);
-CREATE TABLE genre (id serial PRIMARY KEY, label text NOT NULL);
-CREATE TABLE label_tag (id serial PRIMARY KEY, label text NOT NULL);
-CREATE TABLE search_term (id serial PRIMARY KEY, term text NOT NULL);
+CREATE TABLE campus (id serial PRIMARY KEY, title text NOT NULL, cc text NOT NULL DEFAULT 'gb',
+    modified_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE programme (id serial PRIMARY KEY, title text NOT NULL, modified_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE genre (id serial PRIMARY KEY, label text NOT NULL, modified_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE label_tag (id serial PRIMARY KEY, label text NOT NULL, modified_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE search_term (id serial PRIMARY KEY, term text NOT NULL, modified_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE merchant (id serial PRIMARY KEY, trade_name text NOT NULL, country text NOT NULL,
-    listed bool NOT NULL DEFAULT true, opened timestamp NOT NULL DEFAULT localtimestamp);
+    listed bool NOT NULL DEFAULT true, archived_at timestamptz,
+    opened timestamp NOT NULL DEFAULT localtimestamp, modified_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE member (id serial PRIMARY KEY, uid uuid NOT NULL DEFAULT gen_random_uuid(), dob date,
-    campus_id int REFERENCES campus, programme_id int REFERENCES programme, country text NOT NULL, sex char(1));
+    campus_id int REFERENCES campus, programme_id int REFERENCES programme, country text NOT NULL,
+    sex char(1), modified_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE outlet (id serial PRIMARY KEY, merchant_id int NOT NULL REFERENCES merchant, label text NOT NULL,
-    country text NOT NULL, lat numeric(9,6), lng float8);
+    country text NOT NULL, lat numeric(9,6), lng float8, modified_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE promo (id serial PRIMARY KEY, merchant_id int NOT NULL REFERENCES merchant, title text NOT NULL,
-    kind promo_kind NOT NULL, amount numeric(12,2) NOT NULL, country text NOT NULL, days text[], enabled bool NOT NULL DEFAULT true);
+    kind promo_kind NOT NULL, amount numeric(12,2) NOT NULL, country text NOT NULL, days text[],
+    outlet_ids int[], valid_from timestamptz, enabled bool NOT NULL DEFAULT true,
+    modified_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE merchant_genre (id serial PRIMARY KEY, merchant_id int NOT NULL REFERENCES merchant,
-    genre_id int NOT NULL REFERENCES genre, country text NOT NULL);
-CREATE TABLE merchant_tag (id serial PRIMARY KEY, merchant_id int NOT NULL REFERENCES merchant, tag_id int NOT NULL REFERENCES label_tag);
-CREATE TABLE merchant_term (id serial PRIMARY KEY, merchant_id int NOT NULL REFERENCES merchant, term_id int NOT NULL REFERENCES search_term);
-CREATE TABLE favourite (id serial PRIMARY KEY, member_id int NOT NULL REFERENCES member, merchant_id int NOT NULL REFERENCES merchant);
+    genre_id int NOT NULL REFERENCES genre, country text NOT NULL, modified_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE merchant_tag (id serial PRIMARY KEY, merchant_id int NOT NULL REFERENCES merchant,
+    tag_id int NOT NULL REFERENCES label_tag, modified_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE merchant_term (id serial PRIMARY KEY, merchant_id int NOT NULL REFERENCES merchant,
+    term_id int NOT NULL REFERENCES search_term, modified_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE favourite (id serial PRIMARY KEY, member_id int NOT NULL REFERENCES member,
+    merchant_id int NOT NULL REFERENCES merchant, modified_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE purchase (id serial PRIMARY KEY, member_id int REFERENCES member, merchant_id int NOT NULL REFERENCES merchant,
     promo_id int REFERENCES promo, outlet_id int REFERENCES outlet, country text NOT NULL, channel text,
-    saved numeric(12,2) NOT NULL DEFAULT 0, total numeric(12,2) NOT NULL, paid_at timestamptz NOT NULL DEFAULT now());
+    saved numeric(12,2) NOT NULL DEFAULT 0, total numeric(12,2) NOT NULL, modified_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE event_log (id serial PRIMARY KEY, member_id int REFERENCES member, kind text NOT NULL,
-    item_kind text NOT NULL, item_ref int NOT NULL, platform text, happened_at timestamptz NOT NULL DEFAULT now());
+    item_kind text NOT NULL, item_ref int NOT NULL, platform text, happened_at timestamptz NOT NULL DEFAULT now(),
+    modified_at timestamptz NOT NULL DEFAULT now());
+"#;
 
+/// The demo's sample rows.
+const SAMPLE_ROWS: &str = r#"
 INSERT INTO campus (title, cc) VALUES ('University of Leeds', 'gb'), ('McGill University', 'ca'), ('UCLA', 'us');
 INSERT INTO programme (title) VALUES ('Computer Science'), ('History'), ('Medicine');
 INSERT INTO genre (label) VALUES ('Books'), ('Food'), ('Fashion'), ('Tech');
@@ -77,19 +91,22 @@ INSERT INTO event_log (member_id, kind, item_kind, item_ref, platform)
   FROM generate_series(1, 25) g;
 "#;
 
-/// The demo's mappings.
+/// The mappings of [`SCHEMA`]: every Cobi type.
 pub const MAPPINGS: &str = r#"
 [[mapping]]
 type = "institutes"
 table = "public.campus"
+cursor = "modified_at"
 [mapping.fields]
 institute_id = { column = "id", transform = "uuid5" }
 name = "title"
 region = { column = "cc", transform = "upper" }
+updated = "modified_at"
 
 [[mapping]]
 type = "courses"
 table = "public.programme"
+cursor = "modified_at"
 [mapping.fields]
 course_id = { column = "id", transform = "uuid5" }
 name = "title"
@@ -97,6 +114,7 @@ name = "title"
 [[mapping]]
 type = "categories"
 table = "public.genre"
+cursor = "modified_at"
 [mapping.fields]
 category_id = { column = "id", transform = "uuid5" }
 name = "label"
@@ -104,6 +122,7 @@ name = "label"
 [[mapping]]
 type = "tags"
 table = "public.label_tag"
+cursor = "modified_at"
 [mapping.fields]
 tag_id = { column = "id", transform = "uuid5" }
 name = "label"
@@ -111,6 +130,7 @@ name = "label"
 [[mapping]]
 type = "keywords"
 table = "public.search_term"
+cursor = "modified_at"
 [mapping.fields]
 keyword_id = { column = "id", transform = "uuid5" }
 name = "term"
@@ -118,16 +138,20 @@ name = "term"
 [[mapping]]
 type = "shops"
 table = "public.merchant"
+cursor = "modified_at"
 [mapping.fields]
 shop_id = { column = "id", transform = "uuid5" }
 name = "trade_name"
 region = { column = "country", transform = "upper" }
 is_public = "listed"
 created = "opened"
+updated = "modified_at"
+is_deleted = { column = "archived_at", transform = "is_not_null" }
 
 [[mapping]]
 type = "customers"
 table = "public.member"
+cursor = "modified_at"
 [mapping.fields]
 customer_id = { column = "id", transform = "uuid5" }
 user_id = "uid"
@@ -140,6 +164,7 @@ gender = { column = "sex", map = { "M" = "male", "F" = "female" } }
 [[mapping]]
 type = "branches"
 table = "public.outlet"
+cursor = "modified_at"
 [mapping.fields]
 branch_id = { column = "id", transform = "uuid5" }
 shop_id = { column = "merchant_id", transform = "uuid5:shops" }
@@ -151,6 +176,7 @@ longitude = "lng"
 [[mapping]]
 type = "offers"
 table = "public.promo"
+cursor = "modified_at"
 [mapping.fields]
 offer_id = { column = "id", transform = "uuid5" }
 shop_id = { column = "merchant_id", transform = "uuid5:shops" }
@@ -159,11 +185,14 @@ type = "kind"
 value = "amount"
 region = { column = "country", transform = "upper" }
 allowed_days = { column = "days", transform = "csv" }
+allowed_branches = { column = "outlet_ids", transform = ["uuid5:branches", "csv"] }
+allowed_from = "valid_from"
 is_enabled = "enabled"
 
 [[mapping]]
 type = "shop-categories"
 table = "public.merchant_genre"
+cursor = "modified_at"
 [mapping.fields]
 shop_category_id = { column = "id", transform = "uuid5" }
 shop_id = { column = "merchant_id", transform = "uuid5:shops" }
@@ -173,6 +202,7 @@ region = { column = "country", transform = "upper" }
 [[mapping]]
 type = "shop-tags"
 table = "public.merchant_tag"
+cursor = "modified_at"
 [mapping.fields]
 shop_tag_id = { column = "id", transform = "uuid5" }
 shop_id = { column = "merchant_id", transform = "uuid5:shops" }
@@ -181,6 +211,7 @@ tag_id = { column = "tag_id", transform = "uuid5:tags" }
 [[mapping]]
 type = "shop-keywords"
 table = "public.merchant_term"
+cursor = "modified_at"
 [mapping.fields]
 shop_keyword_id = { column = "id", transform = "uuid5" }
 shop_id = { column = "merchant_id", transform = "uuid5:shops" }
@@ -189,6 +220,7 @@ keyword_id = { column = "term_id", transform = "uuid5:keywords" }
 [[mapping]]
 type = "student-favourites"
 table = "public.favourite"
+cursor = "modified_at"
 [mapping.fields]
 favourite_id = { column = "id", transform = "uuid5" }
 student_id = { column = "member_id", transform = "uuid5:customers" }
@@ -197,6 +229,7 @@ shop_id = { column = "merchant_id", transform = "uuid5:shops" }
 [[mapping]]
 type = "transactions"
 table = "public.purchase"
+cursor = "modified_at"
 [mapping.fields]
 transaction_id = { column = "id", transform = "uuid5" }
 student_id = { column = "member_id", transform = "uuid5:customers" }
@@ -207,11 +240,12 @@ region = { column = "country", transform = "upper" }
 source = "channel"
 savings = "saved"
 amount = "total"
-created = "paid_at"
+updated = "modified_at"
 
 [[mapping]]
 type = "interactions"
 table = "public.event_log"
+cursor = "modified_at"
 [mapping.fields]
 interaction_type = "kind"
 student_id = { column = "member_id", transform = "uuid5:customers" }
@@ -257,6 +291,7 @@ async fn tour(started: Instant) -> anyhow::Result<()> {
     let db = pg.create_database(Some("partner")).await?;
     let client = pg.connect(&db).await?;
     client.batch_execute(SCHEMA).await?;
+    client.batch_execute(SAMPLE_ROWS).await?;
     println!(
         "1. PostgreSQL {} started on port {}; sample partner tables created",
         version(&client).await,

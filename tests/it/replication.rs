@@ -247,6 +247,7 @@ async fn toasted_value_is_delivered_whole_on_a_small_update() {
 #[tokio::test]
 async fn writes_to_unmapped_tables_keep_the_slot_advancing() {
     let (db, wd) = setup(5).await;
+    db.exec(partner::UNMAPPED).await;
     let mock = mock().await;
     let cfg = wd.config(
         &db.url(),
