@@ -564,13 +564,23 @@ async fn send_type(
                     return (entries, Err(e));
                 }
             }
-            let r = entries
+            // The overlay first; the rest in one call (neighbouring keys
+            // share the store's pages).
+            let missing: Vec<&StateKey> = entries
                 .iter()
-                .map(|e| match overlay.0.get(&e.key) {
-                    Some(s) => Ok(s.clone()),
-                    None => store.get_key(&e.key),
-                })
-                .collect::<Result<Vec<_>, StateError>>();
+                .filter(|e| !overlay.0.contains_key(&e.key))
+                .map(|e| &e.key)
+                .collect();
+            let r = store.get_keys(&missing).map(|stored| {
+                let mut stored = stored.into_iter();
+                entries
+                    .iter()
+                    .map(|e| match overlay.0.get(&e.key) {
+                        Some(s) => s.clone(),
+                        None => stored.next().flatten(),
+                    })
+                    .collect::<Vec<_>>()
+            });
             (entries, r)
         })
         .await

@@ -22,6 +22,7 @@
 //! type's keys are one prefix scan.
 
 mod memory;
+mod pages;
 mod sled_store;
 
 use std::collections::BTreeMap;
@@ -333,7 +334,12 @@ pub struct StateError {
 pub trait StateStore: Send + Sync + 'static {
     /// A key's state.
     fn get_key(&self, key: &StateKey) -> Result<Option<KeyState>, StateError>;
-    /// Every key of one mapping, with its state.
+    /// The states of many keys, in order (one epoch's lookups: stores may
+    /// share work between neighbouring keys).
+    fn get_keys(&self, keys: &[&StateKey]) -> Result<Vec<Option<KeyState>>, StateError> {
+        keys.iter().map(|k| self.get_key(k)).collect()
+    }
+    /// Every key of one mapping, with its state, in no particular order.
     fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyState)>, StateError>;
     /// Applies a group of writes, checkpoints last: after a crash, a
     /// checkpoint is only present if the writes before it are (call

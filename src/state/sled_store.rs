@@ -1,6 +1,7 @@
 //! The sled-backed [`StateStore`] (sled 0.34).
 //!
-//! Trees: `keys` (record key → [`KeyState`]), `dead_letters` (record key →
+//! Trees: `keys` (record key → [`KeyState`], integer keys grouped in
+//! pages of 64, see [`super::pages`]), `dead_letters` (record key →
 //! JSON [`DeadLetter`]), `checkpoints` (name → JSON [`Checkpoint`]),
 //! `stats` (type id → JSON [`TypeStats`]). Checkpoints of a group of writes
 //! are written last (see [`StateStore::apply`] below).
@@ -9,6 +10,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use rustc_hash::FxHashMap;
+
+use super::pages::{self, Page};
 use super::{Checkpoint, DeadLetter, KeyState, StateError, StateKey, StateStore, TypeStats, Write};
 use crate::model::schema::TypeId;
 
@@ -115,18 +119,27 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// Entries in the keys tree (pages count once), for tests.
+    #[cfg(test)]
+    pub(crate) fn entries_in_keys_tree(&self) -> Result<usize, StateError> {
+        Ok(self.t()?.keys.len())
+    }
+}
+
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("state values serialise")
 }
 
 impl StateStore for SledStore {
     fn get_key(&self, key: &StateKey) -> Result<Option<KeyState>, StateError> {
+        Ok(self.get_keys(&[key])?.pop().flatten())
+    }
+
+    fn get_keys(&self, keys: &[&StateKey]) -> Result<Vec<Option<KeyState>>, StateError> {
         let tr = self.t()?;
-        Ok(tr
-            .keys
-            .get(key.encode())
-            .map_err(err("read"))?
-            .and_then(|v| KeyState::decode(&v)))
+        let mut layout = Layout::new(&tr.keys);
+        keys.iter().map(|k| layout.get(k)).collect()
     }
 
     fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyState)>, StateError> {
@@ -135,7 +148,16 @@ impl StateStore for SledStore {
         let mut out = Vec::new();
         for item in tr.keys.scan_prefix(&prefix) {
             let (k, v) = item.map_err(err("scan"))?;
-            if let (Some(sk), Some(state)) = (StateKey::source_key_of(&k), KeyState::decode(&v)) {
+            if let Some(page) = pages::page_of_key(prefix.len(), &k) {
+                if let Some(p) = Page::decode(&v) {
+                    out.extend(
+                        p.iter()
+                            .map(|(slot, st)| (pages::source_key(page, slot), st)),
+                    );
+                }
+            } else if let (Some(sk), Some(state)) =
+                (StateKey::source_key_of(&k), KeyState::decode(&v))
+            {
                 out.push((sk, state));
             }
         }
@@ -164,17 +186,14 @@ impl StateStore for SledStore {
         // write before it did. (Batches and multi-tree transactions hold
         // each write in memory several times over: measured ~100 MiB for
         // one 20 000-record epoch, against ~10 MiB for plain inserts.)
+        // Key pages are written after the per-key entries and before the
+        // checkpoints.
+        let mut layout = Layout::new(&tr.keys);
         let mut checkpoints = Vec::new();
         for w in resolved {
             match w {
-                Write::Key(k, s) => {
-                    tr.keys
-                        .insert(k.encode(), s.encode())
-                        .map_err(err("write"))?;
-                }
-                Write::RemoveKey(k) => {
-                    tr.keys.remove(k.encode()).map_err(err("write"))?;
-                }
+                Write::Key(k, s) => layout.set(k, s)?,
+                Write::RemoveKey(k) => layout.remove(k)?,
                 Write::DeadLetter(k, d) => {
                     tr.dead.insert(k.encode(), json(d)).map_err(err("write"))?;
                 }
@@ -187,6 +206,7 @@ impl StateStore for SledStore {
                 }
             }
         }
+        layout.write_pages()?;
         for c in checkpoints {
             tr.checkpoints
                 .insert(c.name().as_bytes(), json(c))
@@ -275,6 +295,173 @@ impl StateStore for SledStore {
         }
         let fresh = Self::open_trees(&self.dir)?;
         *slot = Some(Arc::new(fresh));
+        Ok(())
+    }
+}
+
+/// Reads and writes key states in their two forms (see [`super::pages`]):
+/// a page slot for canonical integer keys without a last-sent record, one
+/// entry per key otherwise. A key is kept in one form only: writing it in
+/// one form removes it from the other when that form is in use for the
+/// mapping (checked once per mapping and call, so the common case costs no
+/// extra lookups). Pages read or changed are cached for the call.
+struct Layout<'a> {
+    tree: &'a sled::Tree,
+    /// Page key → (page, changed).
+    pages: FxHashMap<Vec<u8>, (Page, bool)>,
+    /// Mapping prefix → (has per-key entries with a digit-led key, has pages).
+    forms: FxHashMap<Vec<u8>, (bool, bool)>,
+}
+
+impl<'a> Layout<'a> {
+    fn new(tree: &'a sled::Tree) -> Self {
+        Layout {
+            tree,
+            pages: FxHashMap::default(),
+            forms: FxHashMap::default(),
+        }
+    }
+
+    /// Which forms a mapping uses (as of this call's first look).
+    fn forms(&mut self, prefix: &[u8]) -> Result<(bool, bool), StateError> {
+        if let Some(f) = self.forms.get(prefix) {
+            return Ok(*f);
+        }
+        let mut lo = prefix.to_vec();
+        lo.push(b'0');
+        let mut hi = prefix.to_vec();
+        hi.push(b'9' + 1);
+        let per_key = self
+            .tree
+            .range(lo..hi)
+            .next()
+            .transpose()
+            .map_err(err("read"))?
+            .is_some();
+        let mut mark = prefix.to_vec();
+        mark.push(pages::PAGE_MARK);
+        let paged = self
+            .tree
+            .scan_prefix(mark)
+            .next()
+            .transpose()
+            .map_err(err("read"))?
+            .is_some();
+        self.forms.insert(prefix.to_vec(), (per_key, paged));
+        Ok((per_key, paged))
+    }
+
+    fn page(&mut self, key: Vec<u8>) -> Result<&mut (Page, bool), StateError> {
+        use std::collections::hash_map::Entry;
+        match self.pages.entry(key) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(e) => {
+                let page = self
+                    .tree
+                    .get(e.key())
+                    .map_err(err("read"))?
+                    .and_then(|v| Page::decode(&v))
+                    .unwrap_or_default();
+                Ok(e.insert((page, false)))
+            }
+        }
+    }
+
+    fn get(&mut self, key: &StateKey) -> Result<Option<KeyState>, StateError> {
+        let Some((page, slot)) = pages::locate(&key.source_key) else {
+            return self.get_entry(key);
+        };
+        let prefix = StateKey::mapping_prefix(key.ty, &key.mapping);
+        let (per_key, paged) = self.forms(&prefix)?;
+        if paged {
+            if let Some(s) = self.page(pages::page_key(&prefix, page))?.0.get(slot) {
+                return Ok(Some(s));
+            }
+        }
+        if per_key {
+            return self.get_entry(key);
+        }
+        Ok(None)
+    }
+
+    fn get_entry(&self, key: &StateKey) -> Result<Option<KeyState>, StateError> {
+        Ok(self
+            .tree
+            .get(key.encode())
+            .map_err(err("read"))?
+            .and_then(|v| KeyState::decode(&v)))
+    }
+
+    fn set(&mut self, key: &StateKey, state: &KeyState) -> Result<(), StateError> {
+        match pages::locate(&key.source_key) {
+            Some((page, slot)) if state.last_sent.is_none() => {
+                let prefix = StateKey::mapping_prefix(key.ty, &key.mapping);
+                let (per_key, _) = self.forms(&prefix)?;
+                if per_key {
+                    self.tree.remove(key.encode()).map_err(err("write"))?;
+                }
+                // From now on this mapping has pages.
+                if let Some(f) = self.forms.get_mut(&prefix) {
+                    f.1 = true;
+                }
+                let p = self.page(pages::page_key(&prefix, page))?;
+                p.0.set(slot, state);
+                p.1 = true;
+            }
+            located => {
+                self.tree
+                    .insert(key.encode(), state.encode())
+                    .map_err(err("write"))?;
+                if let Some((page, slot)) = located {
+                    let prefix = StateKey::mapping_prefix(key.ty, &key.mapping);
+                    let (_, paged) = self.forms(&prefix)?;
+                    if let Some(f) = self.forms.get_mut(&prefix) {
+                        f.0 = true;
+                    }
+                    if paged {
+                        self.clear_slot(&prefix, page, slot)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &StateKey) -> Result<(), StateError> {
+        self.tree.remove(key.encode()).map_err(err("write"))?;
+        if let Some((page, slot)) = pages::locate(&key.source_key) {
+            let prefix = StateKey::mapping_prefix(key.ty, &key.mapping);
+            if self.forms(&prefix)?.1 {
+                self.clear_slot(&prefix, page, slot)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn clear_slot(&mut self, prefix: &[u8], page: u64, slot: u8) -> Result<(), StateError> {
+        let p = self.page(pages::page_key(prefix, page))?;
+        if p.0.clear(slot) {
+            p.1 = true;
+        }
+        Ok(())
+    }
+
+    /// Writes the changed pages (an empty page is removed).
+    fn write_pages(&mut self) -> Result<(), StateError> {
+        let mut changed: Vec<_> = self
+            .pages
+            .drain()
+            .filter(|(_, (_, changed))| *changed)
+            .collect();
+        // In key order: sled appends to the same nodes.
+        changed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (k, (page, _)) in changed {
+            if page.is_empty() {
+                self.tree.remove(k).map_err(err("write"))?;
+            } else {
+                self.tree.insert(k, page.encode()).map_err(err("write"))?;
+            }
+        }
         Ok(())
     }
 }

@@ -178,6 +178,164 @@ fn contract(store: &dyn StateStore) {
     assert_eq!(store.stats().unwrap().get(&a.ty), Some(&st));
 }
 
+/// Integer keys (pages in the sled store) and the switch between the two
+/// forms of a key (with and without a last-sent record): every store must
+/// answer like a plain map of keys.
+fn key_forms_contract(store: &dyn StateStore) {
+    let k = |n: &str| key("transactions", n);
+    let fp = |n: u64, round: u64| n * 1000 + round;
+    // 0..200 spans four pages; "007" and "7" are different keys.
+    let mut writes: Vec<Write> = (0..200u64)
+        .map(|n| Write::Key(k(&n.to_string()), accepted(fp(n, 1), None)))
+        .collect();
+    writes.push(Write::Key(k("007"), accepted(7007, None)));
+    writes.push(Write::Key(k("18446744073709551615"), accepted(42, None)));
+    store.apply(&writes).unwrap();
+    store.flush().unwrap();
+    let all: Vec<StateKey> = (0..200u64).map(|n| k(&n.to_string())).collect();
+    let refs: Vec<&StateKey> = all.iter().collect();
+    let got = store.get_keys(&refs).unwrap();
+    for (n, g) in got.iter().enumerate() {
+        assert_eq!(g, &Some(accepted(fp(n as u64, 1), None)), "key {n}");
+    }
+    assert_eq!(
+        store.get_key(&k("7")).unwrap(),
+        Some(accepted(fp(7, 1), None))
+    );
+    assert_eq!(
+        store.get_key(&k("007")).unwrap(),
+        Some(accepted(7007, None))
+    );
+    assert_eq!(store.get_key(&k("200")).unwrap(), None);
+    assert_eq!(store.get_key(&k("0007")).unwrap(), None);
+
+    // Key 5 gains a last-sent record, key 64 is dead-lettered, 63 removed.
+    store
+        .apply(&[
+            Write::Key(k("5"), accepted(fp(5, 2), Some("{\"v\":5}"))),
+            Write::Key(
+                k("64"),
+                KeyState {
+                    status: KeyStatus::DeadLettered,
+                    fingerprint: fp(64, 2),
+                    last_sent: None,
+                },
+            ),
+            Write::RemoveKey(k("63")),
+        ])
+        .unwrap();
+    assert_eq!(
+        store.get_key(&k("5")).unwrap(),
+        Some(accepted(fp(5, 2), Some("{\"v\":5}")))
+    );
+    assert_eq!(
+        store.get_key(&k("64")).unwrap().unwrap().status,
+        KeyStatus::DeadLettered
+    );
+    assert_eq!(store.get_key(&k("63")).unwrap(), None);
+    // ... and loses it again; key 6 goes through both forms in one call.
+    store
+        .apply(&[
+            Write::Key(k("5"), accepted(fp(5, 3), None)),
+            Write::Key(k("6"), accepted(fp(6, 2), Some("{}"))),
+            Write::Key(k("6"), accepted(fp(6, 3), None)),
+        ])
+        .unwrap();
+    assert_eq!(
+        store.get_key(&k("5")).unwrap(),
+        Some(accepted(fp(5, 3), None))
+    );
+    assert_eq!(
+        store.get_key(&k("6")).unwrap(),
+        Some(accepted(fp(6, 3), None))
+    );
+
+    let mut listed = store.keys_of(k("1").ty, &k("1").mapping).unwrap();
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut want: Vec<(String, KeyState)> = (0..200u64)
+        .filter(|&n| n != 63)
+        .map(|n| {
+            let st = match n {
+                5 => accepted(fp(5, 3), None),
+                6 => accepted(fp(6, 3), None),
+                64 => KeyState {
+                    status: KeyStatus::DeadLettered,
+                    fingerprint: fp(64, 2),
+                    last_sent: None,
+                },
+                _ => accepted(fp(n, 1), None),
+            };
+            (n.to_string(), st)
+        })
+        .collect();
+    want.push(("007".into(), accepted(7007, None)));
+    want.push(("18446744073709551615".into(), accepted(42, None)));
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(listed, want);
+
+    // Removing every key of a page leaves nothing behind.
+    let page: Vec<Write> = (128..192u64)
+        .map(|n| Write::RemoveKey(k(&n.to_string())))
+        .collect();
+    store.apply(&page).unwrap();
+    let left = store.keys_of(k("1").ty, &k("1").mapping).unwrap();
+    assert_eq!(left.len(), want.len() - 64);
+    assert!(left
+        .iter()
+        .all(|(sk, _)| !(128..192).contains(&sk.parse::<u64>().unwrap_or(0))));
+}
+
+#[test]
+fn memory_store_key_forms() {
+    key_forms_contract(&MemoryStore::new());
+}
+
+#[test]
+fn sled_store_key_forms_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = {
+        let s = SledStore::open(dir.path()).unwrap();
+        key_forms_contract(&s);
+        s.flush().unwrap();
+        let mut l = s
+            .keys_of(
+                key("transactions", "1").ty,
+                &key("transactions", "1").mapping,
+            )
+            .unwrap();
+        l.sort_by(|a, b| a.0.cmp(&b.0));
+        l
+    };
+    let s = SledStore::open(dir.path()).unwrap();
+    let mut after = s
+        .keys_of(
+            key("transactions", "1").ty,
+            &key("transactions", "1").mapping,
+        )
+        .unwrap();
+    after.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(after, before);
+    assert_eq!(
+        s.get_key(&key("transactions", "5"))
+            .unwrap()
+            .unwrap()
+            .fingerprint,
+        5003
+    );
+}
+
+#[test]
+fn sled_store_pages_integer_keys() {
+    // 10 000 consecutive ids take ~157 entries in the keys tree, not 10 000.
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    let writes: Vec<Write> = (1..=10_000u64)
+        .map(|n| Write::Key(key("transactions", &n.to_string()), accepted(n, None)))
+        .collect();
+    s.apply(&writes).unwrap();
+    assert_eq!(s.entries_in_keys_tree().unwrap(), 10_000 / 64 + 1);
+}
+
 #[test]
 fn memory_store_contract() {
     contract(&MemoryStore::new());

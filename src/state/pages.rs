@@ -1,0 +1,287 @@
+//! Key pages: how [`super::SledStore`] keeps the states of integer keys.
+//!
+//! Most partner tables have integer primary keys, and a snapshot or a
+//! bulk load writes them in order. One sled entry per record made sled's
+//! B-tree insert a third of the daemon's CPU and its memory grow by about
+//! 20 bytes per key. So a key whose source key is a canonical unsigned
+//! integer `n` (`"0"`, `"42"`, not `"007"` or `"-1"`) shares a *page* with
+//! the 63 integers next to it: page `n / 64`, slot `n % 64`. A page holds
+//! each present slot's status and fingerprint (at most 585 bytes); an epoch
+//! of 10 000 consecutive ids writes ~160 pages instead of 10 000 entries.
+//!
+//! States that carry the last-sent JSON (soft-delete mappings) stay one
+//! entry per key: a page holds fixed-size slots only. A key is stored in
+//! exactly one form at a time (see `SledStore::apply`).
+//!
+//! Page keys are `[type][mapping hash][0xFF][page, 8 bytes big-endian]`:
+//! 0xFF never occurs in UTF-8, so no per-key entry (whose suffix is the
+//! source key's UTF-8) shares or sorts into that range.
+
+use super::{KeyState, KeyStatus};
+
+/// Slots per page.
+pub const SLOTS: u64 = 64;
+
+/// Marks a page key after the mapping prefix.
+pub const PAGE_MARK: u8 = 0xFF;
+
+/// First byte of an encoded page (format version).
+const VERSION: u8 = 1;
+
+/// Bytes of one slot: status and fingerprint.
+const SLOT_BYTES: usize = 9;
+
+/// The page and slot of a source key, if it is a canonical unsigned
+/// integer (the text `u64::to_string` would give back).
+pub fn locate(source_key: &str) -> Option<(u64, u8)> {
+    let b = source_key.as_bytes();
+    if b.is_empty() || b.len() > 20 || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    if b.len() > 1 && b[0] == b'0' {
+        return None;
+    }
+    let n: u64 = source_key.parse().ok()?;
+    Some((n / SLOTS, (n % SLOTS) as u8))
+}
+
+/// The source key at `slot` of `page`.
+pub fn source_key(page: u64, slot: u8) -> String {
+    (page * SLOTS + u64::from(slot)).to_string()
+}
+
+/// The page key under a mapping prefix.
+pub fn page_key(prefix: &[u8], page: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 9);
+    k.extend_from_slice(prefix);
+    k.push(PAGE_MARK);
+    k.extend_from_slice(&page.to_be_bytes());
+    k
+}
+
+/// The page number of a page key (`None` if it is not one).
+pub fn page_of_key(prefix_len: usize, key: &[u8]) -> Option<u64> {
+    let rest = key.get(prefix_len..)?;
+    if rest.len() != 9 || rest[0] != PAGE_MARK {
+        return None;
+    }
+    Some(u64::from_be_bytes(rest[1..].try_into().ok()?))
+}
+
+/// One page: which slots are present, and their states.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    present: u64,
+    slots: Vec<(KeyStatus, u64)>,
+}
+
+impl Page {
+    /// No slot present.
+    pub fn is_empty(&self) -> bool {
+        self.present == 0
+    }
+
+    fn index(&self, slot: u8) -> usize {
+        (self.present & ((1u64 << slot) - 1)).count_ones() as usize
+    }
+
+    fn has(&self, slot: u8) -> bool {
+        self.present & (1u64 << slot) != 0
+    }
+
+    /// The state at `slot`.
+    pub fn get(&self, slot: u8) -> Option<KeyState> {
+        self.has(slot).then(|| {
+            let (status, fingerprint) = self.slots[self.index(slot)];
+            KeyState {
+                status,
+                fingerprint,
+                last_sent: None,
+            }
+        })
+    }
+
+    /// Sets `slot` (the state's `last_sent` is not kept).
+    pub fn set(&mut self, slot: u8, state: &KeyState) {
+        let i = self.index(slot);
+        let v = (state.status, state.fingerprint);
+        if self.has(slot) {
+            self.slots[i] = v;
+        } else {
+            self.slots.insert(i, v);
+            self.present |= 1u64 << slot;
+        }
+    }
+
+    /// Clears `slot`; true if it was present.
+    pub fn clear(&mut self, slot: u8) -> bool {
+        if !self.has(slot) {
+            return false;
+        }
+        let i = self.index(slot);
+        self.slots.remove(i);
+        self.present &= !(1u64 << slot);
+        true
+    }
+
+    /// Present slots in order, with their states.
+    pub fn iter(&self) -> impl Iterator<Item = (u8, KeyState)> + '_ {
+        (0..SLOTS as u8)
+            .filter(|&s| self.has(s))
+            .zip(self.slots.iter())
+            .map(|(s, &(status, fingerprint))| {
+                (
+                    s,
+                    KeyState {
+                        status,
+                        fingerprint,
+                        last_sent: None,
+                    },
+                )
+            })
+    }
+
+    /// `[version][present: u64 BE]` then per present slot `[status][fingerprint: u64 BE]`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(9 + self.slots.len() * SLOT_BYTES);
+        v.push(VERSION);
+        v.extend_from_slice(&self.present.to_be_bytes());
+        for &(status, fp) in &self.slots {
+            v.push(match status {
+                KeyStatus::Accepted => 1,
+                KeyStatus::DeadLettered => 2,
+            });
+            v.extend_from_slice(&fp.to_be_bytes());
+        }
+        v
+    }
+
+    /// Decodes [`Page::encode`]'s bytes; `None` if they are not a page.
+    pub fn decode(b: &[u8]) -> Option<Page> {
+        if b.len() < 9 || b[0] != VERSION {
+            return None;
+        }
+        let present = u64::from_be_bytes(b[1..9].try_into().ok()?);
+        let body = &b[9..];
+        if body.len() != present.count_ones() as usize * SLOT_BYTES {
+            return None;
+        }
+        let slots = body
+            .chunks_exact(SLOT_BYTES)
+            .map(|c| {
+                let status = match c[0] {
+                    1 => KeyStatus::Accepted,
+                    2 => KeyStatus::DeadLettered,
+                    _ => return None,
+                };
+                Some((status, u64::from_be_bytes(c[1..].try_into().ok()?)))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Page { present, slots })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(fp: u64) -> KeyState {
+        KeyState {
+            status: KeyStatus::Accepted,
+            fingerprint: fp,
+            last_sent: None,
+        }
+    }
+
+    #[test]
+    fn only_canonical_unsigned_integers_have_a_page() {
+        assert_eq!(locate("0"), Some((0, 0)));
+        assert_eq!(locate("63"), Some((0, 63)));
+        assert_eq!(locate("64"), Some((1, 0)));
+        assert_eq!(locate("1000001"), Some((15625, 1)));
+        assert_eq!(locate("18446744073709551615"), Some((u64::MAX / 64, 63)));
+        for not in [
+            "",
+            "007",
+            "00",
+            "-1",
+            "+1",
+            "1.0",
+            "1e3",
+            " 1",
+            "1|2",
+            "abc",
+            "18446744073709551616",
+            "١٢",
+        ] {
+            assert_eq!(locate(not), None, "{not:?}");
+        }
+        for n in [0u64, 1, 63, 64, 65, 999_999, u64::MAX] {
+            let (p, s) = locate(&n.to_string()).unwrap();
+            assert_eq!(source_key(p, s), n.to_string());
+        }
+    }
+
+    #[test]
+    fn page_keys_round_trip_and_never_look_like_a_source_key() {
+        let prefix = [3u8, 1, 2, 3, 4, 5, 6, 7, 8];
+        let k = page_key(&prefix, 12345);
+        assert_eq!(page_of_key(prefix.len(), &k), Some(12345));
+        assert!(std::str::from_utf8(&k[prefix.len()..]).is_err());
+        let mut per_key = prefix.to_vec();
+        per_key.extend_from_slice(b"12345");
+        assert_eq!(page_of_key(prefix.len(), &per_key), None);
+        // Page keys sort after every per-key entry of the prefix.
+        assert!(k > per_key);
+    }
+
+    #[test]
+    fn slots_set_clear_and_round_trip() {
+        let mut p = Page::default();
+        assert!(p.is_empty());
+        p.set(63, &st(63));
+        p.set(0, &st(0));
+        p.set(17, &st(17));
+        p.set(17, &st(1700));
+        p.set(
+            5,
+            &KeyState {
+                status: KeyStatus::DeadLettered,
+                fingerprint: 5,
+                last_sent: Some(bytes::Bytes::from_static(b"{}")),
+            },
+        );
+        assert_eq!(p.get(17), Some(st(1700)));
+        assert_eq!(p.get(5).unwrap().status, KeyStatus::DeadLettered);
+        assert_eq!(p.get(5).unwrap().last_sent, None);
+        assert_eq!(p.get(1), None);
+        let slots: Vec<u8> = p.iter().map(|(s, _)| s).collect();
+        assert_eq!(slots, [0, 5, 17, 63]);
+        let back = Page::decode(&p.encode()).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(p.encode().len(), 9 + 4 * 9);
+        assert!(p.clear(17));
+        assert!(!p.clear(17));
+        assert_eq!(p.get(63), Some(st(63)));
+        assert_eq!(p.iter().count(), 3);
+        for s in 0..64 {
+            p.set(s, &st(u64::from(s) * 7));
+        }
+        assert_eq!(p.encode().len(), 9 + 64 * 9);
+        assert_eq!(Page::decode(&p.encode()).unwrap().get(40), Some(st(280)));
+    }
+
+    #[test]
+    fn damaged_pages_are_refused() {
+        let mut p = Page::default();
+        p.set(1, &st(1));
+        let good = p.encode();
+        assert!(Page::decode(&good[..good.len() - 1]).is_none());
+        let mut bad = good.clone();
+        bad[0] = 9;
+        assert!(Page::decode(&bad).is_none());
+        let mut bad = good;
+        bad[9] = 7;
+        assert!(Page::decode(&bad).is_none());
+    }
+}
