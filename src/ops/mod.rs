@@ -5,7 +5,6 @@ pub mod dlq;
 pub mod health;
 pub mod http;
 pub mod logging;
-pub mod memory;
 pub mod metrics;
 pub mod status;
 pub mod systemd;
