@@ -98,7 +98,8 @@ pub struct MockApiArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
     /// Bearer key clients must send.
-    #[arg(long, env = "COBI_API_KEY")]
+    // `hide_env_values`: `--help` names the variable, never the key in it.
+    #[arg(long, env = "COBI_API_KEY", hide_env_values = true)]
     pub api_key: String,
     /// Share of requests answered 500.
     #[arg(long, default_value_t = 0.0)]

@@ -121,3 +121,19 @@ fn usage_errors_exit_2() {
     );
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn help_never_prints_the_api_key_from_the_environment() {
+    let secret = "sk-live-3f9a7c2e-do-not-print";
+    for args in [&["mock-api", "--help"][..], &["mock-api", "-h"][..]] {
+        let (code, out, err) = run_cli(args, &[("COBI_API_KEY", secret)]);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        // The variable is still named, so the operator knows it is read…
+        assert!(out.contains("[env: COBI_API_KEY]"), "{args:?}:\n{out}");
+        // …but its value is not shown.
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "{args:?} printed the key:\n{out}{err}"
+        );
+    }
+}
