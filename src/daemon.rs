@@ -72,7 +72,7 @@ impl Pipeline {
     /// Starts the sink on `store`.
     pub fn start(settings: &Settings, store: Arc<dyn StateStore>) -> Result<Pipeline, DaemonError> {
         let metrics = Arc::new(Metrics::new());
-        let health = Arc::new(Health::default());
+        let health = Arc::new(Health::new(&metrics));
         let hard_stop = CancellationToken::new();
         let client = Arc::new(
             ApiClient::new(
