@@ -3,10 +3,12 @@
 //! `dlq replay` reuse when the daemon is stopped).
 //!
 //! Shutdown (SIGTERM/SIGINT): sources stop reading; the HTTP endpoint
-//! closes; the sink sends what it holds and commits; if that takes longer
-//! than [`GRACE`], in-flight requests are abandoned — their records were
-//! never confirmed, so they are read again after restart — and the process
-//! exits 0.
+//! closes; the sink sends what it holds and commits. A source or endpoint
+//! still busy [`GRACE`] after the signal (blocked on a sink that cannot
+//! deliver, a `dlq replay` waiting for verdicts) is aborted, and the sink
+//! then gets what is left of `GRACE` (at least 2 s); after that, in-flight
+//! requests are abandoned — their records were never confirmed, so they
+//! are read again after restart — and the process exits 0.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -267,18 +269,46 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         }
     }
     systemd::stopping();
+    // One deadline for the source and the endpoint: a source blocked on a
+    // full sink (the API is down) and a `dlq replay` waiting for verdicts
+    // would otherwise hold shutdown forever. Abandoned work was never
+    // confirmed, so it is read again after restart.
+    let deadline = tokio::time::Instant::now() + GRACE;
     read_stop.cancel();
     if !source_task.is_finished() {
-        let _ = source_task.await;
+        stop_within(source_task, deadline, "source").await;
     }
     http_stop.cancel();
     if let Some(t) = http_task {
-        let _ = t.await;
+        stop_within(t, deadline, "http endpoint").await;
     }
     if let Some(w) = watchdog {
         w.abort();
     }
-    pipeline.drain(GRACE).await;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    pipeline.drain(left.max(MIN_DRAIN)).await;
     info!("cobi-sync stopped");
     outcome
+}
+
+/// The least time the sink gets to deliver what it holds at shutdown, even
+/// when the source used up [`GRACE`]: shutdown ends within `GRACE +
+/// MIN_DRAIN` (10 s, DESIGN.md §6).
+const MIN_DRAIN: Duration = Duration::from_secs(2);
+
+/// Waits for a task that was asked to stop; aborts it at `deadline`.
+async fn stop_within<T>(
+    mut task: tokio::task::JoinHandle<T>,
+    deadline: tokio::time::Instant,
+    what: &str,
+) {
+    if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+        warn!(
+            task = what,
+            "did not stop within the shutdown grace period; abandoning it \
+             (what it had not delivered is read again after restart)"
+        );
+        task.abort();
+        let _ = task.await;
+    }
 }
