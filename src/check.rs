@@ -149,6 +149,12 @@ pub async fn check(settings: &Settings, origin: &str) -> Vec<Line> {
             None => {}
         }
     }
+    if !crate::daemon::has_state(&settings.state.dir) {
+        out.push(Line::ok(
+            "state dir",
+            crate::daemon::no_state_message(settings),
+        ));
+    }
     database_checks(settings, &mut out).await;
     out.push(api_check(settings).await);
     out
@@ -463,9 +469,15 @@ async fn slot_check(settings: &Settings, client: &Client, out: &mut Vec<Line>) {
     let name = format!("replication slot {slot}");
     // What cobi-sync confirmed before (the store is locked while the daemon
     // runs: then the daemon itself watches the slot).
-    let known = crate::state::SledStore::open(&settings.state.dir)
+    // A missing state dir is not created here.
+    let known = crate::daemon::open_existing_store(settings)
         .ok()
-        .and_then(|s| crate::state::replication_checkpoint(&s).ok().flatten())
+        .flatten()
+        .and_then(|s| {
+            crate::state::replication_checkpoint(s.as_ref())
+                .ok()
+                .flatten()
+        })
         .map_or(0, |c| c.lsn);
     let row = client
         .query_opt(

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -13,6 +14,7 @@ use crate::config::{self, Mode, Settings};
 use crate::daemon::{self, DaemonError, Pipeline};
 use crate::model::schema::{schema, TypeId};
 use crate::ops::{dlq, logging, status};
+use crate::state::{MemoryStore, StateStore};
 
 /// cobi-sync: keeps the Cobi platform in sync with your PostgreSQL database.
 #[derive(Debug, Parser)]
@@ -305,10 +307,17 @@ async fn cmd_status(path: &std::path::Path, json: bool) -> Result<(), u8> {
             1
         })?
     } else {
-        let store = daemon::open_store(&settings).map_err(|e| {
+        let store = daemon::open_existing_store(&settings).map_err(|e| {
             eprintln!("{e}");
             1
         })?;
+        let store = store.unwrap_or_else(|| {
+            // Nothing to read: report the empty state, create nothing.
+            if !json {
+                println!("{}", daemon::no_state_message(&settings));
+            }
+            Arc::new(MemoryStore::new()) as Arc<dyn StateStore>
+        });
         status::build(&settings, store.as_ref(), None).map_err(|e| {
             eprintln!("{e}");
             1
@@ -364,7 +373,15 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
         return Ok(());
     }
     // The daemon is stopped: work on the state dir directly.
-    let store = daemon::open_store(&settings).map_err(|e| fail(&e))?;
+    let Some(store) = daemon::open_existing_store(&settings).map_err(|e| fail(&e))? else {
+        eprintln!("{}", daemon::no_state_message(&settings));
+        match action {
+            DlqAction::List { json, .. } => print_rows(&[], json),
+            DlqAction::Purge { .. } => println!("{{\"purged\":0}}"),
+            DlqAction::Replay { .. } => println!("{{\"replayed\":0,\"still_dead\":0}}"),
+        }
+        return Ok(());
+    };
     match action {
         DlqAction::List { json, .. } => {
             let rows = dlq::list(store.as_ref(), ty).map_err(|e| {

@@ -145,6 +145,37 @@ pub fn open_store(settings: &Settings) -> Result<Arc<dyn StateStore>, DaemonErro
         .map_err(|e| DaemonError::Runtime(format!("state.dir: {e}")))
 }
 
+/// Opens the sled store in `state.dir` if the daemon has created one there;
+/// `None` when the directory is missing or empty. For the commands that
+/// only read or tidy state (`status`, `check`, `dlq`): they must not create
+/// a state dir, which would then belong to whoever ran them.
+pub fn open_existing_store(
+    settings: &Settings,
+) -> Result<Option<Arc<dyn StateStore>>, DaemonError> {
+    if !has_state(&settings.state.dir) {
+        return Ok(None);
+    }
+    open_store(settings).map(Some)
+}
+
+/// Whether `dir` exists and holds anything (the daemon has run).
+pub fn has_state(dir: &std::path::Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_some(),
+        // Unreadable (permissions): let opening it say why.
+        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+    }
+}
+
+/// What `status`, `check` and `dlq` say when [`open_existing_store`] found
+/// nothing.
+pub fn no_state_message(settings: &Settings) -> String {
+    format!(
+        "no state yet in {} (the daemon has not run)",
+        settings.state.dir.display()
+    )
+}
+
 /// Warns about secret files others can read.
 pub fn check_secret_permissions(settings: &Settings) {
     for path in [

@@ -116,6 +116,7 @@ async fn every_check_names_the_problem_and_the_fix() {
                 "has REPLICATION",
                 "lists every mapped table",
                 "missing; the daemon creates it at start",
+                "no state yet",
                 "key accepted",
                 "all checks passed",
             ],
@@ -316,6 +317,14 @@ async fn every_check_names_the_problem_and_the_fix() {
             _ => {}
         }
         let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()], &[]);
+        if c.name != "slot lost after progress" {
+            // `check` inspects state; it never creates the state dir.
+            assert!(
+                !wd.path("state").exists(),
+                "case `{}`: check created the state dir",
+                c.name
+            );
+        }
         for w in &c.want {
             assert!(
                 out.contains(w) || err.contains(w),

@@ -137,3 +137,37 @@ fn help_never_prints_the_api_key_from_the_environment() {
         );
     }
 }
+
+#[test]
+fn status_and_dlq_without_state_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let path = dir.path().join("c.toml");
+    let text = GOOD.replace("/tmp/cobi-sync-test-never-used", state.to_str().unwrap())
+        + "[http]\nlisten = \"\"\n";
+    std::fs::write(&path, text).unwrap();
+    let p = path.to_str().unwrap();
+    let (code, out, err) = run_cli(&["status", "--config", p], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("no state yet"), "{out}");
+    assert!(out.contains("(the daemon has not run)"), "{out}");
+    let (code, out, err) = run_cli(&["status", "--json", "--config", p], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("--json stays JSON");
+    assert_eq!(report["running"], false);
+    let (code, out, err) = run_cli(&["dlq", "list", "--json", "--config", p], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.trim(), "[]");
+    assert!(err.contains("no state yet"), "{err}");
+    let (code, out, err) = run_cli(&["dlq", "purge", "--config", p], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("\"purged\":0"), "{out}");
+    assert!(!state.exists(), "a read-only command created the state dir");
+    // An empty directory (systemd's StateDirectory before the first run)
+    // is no state either, and stays empty.
+    std::fs::create_dir(&state).unwrap();
+    let (code, out, err) = run_cli(&["status", "--config", p], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("no state yet"), "{out}");
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
+}
