@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use tokio_postgres::Client;
 
+use crate::config::pgurl::PgUrl;
 use crate::config::{self, quote_ident, Mode, OnDelete, Settings};
 use crate::mapping::engine::MapContext;
 use crate::model::schema::schema;
@@ -74,6 +75,17 @@ impl Line {
             ),
         }
     }
+}
+
+/// A catalog query that failed: a problem, with PostgreSQL's explanation
+/// (never turned into "no" or "none", which would pass or fail the check
+/// for the wrong reason).
+fn query_failed(name: impl Into<String>, e: &tokio_postgres::Error, url: &PgUrl) -> Line {
+    Line::fail(
+        name,
+        pg::explain(e, url),
+        "see the message: the connection dropped, or the role may not read the catalog",
+    )
 }
 
 /// `cobi-sync check`.
@@ -209,11 +221,7 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
                 ));
             }
         }
-        Err(e) => out.push(Line::fail(
-            "server version",
-            e.to_string(),
-            "check the connection",
-        )),
+        Err(e) => out.push(query_failed("server version", &e, url)),
     }
     // wal_level.
     if replication {
@@ -230,11 +238,7 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
                     ));
                 }
             }
-            Err(e) => out.push(Line::fail(
-                "wal_level",
-                e.to_string(),
-                "check the connection",
-            )),
+            Err(e) => out.push(query_failed("wal_level", &e, url)),
         }
     }
     // Role attributes.
@@ -272,11 +276,7 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
                 ));
             }
         }
-        Err(e) => out.push(Line::fail(
-            "privileges",
-            e.to_string(),
-            "check the connection",
-        )),
+        Err(e) => out.push(query_failed("privileges", &e, url)),
     }
     // Tables, columns, types, SELECT, replica identity.
     let ctx = MapContext::from_settings(settings);
@@ -287,23 +287,30 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
             Ok(t) => {
                 let mut problems = Vec::new();
                 if let Some(info) = &t.table {
-                    let can: bool = client
+                    let can = client
                         .query_one(
                             "SELECT has_table_privilege($1::oid, 'SELECT')",
                             &[&info.oid],
                         )
                         .await
-                        .map(|r| r.get(0))
-                        .unwrap_or(false);
-                    if !can {
-                        problems.push((
+                        .map(|r| r.get::<_, bool>(0));
+                    match can {
+                        Ok(true) => {}
+                        Ok(false) => problems.push((
                             "the role cannot SELECT from it".to_string(),
                             format!(
                                 "GRANT SELECT ON {} TO {};",
                                 m.source.sql(),
                                 quote_ident(&url.user)
                             ),
-                        ));
+                        )),
+                        Err(e) => problems.push((
+                            format!(
+                                "cannot check the SELECT privilege: {}",
+                                pg::explain(&e, url)
+                            ),
+                            "see the message; then run `cobi-sync check` again".to_string(),
+                        )),
                     }
                 }
                 if let (Some(c), Some(info)) = (&t.mapping.cursor, &t.table) {
@@ -381,6 +388,7 @@ async fn publication_check(
     out: &mut Vec<Line>,
 ) {
     let publication = &settings.source.replication.publication;
+    let url = &settings.source.url;
     let row = client
         .query_opt(
             "SELECT puballtables FROM pg_publication WHERE pubname = $1",
@@ -389,22 +397,26 @@ async fn publication_check(
         .await;
     let name = format!("publication {publication}");
     match row {
-        Err(e) => out.push(Line::fail(name, e.to_string(), "check the connection")),
+        Err(e) => out.push(query_failed(name, &e, url)),
         Ok(None) => {
             // Can this role create it? It must own every table.
             let mut not_owned = Vec::new();
             for t in tables {
                 if let Some(info) = &t.table {
-                    let owns: bool = client
+                    let owns = client
                         .query_one(
                             "SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = $1",
                             &[&info.oid],
                         )
                         .await
-                        .map(|r| r.get(0))
-                        .unwrap_or(false);
-                    if !owns {
-                        not_owned.push(t.mapping.source.sql());
+                        .map(|r| r.get::<_, bool>(0));
+                    match owns {
+                        Ok(true) => {}
+                        Ok(false) => not_owned.push(t.mapping.source.sql()),
+                        Err(e) => {
+                            out.push(query_failed(name, &e, url));
+                            return;
+                        }
                     }
                 }
             }
@@ -430,14 +442,19 @@ async fn publication_check(
                 out.push(Line::ok(name, "FOR ALL TABLES"));
                 return;
             }
-            let listed: Vec<(String, String)> = client
+            let listed: Vec<(String, String)> = match client
                 .query(
                     "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
                     &[publication],
                 )
                 .await
-                .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-                .unwrap_or_default();
+            {
+                Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+                Err(e) => {
+                    out.push(query_failed(name, &e, url));
+                    return;
+                }
+            };
             let missing: Vec<String> = tables
                 .iter()
                 .filter_map(|t| t.table.as_ref())
@@ -490,7 +507,7 @@ async fn slot_check(settings: &Settings, client: &Client, out: &mut Vec<Line>) {
         )
         .await;
     match row {
-        Err(e) => out.push(Line::fail(name, e.to_string(), "check the connection")),
+        Err(e) => out.push(query_failed(name, &e, &settings.source.url)),
         Ok(None) if known > 0 => out.push(Line::fail(
             name,
             format!(
