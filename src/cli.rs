@@ -104,13 +104,13 @@ pub struct MockApiArgs {
     #[arg(long, env = "COBI_API_KEY", hide_env_values = true)]
     pub api_key: String,
     /// Share of requests answered 500.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::mock_api::parse_rate)]
     pub fail_rate: f64,
     /// Share of requests answered 429 with Retry-After.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::mock_api::parse_rate)]
     pub throttle_rate: f64,
     /// Share of requests whose connection is closed without an answer.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::mock_api::parse_rate)]
     pub drop_rate: f64,
     /// Added latency per request (e.g. 20ms).
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]

@@ -139,6 +139,44 @@ fn help_never_prints_the_api_key_from_the_environment() {
 }
 
 #[test]
+fn bad_mock_api_fault_rates_exit_2_naming_the_flag() {
+    // An address in use: had a rate been accepted, the command would fail
+    // to listen and exit 1 rather than 2 (and never serve).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    for (flag, value, want) in [
+        ("--fail-rate", "1.5", "out of range"),
+        ("--throttle-rate", "-0.1", "out of range"),
+        ("--drop-rate", "often", "is not a number"),
+        ("--fail-rate", "NaN", "out of range"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let (code, out, err) = run_cli(
+            &["mock-api", "--api-key", "k", "--listen", &listen, &arg],
+            &[],
+        );
+        assert_eq!(code, 2, "{arg}: exit code\n{out}{err}");
+        assert!(err.contains(flag), "{arg}: flag not named:\n{err}");
+        assert!(err.contains(want), "{arg}: want `{want}`:\n{err}");
+        assert!(err.contains("between 0 and 1"), "{arg}:\n{err}");
+    }
+    // A good rate passes parsing: the command gets as far as listening.
+    let (code, _, err) = run_cli(
+        &[
+            "mock-api",
+            "--api-key",
+            "k",
+            "--listen",
+            &listen,
+            "--fail-rate=0.25",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot listen"), "{err}");
+}
+
+#[test]
 fn status_and_dlq_without_state_create_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
