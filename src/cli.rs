@@ -368,7 +368,17 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
                 })?;
                 print_rows(&rows, json);
             }
-            _ => println!("{}", resp.text().await.unwrap_or_default()),
+            DlqAction::Replay { .. } => {
+                let text = resp.text().await.unwrap_or_default();
+                println!("{text}");
+                let note = serde_json::from_str::<dlq::ReplayReport>(&text)
+                    .ok()
+                    .and_then(|r| r.skipped_note());
+                if let Some(note) = note {
+                    eprintln!("{note}");
+                }
+            }
+            DlqAction::Purge { .. } => println!("{}", resp.text().await.unwrap_or_default()),
         }
         return Ok(());
     }
@@ -378,7 +388,9 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
         match action {
             DlqAction::List { json, .. } => print_rows(&[], json),
             DlqAction::Purge { .. } => println!("{{\"purged\":0}}"),
-            DlqAction::Replay { .. } => println!("{{\"replayed\":0,\"still_dead\":0}}"),
+            DlqAction::Replay { .. } => {
+                println!("{{\"replayed\":0,\"skipped\":0,\"still_dead\":0}}")
+            }
         }
         return Ok(());
     };
@@ -400,17 +412,21 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
         DlqAction::Replay { .. } => {
             logging::init(&settings.log);
             let pipeline = Pipeline::start(&settings, store.clone()).map_err(|e| fail(&e))?;
-            let n = dlq::replay(store.as_ref(), &pipeline.sink, ty)
+            let report = dlq::replay(store.as_ref(), &pipeline.sink, ty)
                 .await
                 .map_err(|e| {
                     eprintln!("dlq replay: {e}");
                     1
                 });
             pipeline.drain(daemon::GRACE).await;
-            let n = n?;
+            let report = report?;
+            let (n, skipped) = (report.replayed, report.skipped);
             let left = store.dead_letters(ty).map(|v| v.len()).unwrap_or(0);
-            info!(replayed = n, still_dead = left, "dlq replay done");
-            println!("{{\"replayed\":{n},\"still_dead\":{left}}}");
+            info!(replayed = n, skipped, still_dead = left, "dlq replay done");
+            println!("{{\"replayed\":{n},\"skipped\":{skipped},\"still_dead\":{left}}}");
+            if let Some(note) = report.skipped_note() {
+                eprintln!("{note}");
+            }
         }
     }
     Ok(())

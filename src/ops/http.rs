@@ -132,9 +132,13 @@ async fn dlq_replay(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Re
         Err(r) => return *r,
     };
     match dlq::replay(s.store.as_ref(), &s.sink, ty).await {
-        Ok(n) => {
-            info!(replayed = n, "dead letters replayed on request");
-            Json(serde_json::json!({ "replayed": n })).into_response()
+        Ok(r) => {
+            info!(
+                replayed = r.replayed,
+                skipped = r.skipped,
+                "dead letters replayed on request"
+            );
+            Json(r).into_response()
         }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
     }
