@@ -161,6 +161,9 @@ pub async fn check(settings: &Settings, origin: &str) -> Vec<Line> {
             None => {}
         }
     }
+    for w in &settings.source.url.warnings {
+        out.push(Line::warn("configuration", w.clone()));
+    }
     if !crate::daemon::has_state(&settings.state.dir) {
         out.push(Line::ok(
             "state dir",

@@ -152,6 +152,9 @@ fn load(path: &std::path::Path) -> Result<Settings, u8> {
 /// `cobi-sync validate`: the configuration alone, nothing is contacted.
 fn cmd_validate(path: &std::path::Path) -> Result<(), u8> {
     let settings = load(path)?;
+    for w in &settings.source.url.warnings {
+        eprintln!("warning: {w}");
+    }
     println!(
         "configuration {} is valid ({} mode, {} mappings)",
         path.display(),

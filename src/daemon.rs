@@ -202,6 +202,9 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         state_dir = %settings.state.dir.display(),
         "cobi-sync starting"
     );
+    for w in &settings.source.url.warnings {
+        warn!("{w}");
+    }
     check_secret_permissions(&settings);
     let store = open_store(&settings)?;
     let pipeline = Pipeline::start(&settings, store.clone())?;

@@ -80,9 +80,11 @@ pub async fn connect_url(url: &PgUrl, password: Option<&Secret>) -> Result<Clien
         .dbname(&url.dbname)
         .application_name(APPLICATION_NAME)
         .options(SESSION_OPTIONS)
-        .connect_timeout(url.connect_timeout.unwrap_or(Duration::from_secs(10)))
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30));
+    if let Some(t) = url.connect_timeout {
+        cfg.connect_timeout(t);
+    }
     if let Some(p) = password {
         cfg.password(p.expose());
     }
