@@ -369,15 +369,19 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
         }
     };
     let r = &raw.source.replication;
-    for (key, v) in [
-        ("source.replication.slot", &r.slot),
-        ("source.replication.publication", &r.publication),
+    for (key, v, example) in [
+        ("source.replication.slot", &r.slot, "slot = \"cobi_sync\""),
+        (
+            "source.replication.publication",
+            &r.publication,
+            "publication = \"cobi_sync\"",
+        ),
     ] {
         if !is_identifier(v) {
             err(
                 key,
                 format!("`{v}` must be 1-63 lower-case letters, digits or underscores"),
-                "slot = \"cobi_sync\"",
+                example,
             );
         }
     }
@@ -1030,6 +1034,13 @@ region = { column = "country", transform = "upper" }
                 "source.replication.slot: `Bad-Slot` must be",
             ),
             (
+                base(SHOPS).replace(
+                    "[api]",
+                    "[source.replication]\npublication = \"Bad-Pub\"\n[api]",
+                ),
+                "source.replication.publication: `Bad-Pub` must be",
+            ),
+            (
                 base(&SHOPS.replace(
                     "table = \"public.merchant\"",
                     "query = \"SELECT * FROM merchant\"",
@@ -1045,6 +1056,21 @@ region = { column = "country", transform = "upper" }
         for (text, want) in cases {
             let got = first_error(&text);
             assert!(got.starts_with(want), "want `{want}`, got `{got}`");
+        }
+    }
+
+    #[test]
+    fn each_name_key_gets_its_own_example() {
+        for key in ["slot", "publication"] {
+            let text = base(SHOPS).replace(
+                "[api]",
+                &format!("[source.replication]\n{key} = \"Bad-Name\"\n[api]"),
+            );
+            let got = first_error(&text);
+            assert!(
+                got.ends_with(&format!("(example: {key} = \"cobi_sync\")")),
+                "{key}: {got}"
+            );
         }
     }
 
