@@ -286,25 +286,33 @@ fn fail(e: &DaemonError) -> u8 {
     e.exit_code()
 }
 
-/// The running daemon's endpoint, if it answers.
-async fn daemon_url(settings: &Settings) -> Option<String> {
+/// How long `status` waits for the running daemon's answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The running daemon's endpoint, if it answers, and a client for it whose
+/// requests time out after [`STATUS_TIMEOUT`].
+async fn daemon_url(settings: &Settings) -> Option<(reqwest::Client, String)> {
     let addr = settings.http.listen?;
     let base = format!("http://{addr}");
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(3))
+        .timeout(STATUS_TIMEOUT)
         .build()
         .ok()?;
     client.get(format!("{base}/healthz")).send().await.ok()?;
-    Some(base)
+    Some((client, base))
 }
 
 async fn cmd_status(path: &std::path::Path, json: bool) -> Result<(), u8> {
     let settings = load(path)?;
-    let report = if let Some(base) = daemon_url(&settings).await {
-        let r = reqwest::get(format!("{base}/status")).await.map_err(|e| {
-            eprintln!("cannot read {base}/status: {e}");
-            1
-        })?;
+    let report = if let Some((client, base)) = daemon_url(&settings).await {
+        let r = client
+            .get(format!("{base}/status"))
+            .send()
+            .await
+            .map_err(|e| {
+                eprintln!("cannot read {base}/status: {e}");
+                1
+            })?;
         r.json::<status::StatusReport>().await.map_err(|e| {
             eprintln!("unexpected answer from {base}/status: {e}");
             1
@@ -346,7 +354,8 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
     };
     let ty = ty_name.as_deref().map(resolve_type).transpose()?;
     let query = ty_name.map(|t| format!("?type={t}")).unwrap_or_default();
-    if let Some(base) = daemon_url(&settings).await {
+    if let Some((_, base)) = daemon_url(&settings).await {
+        // No timeout: a replay waits for the API's verdict on every letter.
         let client = reqwest::Client::new();
         let (req, what) = match &action {
             DlqAction::List { .. } => (client.get(format!("{base}/dlq{query}")), "list"),

@@ -209,3 +209,44 @@ fn status_and_dlq_without_state_create_nothing() {
     assert!(out.contains("no state yet"), "{out}");
     assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
 }
+
+/// A daemon endpoint that answers /healthz and then never answers /status:
+/// `status` gives up after its timeout instead of hanging.
+#[test]
+fn status_times_out_on_a_stalled_daemon() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            // One request per connection is enough for a probe; hold every
+            // connection open so a stalled one stays stalled.
+            let mut buf = [0u8; 4096];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if request.starts_with("GET /healthz") {
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n",
+                );
+            }
+            held.push(conn);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let state = dir.path().join("state");
+    let text = GOOD.replace("/tmp/cobi-sync-test-never-used", state.to_str().unwrap())
+        + &format!("[http]\nlisten = \"{addr}\"\n");
+    std::fs::write(&path, text).unwrap();
+    let started = std::time::Instant::now();
+    let (code, out, err) = run_cli(&["status", "--config", path.to_str().unwrap()], &[]);
+    let took = started.elapsed();
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("/status"), "{err}");
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "status took {took:?}"
+    );
+}
