@@ -141,25 +141,18 @@ pub async fn check(settings: &Settings, origin: &str) -> Vec<Line> {
             }
         ),
     )];
-    for path in [
-        settings.api.key.file.as_ref(),
-        settings.source.password_file.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        match config::secret::permission_warning(path) {
-            Some(w) => out.push(Line::fail(
+    for (path, warning) in config::secret::secret_file_permissions(settings) {
+        out.push(match warning {
+            Some(w) => Line::fail(
                 "secret file permissions",
                 w,
                 format!("chmod 600 {}", path.display()),
-            )),
-            None if path.exists() => out.push(Line::ok(
+            ),
+            None => Line::ok(
                 "secret file permissions",
                 format!("{} is private", path.display()),
-            )),
-            None => {}
-        }
+            ),
+        });
     }
     for w in &settings.source.url.warnings {
         out.push(Line::warn("configuration", w.clone()));

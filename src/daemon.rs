@@ -18,7 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::secret::permission_warning;
+use crate::config::secret::secret_file_permissions;
 use crate::config::{Mode, Settings};
 use crate::ops::health::Health;
 use crate::ops::http::{self, AppState};
@@ -178,14 +178,8 @@ pub fn no_state_message(settings: &Settings) -> String {
 
 /// Warns about secret files others can read.
 pub fn check_secret_permissions(settings: &Settings) {
-    for path in [
-        settings.api.key.file.as_ref(),
-        settings.source.password_file.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        if let Some(w) = permission_warning(path) {
+    for (_, warning) in secret_file_permissions(settings) {
+        if let Some(w) = warning {
             warn!("{w}");
         }
     }
