@@ -270,13 +270,7 @@ async fn cmd_snapshot(path: &std::path::Path, types: &[String], force: bool) -> 
                 Ok(())
             }
         }
-        Err(e) => {
-            let e = match e {
-                crate::source::SourceError::Config(m) => DaemonError::Config(m),
-                crate::source::SourceError::Fatal(m) => DaemonError::Runtime(m),
-            };
-            Err(fail(&e))
-        }
+        Err(e) => Err(fail(&DaemonError::from(e))),
     }
 }
 

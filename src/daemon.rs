@@ -54,6 +54,17 @@ impl DaemonError {
     }
 }
 
+impl From<SourceError> for DaemonError {
+    /// A mapping that does not match the database is a configuration error
+    /// (exit 2); anything else a runtime failure (exit 1).
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::Config(m) => DaemonError::Config(m),
+            SourceError::Fatal(m) => DaemonError::Runtime(m),
+        }
+    }
+}
+
 /// Store, metrics, health, API client and sink, running.
 pub struct Pipeline {
     /// The state store.
@@ -284,13 +295,15 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         r = &mut source_task => {
             outcome = match r {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(SourceError::Fatal(m))) => {
-                    error!(error = %m, "source stopped");
-                    Err(DaemonError::Runtime(m))
-                }
-                Ok(Err(SourceError::Config(m))) => {
-                    error!(error = %m, "the configuration does not match the database");
-                    Err(DaemonError::Config(m))
+                Ok(Err(e)) => {
+                    let e = DaemonError::from(e);
+                    match &e {
+                        DaemonError::Runtime(m) => error!(error = %m, "source stopped"),
+                        DaemonError::Config(m) => {
+                            error!(error = %m, "the configuration does not match the database")
+                        }
+                    }
+                    Err(e)
                 }
                 Err(e) => Err(DaemonError::Runtime(format!("source task failed: {e}"))),
             };
