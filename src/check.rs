@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use tokio_postgres::Client;
 
+use crate::config::pgurl::PgUrl;
 use crate::config::{self, quote_ident, Mode, OnDelete, Settings};
 use crate::mapping::engine::MapContext;
 use crate::model::schema::schema;
@@ -76,6 +77,17 @@ impl Line {
     }
 }
 
+/// A catalog query that failed: a problem, with PostgreSQL's explanation
+/// (never turned into "no" or "none", which would pass or fail the check
+/// for the wrong reason).
+fn query_failed(name: impl Into<String>, e: &tokio_postgres::Error, url: &PgUrl) -> Line {
+    Line::fail(
+        name,
+        pg::explain(e, url),
+        "see the message: the connection dropped, or the role may not read the catalog",
+    )
+}
+
 /// `cobi-sync check`.
 pub async fn run(path: &Path) -> Result<(), u8> {
     let settings = match config::load(path) {
@@ -129,25 +141,27 @@ pub async fn check(settings: &Settings, origin: &str) -> Vec<Line> {
             }
         ),
     )];
-    for path in [
-        settings.api.key.file.as_ref(),
-        settings.source.password_file.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        match config::secret::permission_warning(path) {
-            Some(w) => out.push(Line::fail(
+    for (path, warning) in config::secret::secret_file_permissions(settings) {
+        out.push(match warning {
+            Some(w) => Line::fail(
                 "secret file permissions",
                 w,
                 format!("chmod 600 {}", path.display()),
-            )),
-            None if path.exists() => out.push(Line::ok(
+            ),
+            None => Line::ok(
                 "secret file permissions",
                 format!("{} is private", path.display()),
-            )),
-            None => {}
-        }
+            ),
+        });
+    }
+    for w in &settings.source.url.warnings {
+        out.push(Line::warn("configuration", w.clone()));
+    }
+    if !crate::daemon::has_state(&settings.state.dir) {
+        out.push(Line::ok(
+            "state dir",
+            crate::daemon::no_state_message(settings),
+        ));
     }
     database_checks(settings, &mut out).await;
     out.push(api_check(settings).await);
@@ -203,11 +217,7 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
                 ));
             }
         }
-        Err(e) => out.push(Line::fail(
-            "server version",
-            e.to_string(),
-            "check the connection",
-        )),
+        Err(e) => out.push(query_failed("server version", &e, url)),
     }
     // wal_level.
     if replication {
@@ -224,11 +234,7 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
                     ));
                 }
             }
-            Err(e) => out.push(Line::fail(
-                "wal_level",
-                e.to_string(),
-                "check the connection",
-            )),
+            Err(e) => out.push(query_failed("wal_level", &e, url)),
         }
     }
     // Role attributes.
@@ -266,11 +272,7 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
                 ));
             }
         }
-        Err(e) => out.push(Line::fail(
-            "privileges",
-            e.to_string(),
-            "check the connection",
-        )),
+        Err(e) => out.push(query_failed("privileges", &e, url)),
     }
     // Tables, columns, types, SELECT, replica identity.
     let ctx = MapContext::from_settings(settings);
@@ -281,23 +283,30 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
             Ok(t) => {
                 let mut problems = Vec::new();
                 if let Some(info) = &t.table {
-                    let can: bool = client
+                    let can = client
                         .query_one(
                             "SELECT has_table_privilege($1::oid, 'SELECT')",
                             &[&info.oid],
                         )
                         .await
-                        .map(|r| r.get(0))
-                        .unwrap_or(false);
-                    if !can {
-                        problems.push((
+                        .map(|r| r.get::<_, bool>(0));
+                    match can {
+                        Ok(true) => {}
+                        Ok(false) => problems.push((
                             "the role cannot SELECT from it".to_string(),
                             format!(
                                 "GRANT SELECT ON {} TO {};",
                                 m.source.sql(),
                                 quote_ident(&url.user)
                             ),
-                        ));
+                        )),
+                        Err(e) => problems.push((
+                            format!(
+                                "cannot check the SELECT privilege: {}",
+                                pg::explain(&e, url)
+                            ),
+                            "see the message; then run `cobi-sync check` again".to_string(),
+                        )),
                     }
                 }
                 if let (Some(c), Some(info)) = (&t.mapping.cursor, &t.table) {
@@ -375,6 +384,7 @@ async fn publication_check(
     out: &mut Vec<Line>,
 ) {
     let publication = &settings.source.replication.publication;
+    let url = &settings.source.url;
     let row = client
         .query_opt(
             "SELECT puballtables FROM pg_publication WHERE pubname = $1",
@@ -383,22 +393,26 @@ async fn publication_check(
         .await;
     let name = format!("publication {publication}");
     match row {
-        Err(e) => out.push(Line::fail(name, e.to_string(), "check the connection")),
+        Err(e) => out.push(query_failed(name, &e, url)),
         Ok(None) => {
             // Can this role create it? It must own every table.
             let mut not_owned = Vec::new();
             for t in tables {
                 if let Some(info) = &t.table {
-                    let owns: bool = client
+                    let owns = client
                         .query_one(
                             "SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = $1",
                             &[&info.oid],
                         )
                         .await
-                        .map(|r| r.get(0))
-                        .unwrap_or(false);
-                    if !owns {
-                        not_owned.push(t.mapping.source.sql());
+                        .map(|r| r.get::<_, bool>(0));
+                    match owns {
+                        Ok(true) => {}
+                        Ok(false) => not_owned.push(t.mapping.source.sql()),
+                        Err(e) => {
+                            out.push(query_failed(name, &e, url));
+                            return;
+                        }
                     }
                 }
             }
@@ -424,14 +438,19 @@ async fn publication_check(
                 out.push(Line::ok(name, "FOR ALL TABLES"));
                 return;
             }
-            let listed: Vec<(String, String)> = client
+            let listed: Vec<(String, String)> = match client
                 .query(
                     "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
                     &[publication],
                 )
                 .await
-                .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-                .unwrap_or_default();
+            {
+                Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+                Err(e) => {
+                    out.push(query_failed(name, &e, url));
+                    return;
+                }
+            };
             let missing: Vec<String> = tables
                 .iter()
                 .filter_map(|t| t.table.as_ref())
@@ -463,20 +482,28 @@ async fn slot_check(settings: &Settings, client: &Client, out: &mut Vec<Line>) {
     let name = format!("replication slot {slot}");
     // What cobi-sync confirmed before (the store is locked while the daemon
     // runs: then the daemon itself watches the slot).
-    let known = crate::state::SledStore::open(&settings.state.dir)
+    // A missing state dir is not created here.
+    let known = crate::daemon::open_existing_store(settings)
         .ok()
-        .and_then(|s| crate::state::replication_checkpoint(&s).ok().flatten())
+        .flatten()
+        .and_then(|s| {
+            crate::state::replication_checkpoint(s.as_ref())
+                .ok()
+                .flatten()
+        })
         .map_or(0, |c| c.lsn);
     let row = client
         .query_opt(
-            "SELECT plugin::text, database::text, active, COALESCE(wal_status, 'reserved'), \
-                    COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::int8 \
-             FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT s.plugin::text, s.database::text, s.active, COALESCE(s.wal_status, 'reserved'), \
+                    COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn), 0)::int8, \
+                    current_database()::text, s.active_pid, a.application_name::text \
+             FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
+             WHERE s.slot_name = $1",
             &[slot],
         )
         .await;
     match row {
-        Err(e) => out.push(Line::fail(name, e.to_string(), "check the connection")),
+        Err(e) => out.push(query_failed(name, &e, &settings.source.url)),
         Ok(None) if known > 0 => out.push(Line::fail(
             name,
             format!(
@@ -486,31 +513,101 @@ async fn slot_check(settings: &Settings, client: &Client, out: &mut Vec<Line>) {
             "run `cobi-sync snapshot` to re-create the slot and re-sync (unchanged records are not re-sent)",
         )),
         Ok(None) => out.push(Line::ok(name, "missing; the daemon creates it at start")),
-        Ok(Some(r)) => {
-            let plugin: Option<String> = r.get(0);
-            let status: String = r.get(3);
-            let lag: i64 = r.get(4);
-            if plugin.as_deref() != Some("pgoutput") {
-                out.push(Line::fail(
-                    name,
-                    format!("exists with plugin {}", plugin.unwrap_or_default()),
-                    "choose another source.replication.slot, or drop that slot",
-                ));
-            } else if status == "lost" {
-                out.push(Line::fail(
-                    name,
-                    "invalidated by the server (WAL it needed was removed)",
-                    "run `cobi-sync snapshot` to re-create it and re-sync",
-                ));
-            } else {
-                let max = settings.source.replication.max_slot_lag;
-                if lag as u64 > max {
-                    out.push(Line::warn(name, format!("lag {lag} bytes is above max_slot_lag ({max})")));
-                } else {
-                    out.push(Line::ok(name, format!("exists, lag {lag} bytes")));
-                }
+        Ok(Some(r)) => out.push(slot_verdict(
+            slot,
+            &SlotRow {
+                plugin: r.get(0),
+                database: r.get(1),
+                active: r.get(2),
+                status: r.get(3),
+                lag: r.get(4),
+                current_database: r.get(5),
+                active_pid: r.get(6),
+                consumer: r.get(7),
+            },
+            settings.source.replication.max_slot_lag,
+        )),
+    }
+}
+
+/// What `pg_replication_slots` says about the configured slot.
+#[derive(Debug, Clone)]
+struct SlotRow {
+    plugin: Option<String>,
+    /// The database a logical slot belongs to.
+    database: Option<String>,
+    /// A walsender streams from it now.
+    active: bool,
+    /// `wal_status` (`lost`: invalidated).
+    status: String,
+    /// Bytes between the server's WAL position and the slot's confirmed one.
+    lag: i64,
+    /// The database `source.url` connects to.
+    current_database: String,
+    /// The walsender streaming from it, and its `application_name`.
+    active_pid: Option<i32>,
+    consumer: Option<String>,
+}
+
+/// The verdict on an existing slot.
+fn slot_verdict(slot: &str, r: &SlotRow, max_slot_lag: u64) -> Line {
+    let name = format!("replication slot {slot}");
+    if r.plugin.as_deref() != Some("pgoutput") {
+        return Line::fail(
+            name,
+            format!(
+                "exists with plugin {}",
+                r.plugin.as_deref().unwrap_or("(none: a physical slot)")
+            ),
+            "choose another source.replication.slot, or drop that slot",
+        );
+    }
+    if let Some(db) = r.database.as_deref().filter(|db| *db != r.current_database) {
+        return Line::fail(
+            name,
+            format!(
+                "belongs to database {db}, not {} (slot names are shared by the whole server; \
+                 a logical slot streams one database)",
+                r.current_database
+            ),
+            format!(
+                "choose another source.replication.slot, or, if nothing in {db} uses it, drop it \
+                 there: SELECT pg_drop_replication_slot({});",
+                pg::quote_literal(slot)
+            ),
+        );
+    }
+    if r.status == "lost" {
+        return Line::fail(
+            name,
+            "invalidated by the server (WAL it needed was removed)",
+            "run `cobi-sync snapshot` to re-create it and re-sync",
+        );
+    }
+    if r.active {
+        let who = match (r.active_pid, r.consumer.as_deref()) {
+            (Some(pid), Some(app)) if !app.is_empty() => {
+                format!("pid {pid}, application_name {app}")
             }
-        }
+            (Some(pid), _) => format!("pid {pid}"),
+            (None, _) => "another connection".into(),
+        };
+        return Line::warn(
+            name,
+            format!(
+                "in use now ({who}), lag {} bytes: fine if that is this cobi-sync's running \
+                 daemon; any other consumer takes changes away from cobi-sync — give it its own slot",
+                r.lag
+            ),
+        );
+    }
+    if r.lag as u64 > max_slot_lag {
+        Line::warn(
+            name,
+            format!("lag {} bytes is above max_slot_lag ({max_slot_lag})", r.lag),
+        )
+    } else {
+        Line::ok(name, format!("exists, lag {} bytes", r.lag))
     }
 }
 
@@ -555,5 +652,96 @@ async fn api_check(settings: &Settings) -> Line {
             format!("cannot reach {}: {e}", settings.api.base_url),
             "check api.base_url, DNS, proxies and firewalls",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> SlotRow {
+        SlotRow {
+            plugin: Some("pgoutput".into()),
+            database: Some("shop".into()),
+            active: false,
+            status: "reserved".into(),
+            lag: 100,
+            current_database: "shop".into(),
+            active_pid: None,
+            consumer: None,
+        }
+    }
+
+    #[test]
+    fn an_idle_slot_of_this_database_is_ok() {
+        let l = slot_verdict("cobi_sync", &row(), 1000);
+        assert_eq!(l.name, "replication slot cobi_sync");
+        assert_eq!(l.verdict, Verdict::Ok("exists, lag 100 bytes".into()));
+        let l = slot_verdict("cobi_sync", &row(), 10);
+        assert!(matches!(l.verdict, Verdict::Warn(ref d) if d.contains("above max_slot_lag")));
+    }
+
+    #[test]
+    fn a_slot_of_another_database_fails_with_the_fix() {
+        let r = SlotRow {
+            database: Some("billing".into()),
+            ..row()
+        };
+        match slot_verdict("cobi_sync", &r, 1000).verdict {
+            Verdict::Fail(detail, fix) => {
+                assert!(
+                    detail.contains("belongs to database billing, not shop"),
+                    "{detail}"
+                );
+                assert!(
+                    fix.contains("choose another source.replication.slot"),
+                    "{fix}"
+                );
+                assert!(
+                    fix.contains("pg_drop_replication_slot('cobi_sync')"),
+                    "{fix}"
+                );
+            }
+            v => panic!("want a failure, got {v:?}"),
+        }
+    }
+
+    #[test]
+    fn an_active_slot_is_a_warning_naming_the_consumer() {
+        let r = SlotRow {
+            active: true,
+            active_pid: Some(4242),
+            consumer: Some("debezium".into()),
+            ..row()
+        };
+        match slot_verdict("cobi_sync", &r, 1000).verdict {
+            Verdict::Warn(d) => {
+                assert!(
+                    d.contains("in use now (pid 4242, application_name debezium)"),
+                    "{d}"
+                );
+                assert!(d.contains("own slot"), "{d}");
+            }
+            v => panic!("want a warning, got {v:?}"),
+        }
+        // Wrong plugin and lost slots still fail first.
+        let r = SlotRow {
+            active: true,
+            status: "lost".into(),
+            ..row()
+        };
+        assert!(matches!(
+            slot_verdict("s", &r, 1000).verdict,
+            Verdict::Fail(ref d, _) if d.contains("invalidated")
+        ));
+        let r = SlotRow {
+            plugin: None,
+            database: None,
+            ..row()
+        };
+        assert!(matches!(
+            slot_verdict("s", &r, 1000).verdict,
+            Verdict::Fail(ref d, _) if d.contains("physical slot")
+        ));
     }
 }

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -13,6 +14,7 @@ use crate::config::{self, Mode, Settings};
 use crate::daemon::{self, DaemonError, Pipeline};
 use crate::model::schema::{schema, TypeId};
 use crate::ops::{dlq, logging, status};
+use crate::state::{MemoryStore, StateStore};
 
 /// cobi-sync: keeps the Cobi platform in sync with your PostgreSQL database.
 #[derive(Debug, Parser)]
@@ -98,16 +100,17 @@ pub struct MockApiArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
     /// Bearer key clients must send.
-    #[arg(long, env = "COBI_API_KEY")]
+    // `hide_env_values`: `--help` names the variable, never the key in it.
+    #[arg(long, env = "COBI_API_KEY", hide_env_values = true)]
     pub api_key: String,
     /// Share of requests answered 500.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::mock_api::parse_rate)]
     pub fail_rate: f64,
     /// Share of requests answered 429 with Retry-After.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::mock_api::parse_rate)]
     pub throttle_rate: f64,
     /// Share of requests whose connection is closed without an answer.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::mock_api::parse_rate)]
     pub drop_rate: f64,
     /// Added latency per request (e.g. 20ms).
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]
@@ -149,6 +152,9 @@ fn load(path: &std::path::Path) -> Result<Settings, u8> {
 /// `cobi-sync validate`: the configuration alone, nothing is contacted.
 fn cmd_validate(path: &std::path::Path) -> Result<(), u8> {
     let settings = load(path)?;
+    for w in &settings.source.url.warnings {
+        eprintln!("warning: {w}");
+    }
     println!(
         "configuration {} is valid ({} mode, {} mappings)",
         path.display(),
@@ -264,13 +270,7 @@ async fn cmd_snapshot(path: &std::path::Path, types: &[String], force: bool) -> 
                 Ok(())
             }
         }
-        Err(e) => {
-            let e = match e {
-                crate::source::SourceError::Config(m) => DaemonError::Config(m),
-                crate::source::SourceError::Fatal(m) => DaemonError::Runtime(m),
-            };
-            Err(fail(&e))
-        }
+        Err(e) => Err(fail(&DaemonError::from(e))),
     }
 }
 
@@ -280,34 +280,49 @@ fn fail(e: &DaemonError) -> u8 {
     e.exit_code()
 }
 
-/// The running daemon's endpoint, if it answers.
-async fn daemon_url(settings: &Settings) -> Option<String> {
+/// How long `status` waits for the running daemon's answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The running daemon's endpoint, if it answers, and a client for it whose
+/// requests time out after [`STATUS_TIMEOUT`].
+async fn daemon_url(settings: &Settings) -> Option<(reqwest::Client, String)> {
     let addr = settings.http.listen?;
     let base = format!("http://{addr}");
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(3))
+        .timeout(STATUS_TIMEOUT)
         .build()
         .ok()?;
     client.get(format!("{base}/healthz")).send().await.ok()?;
-    Some(base)
+    Some((client, base))
 }
 
 async fn cmd_status(path: &std::path::Path, json: bool) -> Result<(), u8> {
     let settings = load(path)?;
-    let report = if let Some(base) = daemon_url(&settings).await {
-        let r = reqwest::get(format!("{base}/status")).await.map_err(|e| {
-            eprintln!("cannot read {base}/status: {e}");
-            1
-        })?;
+    let report = if let Some((client, base)) = daemon_url(&settings).await {
+        let r = client
+            .get(format!("{base}/status"))
+            .send()
+            .await
+            .map_err(|e| {
+                eprintln!("cannot read {base}/status: {e}");
+                1
+            })?;
         r.json::<status::StatusReport>().await.map_err(|e| {
             eprintln!("unexpected answer from {base}/status: {e}");
             1
         })?
     } else {
-        let store = daemon::open_store(&settings).map_err(|e| {
+        let store = daemon::open_existing_store(&settings).map_err(|e| {
             eprintln!("{e}");
             1
         })?;
+        let store = store.unwrap_or_else(|| {
+            // Nothing to read: report the empty state, create nothing.
+            if !json {
+                println!("{}", daemon::no_state_message(&settings));
+            }
+            Arc::new(MemoryStore::new()) as Arc<dyn StateStore>
+        });
         status::build(&settings, store.as_ref(), None).map_err(|e| {
             eprintln!("{e}");
             1
@@ -333,7 +348,8 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
     };
     let ty = ty_name.as_deref().map(resolve_type).transpose()?;
     let query = ty_name.map(|t| format!("?type={t}")).unwrap_or_default();
-    if let Some(base) = daemon_url(&settings).await {
+    if let Some((_, base)) = daemon_url(&settings).await {
+        // No timeout: a replay waits for the API's verdict on every letter.
         let client = reqwest::Client::new();
         let (req, what) = match &action {
             DlqAction::List { .. } => (client.get(format!("{base}/dlq{query}")), "list"),
@@ -358,12 +374,32 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
                 })?;
                 print_rows(&rows, json);
             }
-            _ => println!("{}", resp.text().await.unwrap_or_default()),
+            DlqAction::Replay { .. } => {
+                let text = resp.text().await.unwrap_or_default();
+                println!("{text}");
+                let note = serde_json::from_str::<dlq::ReplayReport>(&text)
+                    .ok()
+                    .and_then(|r| r.skipped_note());
+                if let Some(note) = note {
+                    eprintln!("{note}");
+                }
+            }
+            DlqAction::Purge { .. } => println!("{}", resp.text().await.unwrap_or_default()),
         }
         return Ok(());
     }
     // The daemon is stopped: work on the state dir directly.
-    let store = daemon::open_store(&settings).map_err(|e| fail(&e))?;
+    let Some(store) = daemon::open_existing_store(&settings).map_err(|e| fail(&e))? else {
+        eprintln!("{}", daemon::no_state_message(&settings));
+        match action {
+            DlqAction::List { json, .. } => print_rows(&[], json),
+            DlqAction::Purge { .. } => println!("{{\"purged\":0}}"),
+            DlqAction::Replay { .. } => {
+                println!("{{\"replayed\":0,\"skipped\":0,\"still_dead\":0}}")
+            }
+        }
+        return Ok(());
+    };
     match action {
         DlqAction::List { json, .. } => {
             let rows = dlq::list(store.as_ref(), ty).map_err(|e| {
@@ -382,17 +418,21 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
         DlqAction::Replay { .. } => {
             logging::init(&settings.log);
             let pipeline = Pipeline::start(&settings, store.clone()).map_err(|e| fail(&e))?;
-            let n = dlq::replay(store.as_ref(), &pipeline.sink, ty)
+            let report = dlq::replay(store.as_ref(), &pipeline.sink, ty)
                 .await
                 .map_err(|e| {
                     eprintln!("dlq replay: {e}");
                     1
                 });
             pipeline.drain(daemon::GRACE).await;
-            let n = n?;
+            let report = report?;
+            let (n, skipped) = (report.replayed, report.skipped);
             let left = store.dead_letters(ty).map(|v| v.len()).unwrap_or(0);
-            info!(replayed = n, still_dead = left, "dlq replay done");
-            println!("{{\"replayed\":{n},\"still_dead\":{left}}}");
+            info!(replayed = n, skipped, still_dead = left, "dlq replay done");
+            println!("{{\"replayed\":{n},\"skipped\":{skipped},\"still_dead\":{left}}}");
+            if let Some(note) = report.skipped_note() {
+                eprintln!("{note}");
+            }
         }
     }
     Ok(())

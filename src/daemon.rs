@@ -3,10 +3,12 @@
 //! `dlq replay` reuse when the daemon is stopped).
 //!
 //! Shutdown (SIGTERM/SIGINT): sources stop reading; the HTTP endpoint
-//! closes; the sink sends what it holds and commits; if that takes longer
-//! than [`GRACE`], in-flight requests are abandoned — their records were
-//! never confirmed, so they are read again after restart — and the process
-//! exits 0.
+//! closes; the sink sends what it holds and commits. A source or endpoint
+//! still busy [`GRACE`] after the signal (blocked on a sink that cannot
+//! deliver, a `dlq replay` waiting for verdicts) is aborted, and the sink
+//! then gets what is left of `GRACE` (at least 2 s); after that, in-flight
+//! requests are abandoned — their records were never confirmed, so they
+//! are read again after restart — and the process exits 0.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::secret::permission_warning;
+use crate::config::secret::secret_file_permissions;
 use crate::config::{Mode, Settings};
 use crate::ops::health::Health;
 use crate::ops::http::{self, AppState};
@@ -52,6 +54,17 @@ impl DaemonError {
     }
 }
 
+impl From<SourceError> for DaemonError {
+    /// A mapping that does not match the database is a configuration error
+    /// (exit 2); anything else a runtime failure (exit 1).
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::Config(m) => DaemonError::Config(m),
+            SourceError::Fatal(m) => DaemonError::Runtime(m),
+        }
+    }
+}
+
 /// Store, metrics, health, API client and sink, running.
 pub struct Pipeline {
     /// The state store.
@@ -72,7 +85,7 @@ impl Pipeline {
     /// Starts the sink on `store`.
     pub fn start(settings: &Settings, store: Arc<dyn StateStore>) -> Result<Pipeline, DaemonError> {
         let metrics = Arc::new(Metrics::new());
-        let health = Arc::new(Health::default());
+        let health = Arc::new(Health::new(&metrics));
         let hard_stop = CancellationToken::new();
         let client = Arc::new(
             ApiClient::new(
@@ -143,16 +156,41 @@ pub fn open_store(settings: &Settings) -> Result<Arc<dyn StateStore>, DaemonErro
         .map_err(|e| DaemonError::Runtime(format!("state.dir: {e}")))
 }
 
+/// Opens the sled store in `state.dir` if the daemon has created one there;
+/// `None` when the directory is missing or empty. For the commands that
+/// only read or tidy state (`status`, `check`, `dlq`): they must not create
+/// a state dir, which would then belong to whoever ran them.
+pub fn open_existing_store(
+    settings: &Settings,
+) -> Result<Option<Arc<dyn StateStore>>, DaemonError> {
+    if !has_state(&settings.state.dir) {
+        return Ok(None);
+    }
+    open_store(settings).map(Some)
+}
+
+/// Whether `dir` exists and holds anything (the daemon has run).
+pub fn has_state(dir: &std::path::Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_some(),
+        // Unreadable (permissions): let opening it say why.
+        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+    }
+}
+
+/// What `status`, `check` and `dlq` say when [`open_existing_store`] found
+/// nothing.
+pub fn no_state_message(settings: &Settings) -> String {
+    format!(
+        "no state yet in {} (the daemon has not run)",
+        settings.state.dir.display()
+    )
+}
+
 /// Warns about secret files others can read.
 pub fn check_secret_permissions(settings: &Settings) {
-    for path in [
-        settings.api.key.file.as_ref(),
-        settings.source.password_file.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        if let Some(w) = permission_warning(path) {
+    for (_, warning) in secret_file_permissions(settings) {
+        if let Some(w) = warning {
             warn!("{w}");
         }
     }
@@ -169,6 +207,9 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         state_dir = %settings.state.dir.display(),
         "cobi-sync starting"
     );
+    for w in &settings.source.url.warnings {
+        warn!("{w}");
+    }
     check_secret_permissions(&settings);
     let store = open_store(&settings)?;
     let pipeline = Pipeline::start(&settings, store.clone())?;
@@ -254,31 +295,61 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         r = &mut source_task => {
             outcome = match r {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(SourceError::Fatal(m))) => {
-                    error!(error = %m, "source stopped");
-                    Err(DaemonError::Runtime(m))
-                }
-                Ok(Err(SourceError::Config(m))) => {
-                    error!(error = %m, "the configuration does not match the database");
-                    Err(DaemonError::Config(m))
+                Ok(Err(e)) => {
+                    let e = DaemonError::from(e);
+                    match &e {
+                        DaemonError::Runtime(m) => error!(error = %m, "source stopped"),
+                        DaemonError::Config(m) => {
+                            error!(error = %m, "the configuration does not match the database")
+                        }
+                    }
+                    Err(e)
                 }
                 Err(e) => Err(DaemonError::Runtime(format!("source task failed: {e}"))),
             };
         }
     }
     systemd::stopping();
+    // One deadline for the source and the endpoint: a source blocked on a
+    // full sink (the API is down) and a `dlq replay` waiting for verdicts
+    // would otherwise hold shutdown forever. Abandoned work was never
+    // confirmed, so it is read again after restart.
+    let deadline = tokio::time::Instant::now() + GRACE;
     read_stop.cancel();
     if !source_task.is_finished() {
-        let _ = source_task.await;
+        stop_within(source_task, deadline, "source").await;
     }
     http_stop.cancel();
     if let Some(t) = http_task {
-        let _ = t.await;
+        stop_within(t, deadline, "http endpoint").await;
     }
     if let Some(w) = watchdog {
         w.abort();
     }
-    pipeline.drain(GRACE).await;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    pipeline.drain(left.max(MIN_DRAIN)).await;
     info!("cobi-sync stopped");
     outcome
+}
+
+/// The least time the sink gets to deliver what it holds at shutdown, even
+/// when the source used up [`GRACE`]: shutdown ends within `GRACE +
+/// MIN_DRAIN` (10 s, DESIGN.md §6).
+const MIN_DRAIN: Duration = Duration::from_secs(2);
+
+/// Waits for a task that was asked to stop; aborts it at `deadline`.
+async fn stop_within<T>(
+    mut task: tokio::task::JoinHandle<T>,
+    deadline: tokio::time::Instant,
+    what: &str,
+) {
+    if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+        warn!(
+            task = what,
+            "did not stop within the shutdown grace period; abandoning it \
+             (what it had not delivered is read again after restart)"
+        );
+        task.abort();
+        let _ = task.await;
+    }
 }

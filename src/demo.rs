@@ -18,7 +18,7 @@ use crate::daemon::Pipeline;
 use crate::mock_api::{MockOptions, MockServer};
 use crate::model::schema::schema;
 use crate::ops::logging;
-use crate::pgtemp::{PgTemp, PgTempError};
+use crate::pgtemp::{DirGuard, PgTemp, PgTempError};
 use crate::source::replication;
 use crate::state::{SledStore, StateStore};
 
@@ -310,7 +310,10 @@ async fn tour(started: Instant) -> anyhow::Result<()> {
     .await?;
     println!("2. mock Cobi API listening on {}", mock.base_url());
 
-    let state = tempdir()?;
+    // Removed on every way out of the tour, failures included (after the
+    // store using it, declared below, has been dropped).
+    let workdir = DirGuard::new(tempdir()?);
+    let state = workdir.path();
     let key_file = state.join("api-key");
     std::fs::write(&key_file, DEMO_KEY)?;
     set_private(&key_file)?;
@@ -392,7 +395,8 @@ async fn tour(started: Instant) -> anyhow::Result<()> {
     mock.stop().await;
     drop(client);
     drop(pg);
-    let _ = std::fs::remove_dir_all(&state);
+    drop(store);
+    drop(workdir);
     println!(
         "\ndone in {:.1}s; everything cleaned up. Next: write your mappings (config/cobi-sync.example.toml) and run `cobi-sync check`.",
         started.elapsed().as_secs_f64()

@@ -827,9 +827,19 @@ fn conf_quote(s: &str) -> String {
 /// Removes a directory on drop unless [`keep`](DirGuard::keep) was called: a cluster
 /// directory prepared on a blocking thread for a `start` future that was cancelled
 /// meanwhile is dropped with the task's output, and so removed.
-struct DirGuard(Option<PathBuf>);
+pub(crate) struct DirGuard(Option<PathBuf>);
 
 impl DirGuard {
+    /// Guards `dir`: it is removed when the guard drops.
+    pub(crate) fn new(dir: PathBuf) -> DirGuard {
+        DirGuard(Some(dir))
+    }
+
+    /// The guarded directory.
+    pub(crate) fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new(""))
+    }
+
     fn keep(mut self) -> PathBuf {
         self.0.take().unwrap_or_default()
     }

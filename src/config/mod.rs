@@ -116,12 +116,11 @@ pub fn load_str(text: &str, origin: &str) -> Result<Settings, ConfigErrors> {
         origin: origin.to_string(),
         errors,
     };
-    // Syntax first, with the toml crate's line and column.
+    // Syntax first, with the line and column of the problem.
     if let Err(e) = toml::from_str::<toml::Table>(text) {
-        let msg = e.to_string().replace('\n', " ").replace("  ", " ");
         return Err(fail(vec![ConfigError::new(
             origin,
-            syntax_message(msg.trim()),
+            syntax_message(&toml_error_message(&e, text)),
         )]));
     }
     let built = config::Config::builder()
@@ -175,6 +174,32 @@ fn serde_error(path: &str, message: &str) -> ConfigError {
     }
     let key = if path == "." { "<root>" } else { path };
     ConfigError::new(key, message.replace("invalid type: ", "wrong type: "))
+}
+
+/// The toml error's own message and where it is (`line 3, column 7`),
+/// without the source snippet its `Display` adds: that line can hold a
+/// secret (a password in `source.url`).
+fn toml_error_message(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!("{message} (line {line}, column {column})")
+        }
+        None => message,
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
 }
 
 fn syntax_message(message: &str) -> String {
@@ -308,5 +333,35 @@ region = { column = "country", transform = "upper" }
     fn toml_syntax_errors_are_reported() {
         let e = errors("[source\nurl = 1");
         assert!(e[0].contains("cannot parse the file as TOML"), "{e:?}");
+        assert!(e[0].contains("line 1, column"), "{e:?}");
+    }
+
+    #[test]
+    fn toml_syntax_errors_never_quote_the_line() {
+        // A missing closing quote on the line that holds the password.
+        let text = MINIMAL.replace(
+            "url = \"postgres://cobi_sync@db.internal:5432/shop\"",
+            "url = \"postgres://cobi_sync:hunter2-s3cret@db.internal:5432/shop",
+        );
+        let e = errors(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("cannot parse the file as TOML"), "{e:?}");
+        assert!(!e[0].contains("hunter2"), "the password leaked: {e:?}");
+        // Where the problem is, so the operator can still find it: the
+        // url is on line 3 of MINIMAL.
+        assert!(e[0].contains("(line 3, column "), "{e:?}");
+    }
+
+    #[test]
+    fn line_column_counts_from_one_in_characters() {
+        let text = "a = 1\nbé = \"x\n";
+        assert_eq!(line_column(text, 0), (1, 1));
+        assert_eq!(line_column(text, 4), (1, 5));
+        assert_eq!(line_column(text, 6), (2, 1));
+        // After the two-byte `é`: column 3, not 4.
+        assert_eq!(line_column(text, 9), (2, 3));
+        // Inside `é` and past the end are clamped, not a panic.
+        assert_eq!(line_column(text, 8), (2, 2));
+        assert_eq!(line_column(text, 1000), (3, 1));
     }
 }

@@ -66,8 +66,36 @@ pub struct PgUrl {
     pub sslmode: SslMode,
     /// CA bundle for `verify-ca` / `verify-full` (default: the web PKI roots).
     pub sslrootcert: Option<PathBuf>,
-    /// Connection timeout.
+    /// How long connecting may take; `None` waits indefinitely (libpq's
+    /// `connect_timeout=0`). Default [`DEFAULT_CONNECT_TIMEOUT`].
     pub connect_timeout: Option<Duration>,
+    /// Harmless URL parameters that are ignored, as messages for the
+    /// operator (logged as warnings, shown by `check`).
+    pub warnings: Vec<String>,
+}
+
+/// `connect_timeout` when the URL does not set it.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a libpq parameter cobi-sync does not support is refused: each would
+/// change how it connects in a way it cannot honour.
+fn unsupported(param: &str) -> Option<&'static str> {
+    Some(match param {
+        "options" => {
+            "cobi-sync sets its own session options (time zone, date style, float digits) \
+             that its readers rely on; set role defaults with ALTER ROLE … SET instead"
+        }
+        "target_session_attrs" => {
+            "cobi-sync connects to the one host in the URL; point source.url at the primary"
+        }
+        "keepalives" | "keepalives_idle" | "keepalives_interval" | "keepalives_count" => {
+            "cobi-sync always enables TCP keepalives (30 s idle)"
+        }
+        "sslcert" | "sslkey" | "sslpassword" => {
+            "client certificates are not supported; authenticate with a password"
+        }
+        _ => return None,
+    })
 }
 
 impl fmt::Debug for PgUrl {
@@ -141,7 +169,8 @@ impl PgUrl {
         let mut dbname = percent_decode(url.path().trim_start_matches('/'));
         let mut sslmode = SslMode::Prefer;
         let mut sslrootcert = None;
-        let mut connect_timeout = None;
+        let mut connect_timeout = Some(DEFAULT_CONNECT_TIMEOUT);
+        let mut warnings = Vec::new();
         for (k, v) in url.query_pairs() {
             match &*k {
                 "host" => host = v.to_string(),
@@ -163,17 +192,30 @@ impl PgUrl {
                 }
                 "sslrootcert" => sslrootcert = Some(PathBuf::from(&*v)),
                 "connect_timeout" => {
-                    let secs: u64 = v
-                        .parse()
-                        .map_err(|_| format!("connect_timeout `{v}` is not a number of seconds"))?;
-                    connect_timeout = Some(Duration::from_secs(secs));
+                    let secs: u64 = v.parse().map_err(|_| {
+                        format!(
+                            "connect_timeout `{v}` is not a whole number of seconds \
+                             (0 waits indefinitely)"
+                        )
+                    })?;
+                    // As in libpq: zero means no timeout.
+                    connect_timeout = (secs > 0).then(|| Duration::from_secs(secs));
                 }
-                "application_name" | "options" | "target_session_attrs" | "keepalives" => {}
+                "application_name" | "fallback_application_name" => warnings.push(format!(
+                    "source.url: URL parameter `{k}` is ignored: cobi-sync always connects \
+                     with application_name=cobi-sync (it recognises its own connections by it)"
+                )),
                 other => {
-                    return Err(format!(
-                        "unsupported URL parameter `{other}` (supported: host, port, user, \
-                         password, dbname, sslmode, sslrootcert, connect_timeout)"
-                    ))
+                    return Err(match unsupported(other) {
+                        Some(why) => {
+                            format!("URL parameter `{other}` is not supported: {why}; remove it")
+                        }
+                        None => format!(
+                            "unsupported URL parameter `{other}`; remove it (supported: host, \
+                             port, user, password, dbname, sslmode, sslrootcert, \
+                             connect_timeout)"
+                        ),
+                    })
                 }
             }
         }
@@ -197,6 +239,7 @@ impl PgUrl {
             sslmode,
             sslrootcert,
             connect_timeout,
+            warnings,
         })
     }
 }
@@ -242,5 +285,45 @@ mod tests {
             .unwrap_err()
             .contains("verify-full"));
         assert!(PgUrl::parse("db.internal:5432").is_err());
+    }
+
+    #[test]
+    fn connect_timeout_zero_means_none_as_in_libpq() {
+        let t = |q: &str| PgUrl::parse(&format!("postgres://x@y/z{q}")).map(|u| u.connect_timeout);
+        assert_eq!(t(""), Ok(Some(DEFAULT_CONNECT_TIMEOUT)));
+        assert_eq!(t("?connect_timeout=3"), Ok(Some(Duration::from_secs(3))));
+        assert_eq!(t("?connect_timeout=0"), Ok(None));
+        let e = t("?connect_timeout=soon").unwrap_err();
+        assert!(e.contains("connect_timeout `soon`"), "{e}");
+        assert!(t("?connect_timeout=-1").is_err());
+    }
+
+    #[test]
+    fn unsupported_parameters_are_named_and_harmless_ones_warned() {
+        for (param, why) in [
+            ("options=-c%20work_mem%3D1MB", "session options"),
+            ("target_session_attrs=read-write", "primary"),
+            ("keepalives=0", "keepalives"),
+            ("keepalives_idle=5", "keepalives"),
+            ("sslcert=/etc/c.pem", "client certificates"),
+            ("gssencmode=disable", "supported: host"),
+        ] {
+            let e = PgUrl::parse(&format!("postgres://x@y/z?{param}")).unwrap_err();
+            let name = param.split('=').next().unwrap();
+            assert!(e.contains(&format!("`{name}`")), "{param}: {e}");
+            assert!(e.contains(why), "{param}: want `{why}` in {e}");
+            assert!(e.contains("remove it"), "{param}: {e}");
+        }
+        let u = PgUrl::parse("postgres://x@y/z?application_name=shop-sync").unwrap();
+        assert_eq!(u.warnings.len(), 1, "{:?}", u.warnings);
+        assert!(
+            u.warnings[0].contains("`application_name` is ignored"),
+            "{:?}",
+            u.warnings
+        );
+        assert!(PgUrl::parse("postgres://x@y/z")
+            .unwrap()
+            .warnings
+            .is_empty());
     }
 }

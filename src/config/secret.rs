@@ -155,6 +155,23 @@ pub fn permission_warning(path: &Path) -> Option<String> {
     }
 }
 
+/// How readable each secret file the settings name is (the API key file,
+/// the database password file): every such file that exists, with a
+/// [`permission_warning`] when group or others can read it. The one place
+/// that decides which files hold secrets: `run` and `snapshot` warn at
+/// start, `check` reports each.
+pub fn secret_file_permissions(settings: &super::Settings) -> Vec<(&Path, Option<String>)> {
+    [
+        settings.api.key.file.as_deref(),
+        settings.source.password_file.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|path| path.exists())
+    .map(|path| (path, permission_warning(path)))
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -313,16 +313,19 @@ fn is_identifier(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
+/// Records a problem at `key`, with `example` unless it is empty.
+fn push_error(errs: &mut Vec<ConfigError>, key: impl Into<String>, msg: String, example: &str) {
+    let mut e = ConfigError::new(key, msg);
+    if !example.is_empty() {
+        e = e.example(example);
+    }
+    errs.push(e);
+}
+
 /// Checks a whole raw configuration, collecting every problem.
 pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
     let mut errs: Vec<ConfigError> = Vec::new();
-    let mut err = |key: &str, msg: String, example: &str| {
-        let mut e = ConfigError::new(key, msg);
-        if !example.is_empty() {
-            e = e.example(example);
-        }
-        errs.push(e);
-    };
+    let mut err = |key: &str, msg: String, example: &str| push_error(&mut errs, key, msg, example);
 
     // [source]
     let url = if raw.source.url.trim().is_empty() {
@@ -369,15 +372,19 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
         }
     };
     let r = &raw.source.replication;
-    for (key, v) in [
-        ("source.replication.slot", &r.slot),
-        ("source.replication.publication", &r.publication),
+    for (key, v, example) in [
+        ("source.replication.slot", &r.slot, "slot = \"cobi_sync\""),
+        (
+            "source.replication.publication",
+            &r.publication,
+            "publication = \"cobi_sync\"",
+        ),
     ] {
         if !is_identifier(v) {
             err(
                 key,
                 format!("`{v}` must be 1-63 lower-case letters, digits or underscores"),
-                "slot = \"cobi_sync\"",
+                example,
             );
         }
     }
@@ -402,11 +409,13 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
         0
     });
     let p = &raw.source.poll;
-    let schedule = parse_cron(&p.schedule).ok().or_else(|| {
-        let m = parse_cron(&p.schedule).unwrap_err();
-        err("source.poll.schedule", m, "schedule = \"*/30 * * * * *\"");
-        None
-    });
+    let schedule = match parse_cron(&p.schedule) {
+        Ok(s) => Some(s),
+        Err(m) => {
+            err("source.poll.schedule", m, "schedule = \"*/30 * * * * *\"");
+            None
+        }
+    };
     let lookback = parse_duration(&p.lookback).unwrap_or_else(|m| {
         err("source.poll.lookback", m, "lookback = \"2m\"");
         Duration::ZERO
@@ -680,13 +689,7 @@ fn validate_mapping(
         }
     };
     let before = errs.len();
-    let mut err = |key: String, msg: String, example: &str| {
-        let mut e = ConfigError::new(key, msg);
-        if !example.is_empty() {
-            e = e.example(example);
-        }
-        errs.push(e);
-    };
+    let mut err = |key: String, msg: String, example: &str| push_error(errs, key, msg, example);
     let s = schema();
     let ty = if m.ty.is_empty() {
         err(at("type"), "is required".into(), "type = \"shops\"");
@@ -1030,6 +1033,13 @@ region = { column = "country", transform = "upper" }
                 "source.replication.slot: `Bad-Slot` must be",
             ),
             (
+                base(SHOPS).replace(
+                    "[api]",
+                    "[source.replication]\npublication = \"Bad-Pub\"\n[api]",
+                ),
+                "source.replication.publication: `Bad-Pub` must be",
+            ),
+            (
                 base(&SHOPS.replace(
                     "table = \"public.merchant\"",
                     "query = \"SELECT * FROM merchant\"",
@@ -1045,6 +1055,21 @@ region = { column = "country", transform = "upper" }
         for (text, want) in cases {
             let got = first_error(&text);
             assert!(got.starts_with(want), "want `{want}`, got `{got}`");
+        }
+    }
+
+    #[test]
+    fn each_name_key_gets_its_own_example() {
+        for key in ["slot", "publication"] {
+            let text = base(SHOPS).replace(
+                "[api]",
+                &format!("[source.replication]\n{key} = \"Bad-Name\"\n[api]"),
+            );
+            let got = first_error(&text);
+            assert!(
+                got.ends_with(&format!("(example: {key} = \"cobi_sync\")")),
+                "{key}: {got}"
+            );
         }
     }
 

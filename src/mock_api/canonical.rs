@@ -1,6 +1,6 @@
 //! The stored form of a record: its canonical JSON (the exact bytes
-//! [`Record::to_json`] produces, written faster), and its key in a form
-//! that keeps UUID keys inside the hash table.
+//! [`Record::to_json`] produces, with the field names pre-serialised), and
+//! its key in a form that keeps UUID keys inside the hash table.
 
 use std::borrow::{Borrow, Cow};
 use std::hash::{Hash, Hasher};
@@ -32,7 +32,8 @@ fn field_prefixes() -> &'static [Vec<Box<[u8]>>] {
 }
 
 /// Appends the record's JSON to `out`: the same bytes as
-/// [`Record::write_json`].
+/// [`Record::write_json`], values written by the same [`Json::write`], field
+/// names copied from a table instead of escaped each time.
 pub(crate) fn write_record(record: &Record, out: &mut Vec<u8>) {
     let prefixes = &field_prefixes()[record.ty as usize];
     out.push(b'{');
@@ -41,51 +42,9 @@ pub(crate) fn write_record(record: &Record, out: &mut Vec<u8>) {
             out.push(b',');
         }
         out.extend_from_slice(&prefixes[*f as usize]);
-        match v {
-            Json::Str(s) => write_str(out, s),
-            Json::Null => out.extend_from_slice(b"null"),
-            Json::Bool(true) => out.extend_from_slice(b"true"),
-            Json::Bool(false) => out.extend_from_slice(b"false"),
-            Json::Int(i) => write_int(out, *i),
-            Json::Float(x) => {
-                let _ = serde_json::to_writer(&mut *out, x);
-            }
-            Json::Num(n) => out.extend_from_slice(n.as_bytes()),
-        }
+        v.write(out);
     }
     out.push(b'}');
-}
-
-/// An integer in decimal, as `{i}` prints it.
-fn write_int(out: &mut Vec<u8>, i: i64) {
-    let mut buf = [0u8; 20];
-    let mut pos = buf.len();
-    let mut n = i.unsigned_abs();
-    loop {
-        pos -= 1;
-        buf[pos] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    if i < 0 {
-        out.push(b'-');
-    }
-    out.extend_from_slice(&buf[pos..]);
-}
-
-/// A JSON string literal; strings that need no escaping (nearly all) are
-/// copied in one go.
-fn write_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.reserve(s.len() + 2);
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-    } else {
-        write_json_str(out, s);
-    }
 }
 
 /// The record's Cobi key, borrowed when it is a single string field (the
@@ -177,10 +136,12 @@ mod tests {
                 String::from_utf8(r.to_json()).unwrap()
             );
         }
+        let mut r = Record::new(s.type_id("interactions").unwrap());
         for i in [0, 7, -7, 10, 1_700_000_000_000, i64::MIN, i64::MAX] {
+            r.set(0, Json::Int(i));
             let mut out = Vec::new();
-            write_int(&mut out, i);
-            assert_eq!(out, i.to_string().as_bytes());
+            write_record(&r, &mut out);
+            assert_eq!(out, r.to_json());
         }
         let mut r = Record::new(s.type_id("branches").unwrap());
         r.set(4, Json::Float(45.5));

@@ -101,6 +101,17 @@ impl MockOptions {
     }
 }
 
+/// Parses a fault rate given on the command line (`--fail-rate 0.05`): a
+/// share in `0..=1`. The error says what a good value looks like.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    let rate: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number; give a share between 0 and 1 (e.g. 0.05)"))?;
+    check_rate("rate", rate)
+        .map_err(|_| format!("{s} is out of range; give a share between 0 and 1 (e.g. 0.05)"))
+}
+
 /// What the mock has seen, as `GET /_mock/stats` returns it. Maps only hold
 /// non-zero entries; types are named as in the URL (`user-interactions`).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]

@@ -46,7 +46,8 @@ impl Json {
         }
     }
 
-    fn write(&self, out: &mut Vec<u8>) {
+    /// Appends the value as JSON (the bytes [`Record::write_json`] uses).
+    pub fn write(&self, out: &mut Vec<u8>) {
         match self {
             Json::Null => out.extend_from_slice(b"null"),
             Json::Bool(true) => out.extend_from_slice(b"true"),

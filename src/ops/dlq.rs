@@ -3,9 +3,13 @@
 //! Replay re-sends stored records through the normal sink, in dependency
 //! order (parents first), ignoring fingerprints; a record accepted now
 //! leaves the queue, one rejected again stays with its attempt count
-//! raised. Purge drops dead letters the operator has given up on.
+//! raised. A dead letter that cannot be re-sent — its type is unknown to
+//! this version, or its record no longer parses — is skipped, counted and
+//! reported, and the others are replayed. Purge drops dead letters the
+//! operator has given up on.
 
 use serde::{Deserialize, Serialize};
+use tracing::{trace, warn};
 
 use crate::model::record::Record;
 use crate::model::schema::{schema, TypeId};
@@ -86,28 +90,67 @@ pub fn render(rows: &[DeadLetterRow]) -> String {
     out
 }
 
-/// Queues every dead letter of `ty` for re-sending and waits until the
-/// sink has a verdict on each. Returns how many were re-sent.
+/// What a replay did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayReport {
+    /// Dead letters re-sent (accepted now, or dead again with their attempt
+    /// count raised).
+    pub replayed: usize,
+    /// Dead letters left as they are: their type is unknown to this version
+    /// of cobi-sync, or their record no longer parses.
+    pub skipped: usize,
+}
+
+impl ReplayReport {
+    /// What the operator should know about skipped letters, if any.
+    pub fn skipped_note(&self) -> Option<String> {
+        (self.skipped > 0).then(|| {
+            format!(
+                "{} dead letter{} not replayed: a type this version of cobi-sync does not know, \
+                 or a record that no longer parses. They stay in the queue: see `cobi-sync dlq \
+                 list`, then purge them or upgrade cobi-sync",
+                self.skipped,
+                if self.skipped == 1 { "" } else { "s" },
+            )
+        })
+    }
+}
+
+/// Sink items re-sending `letters` (sorted into dependency order), and how
+/// many letters were skipped because they cannot be re-sent.
+fn replay_items(mut letters: Vec<DeadLetter>) -> (Vec<SinkItem>, usize) {
+    letters.sort_by_key(|d| schema().type_id(&d.ty));
+    let mut items = Vec::with_capacity(letters.len());
+    let mut skipped = 0;
+    for d in letters {
+        let Some(key) = d.key() else {
+            skipped += 1;
+            warn!(type = %d.ty, mapping = %d.mapping, "dead letter skipped: its type is unknown to this version of cobi-sync");
+            trace!(source_key = %d.source_key, "skipped dead letter");
+            continue;
+        };
+        match Record::from_json(key.ty, d.record.as_bytes()) {
+            Ok(record) => items.push(SinkItem::upsert(key, &record, Vec::new(), true)),
+            Err(e) => {
+                skipped += 1;
+                warn!(type = %d.ty, mapping = %d.mapping, "dead letter skipped: its record no longer parses");
+                // The parse error may quote record contents (personal data).
+                trace!(source_key = %d.source_key, error = %e, "skipped dead letter");
+            }
+        }
+    }
+    (items, skipped)
+}
+
+/// Queues every dead letter of `ty` that can be re-sent and waits until
+/// the sink has a verdict on each.
 pub async fn replay(
     store: &dyn StateStore,
     sink: &SinkHandle,
     ty: Option<TypeId>,
-) -> Result<usize, String> {
-    let mut letters = store.dead_letters(ty).map_err(|e| e.to_string())?;
-    letters.sort_by_key(|d| schema().type_id(&d.ty));
-    let mut items = Vec::with_capacity(letters.len());
-    for d in letters {
-        let Some(key) = d.key() else { continue };
-        match Record::from_json(key.ty, d.record.as_bytes()) {
-            Ok(record) => items.push(SinkItem::upsert(key, &record, Vec::new(), true)),
-            Err(e) => {
-                return Err(format!(
-                    "dead letter {} {} holds a record that no longer parses ({e}); purge it",
-                    d.ty, d.source_key
-                ))
-            }
-        }
-    }
+) -> Result<ReplayReport, String> {
+    let letters = store.dead_letters(ty).map_err(|e| e.to_string())?;
+    let (mut items, skipped) = replay_items(letters);
     let n = items.len();
     for chunk in items.chunks_mut(1000) {
         let chunk: Vec<SinkItem> = chunk
@@ -117,7 +160,10 @@ pub async fn replay(
         sink.send(chunk).await.map_err(|e| e.to_string())?;
     }
     sink.barrier().await.map_err(|e| e.to_string())?;
-    Ok(n)
+    Ok(ReplayReport {
+        replayed: n,
+        skipped,
+    })
 }
 
 /// Removes every dead letter of `ty`. Returns how many.
@@ -131,4 +177,64 @@ pub fn purge(store: &dyn StateStore, ty: Option<TypeId>) -> Result<usize, StateE
     store.apply(&writes)?;
     store.flush()?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(ty: &str, source_key: &str, record: &str) -> DeadLetter {
+        DeadLetter {
+            ty: ty.into(),
+            mapping: format!("{ty}/public.t"),
+            cobi_key: None,
+            source_key: source_key.into(),
+            record: record.into(),
+            reason: "rejected".into(),
+            attempts: 1,
+            first_at: "2024-01-01T00:00:00Z".into(),
+            last_at: "2024-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn letters_that_cannot_be_resent_are_skipped_and_counted() {
+        let shop = r#"{"shop_id":"7f0c1b9e-1d2a-4c1e-9a57-0f3f6c8b2a10","name":"A","region":"GB"}"#;
+        let letters = vec![
+            letter("branches", "1", "{\"branch_id\": 12"),
+            letter("stores", "2", shop),
+            letter("shops", "3", shop),
+            letter("shops", "4", "not json"),
+        ];
+        let (items, skipped) = replay_items(letters);
+        assert_eq!(skipped, 3, "unknown type + two unparsable records");
+        assert_eq!(items.len(), 1, "the good letter is still replayed");
+        match &items[0] {
+            SinkItem::Upsert { key, force, .. } => {
+                assert_eq!(key.source_key, "3");
+                assert!(force, "replay ignores fingerprints");
+            }
+            other => panic!("want an upsert, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_report_tells_the_operator_what_to_do() {
+        assert_eq!(ReplayReport::default().skipped_note(), None);
+        let one = ReplayReport {
+            replayed: 2,
+            skipped: 1,
+        }
+        .skipped_note()
+        .unwrap();
+        assert!(one.starts_with("1 dead letter not replayed"), "{one}");
+        assert!(one.contains("dlq list"), "{one}");
+        let two = ReplayReport {
+            replayed: 0,
+            skipped: 2,
+        }
+        .skipped_note()
+        .unwrap();
+        assert!(two.starts_with("2 dead letters not replayed"), "{two}");
+    }
 }

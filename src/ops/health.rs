@@ -2,9 +2,17 @@
 //!
 //! Ready means: the source is connected, the API accepts the key, the slot
 //! lag is under `max_slot_lag`, and the state store is writable.
+//!
+//! The `source_connected` and `api_ready` metrics are these flags: setting
+//! a flag sets its gauge, so every source and client reports both through
+//! one call.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::ops::metrics::Metrics;
 
 /// Shared health flags.
 #[derive(Debug)]
@@ -17,11 +25,28 @@ pub struct Health {
     last_api_error: Mutex<Option<String>>,
     last_source_error: Mutex<Option<String>>,
     last_state_error: Mutex<Option<String>>,
+    /// Mirrors `source_connected` (1/0).
+    source_gauge: Gauge,
+    /// Mirrors `api_ok` (1/0).
+    api_gauge: Gauge,
 }
 
 impl Default for Health {
+    /// Flags whose gauges are registered nowhere (checks, tests).
     fn default() -> Self {
-        Health {
+        Self::with_gauges(Gauge::default(), Gauge::default())
+    }
+}
+
+impl Health {
+    /// Flags that keep `metrics.source_connected` and `metrics.api_ready`
+    /// equal to the source and API flags.
+    pub fn new(metrics: &Metrics) -> Self {
+        Self::with_gauges(metrics.source_connected.clone(), metrics.api_ready.clone())
+    }
+
+    fn with_gauges(source_gauge: Gauge, api_gauge: Gauge) -> Self {
+        let h = Health {
             source_connected: AtomicBool::new(false),
             api_ok: AtomicBool::new(true),
             state_ok: AtomicBool::new(true),
@@ -30,7 +55,12 @@ impl Default for Health {
             last_api_error: Mutex::new(None),
             last_source_error: Mutex::new(None),
             last_state_error: Mutex::new(None),
-        }
+            source_gauge,
+            api_gauge,
+        };
+        h.source_gauge.set(0);
+        h.api_gauge.set(1);
+        h
     }
 }
 
@@ -57,18 +87,22 @@ pub struct HealthReport {
 
 impl Health {
     /// Sets the source connection flag (and the error when disconnected).
+    /// Sets the source connection flag and its gauge (and the error when
+    /// disconnected).
     pub fn set_source(&self, connected: bool, error: Option<String>) {
         self.source_connected.store(connected, Ordering::Relaxed);
+        self.source_gauge.set(i64::from(connected));
         if let Some(e) = error {
             *self.last_source_error.lock().expect("lock") = Some(e);
         }
     }
 
-    /// Sets the API flag; returns the previous value.
+    /// Sets the API flag and its gauge; returns the previous value.
     pub fn set_api(&self, ok: bool, error: Option<String>) -> bool {
         if let Some(e) = error {
             *self.last_api_error.lock().expect("lock") = Some(e);
         }
+        self.api_gauge.set(i64::from(ok));
         self.api_ok.swap(ok, Ordering::Relaxed)
     }
 
@@ -155,5 +189,32 @@ mod tests {
         assert!(h.report().reasons[0].contains("No space left"));
         h.set_state(true, None);
         assert!(h.report().ready);
+    }
+
+    /// The value of `cobi_sync_<name>` in the rendered metrics.
+    fn gauge(m: &Metrics, name: &str) -> String {
+        let prefix = format!("cobi_sync_{name} ");
+        m.render()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+            .unwrap_or_else(|| panic!("{name} not exported:\n{}", m.render()))
+    }
+
+    #[test]
+    fn the_flags_set_their_gauges() {
+        let m = Metrics::new();
+        let h = Health::new(&m);
+        assert_eq!(gauge(&m, "source_connected"), "0");
+        assert_eq!(gauge(&m, "api_ready"), "1", "api_ok starts true");
+        h.set_source(true, None);
+        assert_eq!(gauge(&m, "source_connected"), "1");
+        h.set_source(false, Some("connection refused".into()));
+        assert_eq!(gauge(&m, "source_connected"), "0");
+        h.set_api(false, Some("HTTP 401".into()));
+        assert_eq!(gauge(&m, "api_ready"), "0");
+        assert!(!h.set_api(true, None), "returns the previous flag");
+        assert_eq!(gauge(&m, "api_ready"), "1");
+        // The flags and the gauges agree.
+        assert!(h.report().api_ready && !h.report().source_connected);
     }
 }

@@ -11,20 +11,27 @@
 //! | `POST /dlq/purge?type=T` | drops dead letters |
 //!
 //! It is how `cobi-sync status` and `cobi-sync dlq` reach a running daemon
-//! (the state store is locked by it). Bind it to loopback: the dlq
-//! endpoints change state and carry record contents.
+//! (the state store is locked by it). The `/dlq` endpoints carry record
+//! contents (personal data) and change state, and have no authentication:
+//! they answer only clients on the daemon's own host — a loopback address,
+//! or the very address they connected to (`http.listen = "10.0.0.5:9187"`
+//! reached from 10.0.0.5) — whatever `http.listen` is, and 403 to everyone
+//! else. Health, metrics and status (counts and positions only) answer
+//! everyone, so a Prometheus on another host can scrape the daemon.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::Settings;
 use crate::model::schema::{schema, TypeId};
@@ -73,17 +80,71 @@ fn type_param(q: &TypeQuery) -> Result<Option<TypeId>, Box<Response>> {
     }
 }
 
-/// The router.
+/// Both ends of a connection to the endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// The address the client connected to (this host's).
+    pub local: SocketAddr,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        let remote = *stream.remote_addr();
+        Peer {
+            remote,
+            // Unknown: an address no client has, so only loopback passes.
+            local: stream
+                .io()
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+        }
+    }
+}
+
+/// The router. Serve it with a [`Peer`] as [`ConnectInfo`] (as [`serve`]
+/// does): without one the `/dlq` endpoints answer nobody.
 pub fn router(state: AppState) -> Router {
+    let dlq = Router::new()
+        .route("/dlq", get(dlq_list))
+        .route("/dlq/replay", post(dlq_replay))
+        .route("/dlq/purge", post(dlq_purge))
+        .route_layer(middleware::from_fn(loopback_only));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status_handler))
-        .route("/dlq", get(dlq_list))
-        .route("/dlq/replay", post(dlq_replay))
-        .route("/dlq/purge", post(dlq_purge))
+        .merge(dlq)
         .with_state(state)
+}
+
+/// Whether `peer` may use the `/dlq` endpoints: only a client on this host,
+/// connecting from a loopback address or from the address it connected to
+/// (IPv4-mapped IPv6 addresses count as IPv4). A packet from elsewhere
+/// cannot carry one of this host's addresses as its source.
+fn dlq_allowed(peer: &Peer) -> bool {
+    let remote = peer.remote.ip().to_canonical();
+    remote.is_loopback() || remote == peer.local.ip().to_canonical()
+}
+
+/// Refuses `/dlq` requests from other hosts.
+async fn loopback_only(ConnectInfo(peer): ConnectInfo<Peer>, req: Request, next: Next) -> Response {
+    if dlq_allowed(&peer) {
+        return next.run(req).await;
+    }
+    warn!(
+        peer = %peer.remote.ip(),
+        path = %req.uri().path(),
+        "dead-letter request from another host refused"
+    );
+    (
+        StatusCode::FORBIDDEN,
+        "the /dlq endpoints answer only clients on the daemon's own host (they carry record \
+         contents); run `cobi-sync dlq` there\n",
+    )
+        .into_response()
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
@@ -132,9 +193,13 @@ async fn dlq_replay(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Re
         Err(r) => return *r,
     };
     match dlq::replay(s.store.as_ref(), &s.sink, ty).await {
-        Ok(n) => {
-            info!(replayed = n, "dead letters replayed on request");
-            Json(serde_json::json!({ "replayed": n })).into_response()
+        Ok(r) => {
+            info!(
+                replayed = r.replayed,
+                skipped = r.skipped,
+                "dead letters replayed on request"
+            );
+            Json(r).into_response()
         }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
     }
@@ -161,7 +226,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let app = router(state);
+    let app = router(state).into_make_service_with_connect_info::<Peer>();
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -170,4 +235,43 @@ pub async fn serve(
             error!(error = %e, "http endpoint failed");
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dlq_answers_clients_on_this_host_only() {
+        let allowed = |remote: &str, local: &str| {
+            dlq_allowed(&Peer {
+                remote: remote.parse().unwrap(),
+                local: local.parse().unwrap(),
+            })
+        };
+        // Loopback, whatever address the daemon listens on.
+        assert!(allowed("127.0.0.1:50000", "127.0.0.1:9187"));
+        assert!(allowed("127.8.9.10:50000", "127.0.0.1:9187"));
+        assert!(allowed("[::1]:50000", "[::1]:9187"));
+        assert!(allowed(
+            "[::ffff:127.0.0.1]:50000",
+            "[::ffff:127.0.0.1]:9187"
+        ));
+        // This host through its own address (`listen = "10.0.0.5:9187"`).
+        assert!(allowed("10.0.0.5:50000", "10.0.0.5:9187"));
+        assert!(allowed("[::ffff:10.0.0.5]:50000", "10.0.0.5:9187"));
+        // Other hosts.
+        assert!(!allowed("10.0.0.7:50000", "10.0.0.5:9187"));
+        assert!(
+            !allowed("172.17.0.1:50000", "172.17.0.2:9187"),
+            "docker's gateway"
+        );
+        assert!(!allowed("[2001:db8::1]:50000", "[2001:db8::2]:9187"));
+        assert!(!allowed(
+            "[::ffff:192.168.1.5]:50000",
+            "[::ffff:192.168.1.9]:9187"
+        ));
+        // An unknown local address lets only loopback through.
+        assert!(!allowed("10.0.0.7:50000", "0.0.0.0:0"));
+    }
 }

@@ -204,7 +204,6 @@ impl ApiClient {
                     }
                     self.health
                         .set_api(false, Some(format!("HTTP {status}: API key rejected")));
-                    self.metrics.api_ready.set(0);
                     if !self.wait_for_key().await {
                         return Outcome::Abandoned;
                     }
@@ -225,7 +224,6 @@ impl ApiClient {
                     }
                     if attempt >= 3 || unexpected {
                         self.health.set_api(false, Some(reason));
-                        self.metrics.api_ready.set(0);
                     }
                     let delay = retry_delay(
                         after,
@@ -252,7 +250,6 @@ impl ApiClient {
         if !self.health.set_api(true, None) {
             info!("cobi api reachable again");
         }
-        self.metrics.api_ready.set(1);
     }
 
     /// Waits until the key source changes or `max_backoff` passes. False on

@@ -16,10 +16,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio_postgres::Client;
-use tracing::warn;
 
 use crate::config::pgurl::{PgUrl, SslMode};
-use crate::config::secret::{permission_warning, read_secret_file, Secret};
+use crate::config::secret::{read_secret_file, Secret};
 use crate::config::SourceSettings;
 use crate::mapping::value::{oid, PgType};
 
@@ -43,11 +42,10 @@ pub struct ConnectError {
 }
 
 /// The password to use: `password_file`, else the URL's, else `PGPASSWORD`.
+/// (The file's permissions are checked once at start, not per connection:
+/// [`crate::config::secret::secret_file_permissions`].)
 pub fn password(settings: &SourceSettings) -> Result<Option<Secret>, ConnectError> {
     if let Some(path) = &settings.password_file {
-        if let Some(w) = permission_warning(path) {
-            warn!("{w}");
-        }
         return read_secret_file(path, "the database password")
             .map(Some)
             .map_err(|e| ConnectError {
@@ -80,9 +78,11 @@ pub async fn connect_url(url: &PgUrl, password: Option<&Secret>) -> Result<Clien
         .dbname(&url.dbname)
         .application_name(APPLICATION_NAME)
         .options(SESSION_OPTIONS)
-        .connect_timeout(url.connect_timeout.unwrap_or(Duration::from_secs(10)))
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30));
+    if let Some(t) = url.connect_timeout {
+        cfg.connect_timeout(t);
+    }
     if let Some(p) = password {
         cfg.password(p.expose());
     }

@@ -116,6 +116,7 @@ async fn every_check_names_the_problem_and_the_fix() {
                 "has REPLICATION",
                 "lists every mapped table",
                 "missing; the daemon creates it at start",
+                "no state yet",
                 "key accepted",
                 "all checks passed",
             ],
@@ -259,6 +260,17 @@ async fn every_check_names_the_problem_and_the_fix() {
             vec!["PROBLEM wal_level", "is `replica`", "wal_level = logical"],
         ),
         case(
+            "slot of another database",
+            "",
+            vec![],
+            1,
+            vec![
+                "PROBLEM replication slot cobi_test",
+                "belongs to database postgres",
+                "pg_drop_replication_slot('cobi_test')",
+            ],
+        ),
+        case(
             "slot lost after progress",
             "",
             vec![],
@@ -315,7 +327,27 @@ async fn every_check_names_the_problem_and_the_fix() {
             }
             _ => {}
         }
+        if c.name == "slot of another database" {
+            admin
+                .batch_execute("SELECT pg_create_logical_replication_slot('cobi_test', 'pgoutput')")
+                .await
+                .unwrap();
+        }
         let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()], &[]);
+        if c.name == "slot of another database" {
+            admin
+                .batch_execute("SELECT pg_drop_replication_slot('cobi_test')")
+                .await
+                .unwrap();
+        }
+        if c.name != "slot lost after progress" {
+            // `check` inspects state; it never creates the state dir.
+            assert!(
+                !wd.path("state").exists(),
+                "case `{}`: check created the state dir",
+                c.name
+            );
+        }
         for w in &c.want {
             assert!(
                 out.contains(w) || err.contains(w),

@@ -121,3 +121,132 @@ fn usage_errors_exit_2() {
     );
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn help_never_prints_the_api_key_from_the_environment() {
+    let secret = "sk-live-3f9a7c2e-do-not-print";
+    for args in [&["mock-api", "--help"][..], &["mock-api", "-h"][..]] {
+        let (code, out, err) = run_cli(args, &[("COBI_API_KEY", secret)]);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        // The variable is still named, so the operator knows it is read…
+        assert!(out.contains("[env: COBI_API_KEY]"), "{args:?}:\n{out}");
+        // …but its value is not shown.
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "{args:?} printed the key:\n{out}{err}"
+        );
+    }
+}
+
+#[test]
+fn bad_mock_api_fault_rates_exit_2_naming_the_flag() {
+    // An address in use: had a rate been accepted, the command would fail
+    // to listen and exit 1 rather than 2 (and never serve).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    for (flag, value, want) in [
+        ("--fail-rate", "1.5", "out of range"),
+        ("--throttle-rate", "-0.1", "out of range"),
+        ("--drop-rate", "often", "is not a number"),
+        ("--fail-rate", "NaN", "out of range"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let (code, out, err) = run_cli(
+            &["mock-api", "--api-key", "k", "--listen", &listen, &arg],
+            &[],
+        );
+        assert_eq!(code, 2, "{arg}: exit code\n{out}{err}");
+        assert!(err.contains(flag), "{arg}: flag not named:\n{err}");
+        assert!(err.contains(want), "{arg}: want `{want}`:\n{err}");
+        assert!(err.contains("between 0 and 1"), "{arg}:\n{err}");
+    }
+    // A good rate passes parsing: the command gets as far as listening.
+    let (code, _, err) = run_cli(
+        &[
+            "mock-api",
+            "--api-key",
+            "k",
+            "--listen",
+            &listen,
+            "--fail-rate=0.25",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot listen"), "{err}");
+}
+
+#[test]
+fn status_and_dlq_without_state_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let path = dir.path().join("c.toml");
+    let text = GOOD.replace("/tmp/cobi-sync-test-never-used", state.to_str().unwrap())
+        + "[http]\nlisten = \"\"\n";
+    std::fs::write(&path, text).unwrap();
+    let p = path.to_str().unwrap();
+    let (code, out, err) = run_cli(&["status", "--config", p], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("no state yet"), "{out}");
+    assert!(out.contains("(the daemon has not run)"), "{out}");
+    let (code, out, err) = run_cli(&["status", "--json", "--config", p], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("--json stays JSON");
+    assert_eq!(report["running"], false);
+    let (code, out, err) = run_cli(&["dlq", "list", "--json", "--config", p], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.trim(), "[]");
+    assert!(err.contains("no state yet"), "{err}");
+    let (code, out, err) = run_cli(&["dlq", "purge", "--config", p], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("\"purged\":0"), "{out}");
+    assert!(!state.exists(), "a read-only command created the state dir");
+    // An empty directory (systemd's StateDirectory before the first run)
+    // is no state either, and stays empty.
+    std::fs::create_dir(&state).unwrap();
+    let (code, out, err) = run_cli(&["status", "--config", p], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("no state yet"), "{out}");
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
+}
+
+/// A daemon endpoint that answers /healthz and then never answers /status:
+/// `status` gives up after its timeout instead of hanging.
+#[test]
+fn status_times_out_on_a_stalled_daemon() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            // One request per connection is enough for a probe; hold every
+            // connection open so a stalled one stays stalled.
+            let mut buf = [0u8; 4096];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if request.starts_with("GET /healthz") {
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n",
+                );
+            }
+            held.push(conn);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let state = dir.path().join("state");
+    let text = GOOD.replace("/tmp/cobi-sync-test-never-used", state.to_str().unwrap())
+        + &format!("[http]\nlisten = \"{addr}\"\n");
+    std::fs::write(&path, text).unwrap();
+    let started = std::time::Instant::now();
+    let (code, out, err) = run_cli(&["status", "--config", path.to_str().unwrap()], &[]);
+    let took = started.elapsed();
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("/status"), "{err}");
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "status took {took:?}"
+    );
+}

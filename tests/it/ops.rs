@@ -315,3 +315,100 @@ async fn logs_status_and_metrics_hold_no_secrets_or_personal_data() {
         }
     }
 }
+
+/// A local address other than loopback, if this machine has a route
+/// anywhere (no packet is sent: a UDP "connect" only picks the source).
+fn non_loopback_ip() -> Option<std::net::IpAddr> {
+    ["192.0.2.1:9", "203.0.113.1:9", "10.255.255.1:9"]
+        .iter()
+        .find_map(|target| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+            s.connect(target).ok()?;
+            let ip = s.local_addr().ok()?.ip();
+            (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+        })
+}
+
+/// The daemon's endpoint state on a pipeline that reaches nothing.
+fn endpoint_state() -> (cobi_sync::daemon::Pipeline, cobi_sync::ops::http::AppState) {
+    let settings = cobi_sync::config::load_str(
+        r#"
+[source]
+url = "postgres://cobi_sync@127.0.0.1:1/shop"
+[api]
+base_url = "http://127.0.0.1:9"
+[[mapping]]
+type = "shops"
+table = "public.merchant"
+[mapping.fields]
+shop_id = { column = "id", transform = "uuid5" }
+name = "trade_name"
+region = { column = "country", transform = "upper" }
+"#,
+        "<test>",
+    )
+    .unwrap();
+    let store: std::sync::Arc<dyn cobi_sync::state::StateStore> =
+        std::sync::Arc::new(cobi_sync::state::MemoryStore::new());
+    let pipeline = cobi_sync::daemon::Pipeline::start(&settings, store.clone()).unwrap();
+    let state = cobi_sync::ops::http::AppState {
+        settings: std::sync::Arc::new(settings),
+        store,
+        health: pipeline.health.clone(),
+        metrics: pipeline.metrics.clone(),
+        sink: pipeline.sink.clone(),
+    };
+    (pipeline, state)
+}
+
+/// Other hosts get health and metrics but not the dead letters (record
+/// contents, purge); clients on the daemon's host get both.
+#[tokio::test]
+async fn dlq_endpoints_refuse_other_hosts() {
+    use axum::extract::connect_info::MockConnectInfo;
+    use cobi_sync::ops::http::{router, serve, Peer};
+
+    // The router as another host sees it: the connection info says the
+    // client is 203.0.113.9 (the test itself connects over loopback).
+    let (pipeline, state) = endpoint_state();
+    let app = router(state.clone()).layer(MockConnectInfo(Peer {
+        remote: "203.0.113.9:40000".parse().unwrap(),
+        local: "192.0.2.2:9187".parse().unwrap(),
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other_host = format!("http://{}", listener.local_addr().unwrap());
+    let mocked = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (code, body) = get(&format!("{other_host}/dlq")).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("daemon's own host"), "{body}");
+    let r = reqwest::Client::new()
+        .post(format!("{other_host}/dlq/purge"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(get(&format!("{other_host}/metrics")).await.0, 200);
+    assert_eq!(get(&format!("{other_host}/status")).await.0, 200);
+    mocked.abort();
+
+    // The real endpoint on 0.0.0.0, as `serve` wires it: this host's own
+    // clients, over loopback or through its other address, get /dlq.
+    let port = free_port();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = serve(([0, 0, 0, 0], port).into(), state, stop.clone())
+        .await
+        .unwrap();
+    let (code, body) = get(&format!("http://127.0.0.1:{port}/dlq")).await;
+    assert_eq!((code, body.as_str()), (200, "[]"));
+    match non_loopback_ip() {
+        Some(ip) => {
+            let (code, body) = get(&format!("http://{ip}:{port}/dlq")).await;
+            assert_eq!((code, body.as_str()), (200, "[]"), "through {ip}");
+        }
+        None => eprintln!("this machine has no address but loopback: same-host case skipped"),
+    }
+    stop.cancel();
+    task.await.unwrap();
+    let _ = mocked.await;
+    pipeline.drain(Duration::from_secs(1)).await;
+}

@@ -177,3 +177,63 @@ async fn invalid_rows_are_dead_lettered_and_the_rest_arrives() {
     assert_eq!(mock.stats().records_rejected.values().sum::<u64>(), 0);
     let _ = API_KEY;
 }
+
+/// SIGTERM while the API fails every request, so the sink is full and the
+/// source is blocked handing it rows: shutdown abandons the stuck work
+/// after the grace period and exits 0 (DESIGN.md §6: within 10 s).
+#[tokio::test]
+async fn sigterm_with_the_api_failing_exits_after_the_grace_period() {
+    let db = Db::start().await;
+    db.exec(
+        "CREATE TABLE merchant (id serial PRIMARY KEY, trade_name text NOT NULL, \
+           country text NOT NULL, modified_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO merchant (trade_name, country)
+           SELECT 'Shop ' || g, 'gb' FROM generate_series(1, 6000) g;",
+    )
+    .await;
+    let wd = Workdir::new();
+    let mock = mock_with(1.0, 0.0, 0.0, Duration::ZERO).await;
+    let body = r#"
+[[mapping]]
+type = "shops"
+table = "public.merchant"
+cursor = "modified_at"
+[mapping.fields]
+shop_id = { column = "id", transform = "uuid5" }
+name = "trade_name"
+region = { column = "country", transform = "upper" }
+"#;
+    let cfg = wd.config(&db.url(), &mock.base_url(), "poll", body);
+    // Tiny epochs: the sink is full after a few pages and stops reading.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[batch]", "[batch]\nmax_records = 10")
+        .replace("[api]", "[api]\nconcurrency = 1");
+    std::fs::write(&cfg, text).unwrap();
+    let log = wd.path("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    crate::common::wait_until(Duration::from_secs(30), "the API answers 500", || {
+        let m = &mock;
+        async move { m.stats().requests_by_status.contains_key("500") }
+    })
+    .await;
+    // Let the source fill the sink and block.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let asked = std::time::Instant::now();
+    let status = d.term();
+    let took = asked.elapsed();
+    assert!(status.success(), "exit status {status:?}\n{}", d.log_text());
+    assert!(
+        took < Duration::from_secs(12),
+        "shutdown took {took:?}\n{}",
+        d.log_text()
+    );
+    // The source really was stuck, and was abandoned rather than awaited.
+    assert!(
+        d.log_text()
+            .contains("did not stop within the shutdown grace period"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(records_accepted(&mock), 0, "the API accepted nothing");
+}

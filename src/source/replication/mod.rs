@@ -322,7 +322,6 @@ impl Replicator {
                 Ok(c) => c,
                 Err(e) => {
                     self.health.set_source(false, Some(e.message.clone()));
-                    self.metrics.source_connected.set(0);
                     if !e.transient && !set_up {
                         return Err(SourceError::Fatal(e.message));
                     }
@@ -361,7 +360,6 @@ impl Replicator {
             }
             attempt = 0;
             self.health.set_source(true, None);
-            self.metrics.source_connected.set(1);
             info!(
                 slot = %self.settings.source.replication.slot,
                 from = %crate::ops::status::format_lsn(start),
@@ -374,7 +372,6 @@ impl Replicator {
                 Err(SessionError::Fatal(e)) => return Err(e),
                 Err(SessionError::Transient(msg)) => {
                     self.health.set_source(false, Some(msg.clone()));
-                    self.metrics.source_connected.set(0);
                     warn!(error = %msg, "replication interrupted; reconnecting from the last confirmed position");
                     // Let the sink finish what it holds so the durable
                     // position covers everything sent; the stream then
