@@ -409,7 +409,10 @@ struct Overlay(rustc_hash::FxHashMap<StateKey, Option<KeyState>>);
 
 impl Overlay {
     fn of(writes: &[Write]) -> Overlay {
-        let mut m = rustc_hash::FxHashMap::default();
+        let mut m = rustc_hash::FxHashMap::with_capacity_and_hasher(
+            writes.len(),
+            rustc_hash::FxBuildHasher,
+        );
         for w in writes {
             match w {
                 Write::Key(k, s) => {
