@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rustc_hash::FxHashMap;
 
@@ -39,6 +39,9 @@ struct Trees {
 pub struct SledStore {
     dir: PathBuf,
     trees: RwLock<Option<Arc<Trees>>>,
+    /// Serialises [`StateStore::apply`]: a page is read, changed and
+    /// written back, so two concurrent applies must not interleave.
+    apply_lock: Mutex<()>,
 }
 
 fn err(op: &'static str) -> impl Fn(sled::Error) -> StateError {
@@ -57,6 +60,7 @@ impl SledStore {
         Ok(SledStore {
             dir: dir.to_path_buf(),
             trees: RwLock::new(Some(Arc::new(trees))),
+            apply_lock: Mutex::new(()),
         })
     }
 
@@ -165,6 +169,7 @@ impl StateStore for SledStore {
     }
 
     fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
+        let _one_at_a_time = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let tr = self.t()?;
         if writes.is_empty() {
             return Ok(());
