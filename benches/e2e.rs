@@ -26,6 +26,8 @@
 //! - `COBI_BENCH_PYTHON=0`: skip the Python peers
 //! - `COBI_BENCH_BIN`: use this cobi-sync binary instead of building `target/release/cobi-sync`
 //! - `COBI_BENCH_LOG_LEVEL`: the daemon's log level (default `warn`)
+//! - `COBI_BENCH_RUNS` (default 3, 1 with `COBI_BENCH_QUICK=1`): runs of the
+//!   1M-row cobi-sync and Python snapshots; the median run is reported
 //!
 //! Prints one table and writes it as Markdown to `target/bench-e2e.md`.
 //! Logs and configs of the run are kept in `target/bench-e2e/`.
@@ -68,6 +70,7 @@ struct Opts {
     rate: u64,
     python: bool,
     log_level: String,
+    runs: usize,
 }
 
 fn env_u64(name: &str) -> Result<Option<u64>> {
@@ -99,6 +102,9 @@ impl Opts {
             rate: env_u64("COBI_BENCH_RATE")?.unwrap_or(1000).max(1),
             python: std::env::var("COBI_BENCH_PYTHON").map_or(true, |v| v != "0"),
             log_level: std::env::var("COBI_BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+            runs: env_u64("COBI_BENCH_RUNS")?
+                .unwrap_or(if quick { 1 } else { 3 })
+                .max(1) as usize,
         })
     }
 }
@@ -676,12 +682,12 @@ async fn run(opts: Opts) -> Result<()> {
     });
 
     eprintln!("[4/8] cobi-sync snapshot of {n} rows");
-    let snap = phase_snapshot(&env, "bench", n, "snap")
+    let snap = median_run(opts.runs, || phase_snapshot(&env, "bench", n, "snap"))
         .await
         .unwrap_or_else(|e| Row::failed("cobi-sync snapshot → mock-api", format!("{e:#}")));
 
     eprintln!("[5/8] Python peer snapshot");
-    let py_snap = phase_python_snapshot(&env, "bench", n)
+    let py_snap = median_run(opts.runs, || phase_python_snapshot(&env, "bench", n))
         .await
         .unwrap_or_else(|e| Row::failed("Python peer snapshot → mock-api", format!("{e:#}")));
 
@@ -1165,6 +1171,47 @@ async fn phase_mock_ingest(n: u64, external: Option<&MockProc>) -> Result<Row> {
         "5000-record bodies, {} distinct keys, re-sends upsert",
         nbodies as u64 * BATCH
     )))
+}
+
+/// Runs a measured phase `runs` times and reports the median run, with
+/// every run's time and the highest peak RSS of the runs.
+async fn median_run<F, Fut>(runs: usize, mut phase: F) -> Result<Row>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Row>>,
+{
+    let mut rows = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let row = phase().await?;
+        let skipped = row.secs.is_none();
+        rows.push(row);
+        if skipped {
+            break;
+        }
+    }
+    if runs == 1 || rows.iter().any(|r| r.secs.is_none()) {
+        // One run, or skipped: nothing to take a median of.
+        return Ok(rows.remove(0));
+    }
+    let times: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{:.2}", r.secs.unwrap_or(f64::NAN)))
+        .collect();
+    let peak = rows
+        .iter()
+        .filter_map(|r| r.rss_mib)
+        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    rows.sort_by(|a, b| {
+        let key = |r: &Row| r.secs.unwrap_or(f64::INFINITY);
+        key(a).total_cmp(&key(b))
+    });
+    let mut row = rows.swap_remove(runs / 2);
+    row.rss_mib = peak;
+    row.add_note(format!(
+        "median of {runs} ({} s); peak RSS: highest of the runs",
+        times.join("/")
+    ));
+    Ok(row)
 }
 
 async fn phase_snapshot(env: &Env, db: &str, n: u64, name: &str) -> Result<Row> {
