@@ -73,9 +73,7 @@ fn duplicates(mock: &cobi_sync::mock_api::MockServer) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_kills_during_snapshot_streaming_and_retry_storms() {
-    let db = Db::start().await;
-    db.exec(partner::SCHEMA).await;
-    db.exec(&partner::seed_sql(200)).await;
+    let db = partner::start_db(200).await;
     // A large table so the first kills land during the initial snapshot.
     db.exec("INSERT INTO merchant (trade_name, country) SELECT 'Bulk ' || g, 'ca' FROM generate_series(1, 300000) g;").await;
     let wd = Workdir::new();
@@ -154,9 +152,7 @@ async fn ten_kills_during_snapshot_streaming_and_retry_storms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_fault_mix_for_the_whole_run() {
-    let db = Db::start().await;
-    db.exec(partner::SCHEMA).await;
-    db.exec(&partner::seed_sql(150)).await;
+    let db = partner::start_db(150).await;
     let wd = Workdir::new();
     let mock = mock_with(0.2, 0.1, 0.05, Duration::from_millis(20)).await;
     let cfg = wd.config(
@@ -272,9 +268,7 @@ async fn postgres_down_for_30_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_down_for_60_seconds() {
-    let db = Db::start().await;
-    db.exec(partner::SCHEMA).await;
-    db.exec(&partner::seed_sql(80)).await;
+    let db = partner::start_db(80).await;
     let wd = Workdir::new();
     let mut mock = mock().await;
     let cfg = wd.config(
@@ -283,15 +277,8 @@ async fn api_down_for_60_seconds() {
         "replication",
         partner::MAPPINGS,
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
-    std::fs::write(&cfg, text).unwrap();
+    let port = crate::common::free_port();
+    crate::common::with_http(&cfg, port, "info");
     let settings = cobi_sync::config::load(&cfg).unwrap();
     let log = wd.path("daemon.log");
     let d = Daemon::start(&cfg, &log);
@@ -378,9 +365,7 @@ async fn state_dir_full_stops_confirming_then_recovers() {
         }
     }
     let _guard = Unmount(state.clone());
-    let db = Db::start().await;
-    db.exec(partner::SCHEMA).await;
-    db.exec(&partner::seed_sql(50)).await;
+    let db = partner::start_db(50).await;
     let mock = mock().await;
     let cfg = wd.config(
         &db.url(),
@@ -388,15 +373,8 @@ async fn state_dir_full_stops_confirming_then_recovers() {
         "replication",
         partner::MAPPINGS,
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
-    std::fs::write(&cfg, text).unwrap();
+    let port = crate::common::free_port();
+    crate::common::with_http(&cfg, port, "info");
     let settings = cobi_sync::config::load(&cfg).unwrap();
     let log = wd.path("daemon.log");
     let d = Daemon::start(&cfg, &log);

@@ -272,3 +272,21 @@ pub fn log_lines(path: &Path, needle: &str) -> Vec<String> {
         .filter(|l| l.contains(needle))
         .collect()
 }
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Turns on the config's HTTP endpoint on `port`, with log level `level`.
+pub fn with_http(cfg: &std::path::Path, port: u16, level: &str) {
+    let text = std::fs::read_to_string(cfg)
+        .unwrap()
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""))
+        .replace("level = \"info\"", &format!("level = \"{level}\""));
+    std::fs::write(cfg, text).unwrap();
+}

@@ -22,9 +22,7 @@ updated = "modified_at"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_query_mapping_and_reconcile_of_hard_deletes() {
-    let db = Db::start().await;
-    db.exec(partner::SCHEMA).await;
-    db.exec(&partner::seed_sql(20)).await;
+    let db = partner::start_db(20).await;
     let wd = Workdir::new();
     let mock = mock().await;
     let cfg = wd.config(&db.url(), &mock.base_url(), "poll", SHOPS_QUERY);
@@ -108,9 +106,7 @@ fn a_query_without_its_cursor_column_is_a_startup_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_policies() {
-    let db = Db::start().await;
-    db.exec(partner::SCHEMA).await;
-    db.exec(&partner::seed_sql(10)).await;
+    let db = partner::start_db(10).await;
     let wd = Workdir::new();
     let mock = mock().await;
     // tags: soft_delete on truncate; keywords: the default (error).
@@ -156,9 +152,7 @@ async fn truncate_policies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mapping_added_later_is_published_and_snapshotted_while_streaming() {
-    let db = Db::start().await;
-    db.exec(partner::SCHEMA).await;
-    db.exec(&partner::seed_sql(15)).await;
+    let db = partner::start_db(15).await;
     let wd = Workdir::new();
     let mock = mock().await;
     // Start without the courses mapping.

@@ -5,24 +5,8 @@
 use std::io::BufRead;
 use std::time::Duration;
 
-use crate::common::{mock, run_cli, wait_until, Daemon, Db, Workdir, API_KEY};
+use crate::common::{free_port, mock, run_cli, wait_until, with_http, Daemon, Workdir, API_KEY};
 use crate::partner::{self, wait_in_sync};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn with_http(cfg: &std::path::Path, port: u16, level: &str) {
-    let text = std::fs::read_to_string(cfg)
-        .unwrap()
-        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""))
-        .replace("level = \"info\"", &format!("level = \"{level}\""));
-    std::fs::write(cfg, text).unwrap();
-}
 
 async fn get(url: &str) -> (u16, String) {
     let r = reqwest::get(url).await.unwrap();
@@ -31,9 +15,7 @@ async fn get(url: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_metrics_and_status() {
-    let db = Db::start().await;
-    db.exec(partner::SCHEMA).await;
-    db.exec(&partner::seed_sql(40)).await;
+    let db = partner::start_db(40).await;
     let wd = Workdir::new();
     let mock = mock().await;
     let cfg = wd.config(
@@ -139,9 +121,7 @@ async fn endpoints_metrics_and_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_rows_are_dead_lettered_then_replayed_after_the_fix() {
-    let db = Db::start().await;
-    db.exec(partner::SCHEMA).await;
-    db.exec(&partner::seed_sql(20)).await;
+    let db = partner::start_db(20).await;
     // What the API would reject: a bad region, amount 0, a missing required
     // value, and a branch of that bad shop (dangling reference once the
     // shop is dead-lettered).
@@ -240,9 +220,7 @@ async fn rejected_rows_are_dead_lettered_then_replayed_after_the_fix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_status_and_metrics_hold_no_secrets_or_personal_data() {
-    let db = Db::start().await;
-    db.exec(partner::SCHEMA).await;
-    db.exec(&partner::seed_sql(30)).await;
+    let db = partner::start_db(30).await;
     const PERSON_UID: &str = "c0ffee00-1234-4abc-8def-0123456789ab";
     const PERSON_DOB: &str = "1987-06-05";
     db.exec(&format!(

@@ -22,6 +22,17 @@ pub use cobi_sync::demo::{MAPPINGS, SCHEMA};
 pub const UNMAPPED: &str = "CREATE TABLE unmapped_noise (id serial PRIMARY KEY, payload text);";
 
 /// Seeds `n` shops and a consistent web of every other type.
+/// A fresh PostgreSQL with the partner schema and `n` seeded rows per
+/// table (none for `n = 0`).
+pub async fn start_db(n: usize) -> crate::common::Db {
+    let db = crate::common::Db::start().await;
+    db.exec(SCHEMA).await;
+    if n > 0 {
+        db.exec(&seed_sql(n)).await;
+    }
+    db
+}
+
 pub fn seed_sql(n: usize) -> String {
     format!(
         r#"

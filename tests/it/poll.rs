@@ -7,10 +7,7 @@ use crate::common::{mock, mock_with, Daemon, Db, Workdir, API_KEY};
 use crate::partner::{self, wait_in_sync};
 
 async fn setup(n: usize) -> (Db, Workdir) {
-    let db = Db::start().await;
-    db.exec(partner::SCHEMA).await;
-    db.exec(&partner::seed_sql(n)).await;
-    (db, Workdir::new())
+    (partner::start_db(n).await, Workdir::new())
 }
 
 fn records_accepted(m: &cobi_sync::mock_api::MockServer) -> u64 {

@@ -7,12 +7,7 @@ use crate::common::{mock, wait_until, Daemon, Db, Workdir};
 use crate::partner::{self, wait_in_sync};
 
 async fn setup(n: usize) -> (Db, Workdir) {
-    let db = Db::start().await;
-    db.exec(partner::SCHEMA).await;
-    if n > 0 {
-        db.exec(&partner::seed_sql(n)).await;
-    }
-    (db, Workdir::new())
+    (partner::start_db(n).await, Workdir::new())
 }
 
 #[tokio::test]

@@ -18,9 +18,7 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_snapshot_of_named_types_resumes_after_interruption() {
-    let db = Db::start().await;
-    db.exec(partner::SCHEMA).await;
-    db.exec(&partner::seed_sql(50)).await;
+    let db = partner::start_db(50).await;
     db.exec("INSERT INTO outlet (merchant_id, label, country) SELECT 1 + g % 50, 'Many ' || g, 'gb' FROM generate_series(1, 30000) g;")
         .await;
     let wd = Workdir::new();
@@ -77,9 +75,7 @@ async fn poll_snapshot_of_named_types_resumes_after_interruption() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replication_slot_loss_is_reported_and_snapshot_recovers() {
-    let db = Db::start().await;
-    db.exec(partner::SCHEMA).await;
-    db.exec(&partner::seed_sql(30)).await;
+    let db = partner::start_db(30).await;
     let wd = Workdir::new();
     let mock = mock().await;
     let cfg = wd.config(
