@@ -48,6 +48,7 @@ use tokio_postgres::Client;
 use cobi_sync::mock_api::{MockOptions, MockServer, MockStats};
 use cobi_sync::pgtemp::PgTemp;
 use support::proc::{log_tail, Proc};
+use support::purchase::MAPPINGS;
 use support::receiver::Receiver;
 use support::report::{median, percentile, Report, Row, Target};
 
@@ -234,34 +235,6 @@ level = "{level}"
         Ok(self.pg.connect(db).await?)
     }
 }
-
-const MAPPINGS: &str = r#"
-[[mapping]]
-type = "shops"
-table = "public.merchant"
-cursor = "modified_at"
-[mapping.fields]
-shop_id = { column = "id", transform = "uuid5" }
-name = "trade_name"
-region = { column = "country", transform = "upper" }
-updated = "modified_at"
-
-[[mapping]]
-type = "transactions"
-table = "public.purchase"
-cursor = "modified_at"
-[mapping.fields]
-transaction_id = { column = "id", transform = "uuid5" }
-student_id = { column = "member_ref", transform = "uuid5:customers" }
-shop_id = { column = "shop_ref", transform = "uuid5:shops" }
-offer_id = { column = "promo_ref", transform = "uuid5:offers" }
-branch_id = { column = "outlet_ref", transform = "uuid5:branches" }
-region = { column = "country", transform = "upper" }
-source = "channel"
-savings = "saved"
-amount = "total"
-updated = "modified_at"
-"#;
 
 const SCHEMA: &str = "
 CREATE TABLE merchant (id int PRIMARY KEY, trade_name text NOT NULL, country text NOT NULL,

@@ -16,6 +16,9 @@
 //! time / 1000. Run: `cargo bench --bench hot_path` (a short
 //! summary in ns/row is printed at the end).
 
+#[path = "support/purchase.rs"]
+mod purchase;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -29,7 +32,8 @@ use cobi_sync::mapping::engine::{Column, CompiledMapping, MapContext};
 use cobi_sync::mapping::value::{oid, PgType, Value};
 use cobi_sync::source::replication::pgoutput::{self, Message, TupleValue};
 
-const CONFIG: &str = r#"
+/// The settings around the e2e benchmark's mappings.
+const CONFIG_HEAD: &str = r#"
 [source]
 url = "postgres://bench@127.0.0.1:5432/bench"
 mode = "replication"
@@ -41,30 +45,6 @@ api_key_env = "COBI_BENCH_UNUSED_KEY"
 [state]
 dir = "/tmp/cobi-sync-hot-path-unused"
 
-[[mapping]]
-type = "shops"
-table = "public.merchant"
-[mapping.fields]
-shop_id = { column = "id", transform = "uuid5" }
-name = "trade_name"
-region = { column = "country", transform = "upper" }
-updated = "modified_at"
-
-[[mapping]]
-type = "transactions"
-table = "public.purchase"
-cursor = "modified_at"
-[mapping.fields]
-transaction_id = { column = "id", transform = "uuid5" }
-student_id = { column = "member_ref", transform = "uuid5:customers" }
-shop_id = { column = "shop_ref", transform = "uuid5:shops" }
-offer_id = { column = "promo_ref", transform = "uuid5:offers" }
-branch_id = { column = "outlet_ref", transform = "uuid5:branches" }
-region = { column = "country", transform = "upper" }
-source = "channel"
-savings = "saved"
-amount = "total"
-updated = "modified_at"
 "#;
 
 /// The `purchase` columns: name, OID, text value of the sample row.
@@ -207,7 +187,11 @@ struct Fixture {
 const COPY_ROWS: u64 = 1000;
 
 fn fixture() -> Fixture {
-    let settings = load_str(CONFIG, "hot_path.rs").unwrap_or_else(|e| panic!("{e}"));
+    let settings = load_str(
+        &format!("{CONFIG_HEAD}{}", purchase::MAPPINGS),
+        "hot_path.rs",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let mapping = settings
         .mappings
         .iter()

@@ -1,6 +1,7 @@
 //! Helpers of the end-to-end benchmark (`benches/e2e.rs`).
 
 pub mod proc;
+pub mod purchase;
 pub mod python;
 pub mod receiver;
 pub mod report;
