@@ -89,14 +89,35 @@ pub struct KeyState {
     pub last_sent: Option<bytes::Bytes>,
 }
 
+/// Bytes of a status and a fingerprint, as stored.
+pub(crate) const FIXED_BYTES: usize = 9;
+
+/// Appends `[status][fingerprint, big-endian]` (the fixed part of a
+/// stored key state, also a page slot).
+pub(crate) fn encode_fixed(status: KeyStatus, fingerprint: u64, out: &mut Vec<u8>) {
+    out.push(match status {
+        KeyStatus::Accepted => 1,
+        KeyStatus::DeadLettered => 2,
+    });
+    out.extend_from_slice(&fingerprint.to_be_bytes());
+}
+
+/// Reads [`encode_fixed`]'s bytes from the start of `b`.
+pub(crate) fn decode_fixed(b: &[u8]) -> Option<(KeyStatus, u64)> {
+    let status = match b.first()? {
+        1 => KeyStatus::Accepted,
+        2 => KeyStatus::DeadLettered,
+        _ => return None,
+    };
+    let fingerprint = u64::from_be_bytes(b.get(1..FIXED_BYTES)?.try_into().ok()?);
+    Some((status, fingerprint))
+}
+
 impl KeyState {
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(9 + self.last_sent.as_ref().map_or(0, |l| l.len()));
-        v.push(match self.status {
-            KeyStatus::Accepted => 1,
-            KeyStatus::DeadLettered => 2,
-        });
-        v.extend_from_slice(&self.fingerprint.to_be_bytes());
+        let mut v =
+            Vec::with_capacity(FIXED_BYTES + self.last_sent.as_ref().map_or(0, |l| l.len()));
+        encode_fixed(self.status, self.fingerprint, &mut v);
         if let Some(l) = &self.last_sent {
             v.extend_from_slice(l);
         }
@@ -104,16 +125,9 @@ impl KeyState {
     }
 
     fn decode(b: &[u8]) -> Option<KeyState> {
-        if b.len() < 9 {
-            return None;
-        }
-        let status = match b[0] {
-            1 => KeyStatus::Accepted,
-            2 => KeyStatus::DeadLettered,
-            _ => return None,
-        };
-        let fingerprint = u64::from_be_bytes(b[1..9].try_into().ok()?);
-        let last_sent = (b.len() > 9).then(|| bytes::Bytes::copy_from_slice(&b[9..]));
+        let (status, fingerprint) = decode_fixed(b)?;
+        let last_sent =
+            (b.len() > FIXED_BYTES).then(|| bytes::Bytes::copy_from_slice(&b[FIXED_BYTES..]));
         Some(KeyState {
             status,
             fingerprint,

@@ -17,7 +17,7 @@
 //! 0xFF never occurs in UTF-8, so no per-key entry (whose suffix is the
 //! source key's UTF-8) shares or sorts into that range.
 
-use super::{KeyState, KeyStatus};
+use super::{decode_fixed, encode_fixed, KeyState, KeyStatus, FIXED_BYTES};
 
 /// Slots per page.
 pub const SLOTS: u64 = 64;
@@ -28,8 +28,8 @@ pub const PAGE_MARK: u8 = 0xFF;
 /// First byte of an encoded page (format version).
 const VERSION: u8 = 1;
 
-/// Bytes of one slot: status and fingerprint.
-const SLOT_BYTES: usize = 9;
+/// Bytes of one slot: status and fingerprint, as in a per-key entry.
+const SLOT_BYTES: usize = FIXED_BYTES;
 
 /// The page and slot of a source key, if it is a canonical unsigned
 /// integer (the text `u64::to_string` would give back).
@@ -68,6 +68,15 @@ pub fn page_of_key(prefix_len: usize, key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(rest[1..].try_into().ok()?))
 }
 
+/// The key state a slot stands for (pages keep no last-sent record).
+fn slot_state((status, fingerprint): (KeyStatus, u64)) -> KeyState {
+    KeyState {
+        status,
+        fingerprint,
+        last_sent: None,
+    }
+}
+
 /// One page: which slots are present, and their states.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Page {
@@ -91,14 +100,8 @@ impl Page {
 
     /// The state at `slot`.
     pub fn get(&self, slot: u8) -> Option<KeyState> {
-        self.has(slot).then(|| {
-            let (status, fingerprint) = self.slots[self.index(slot)];
-            KeyState {
-                status,
-                fingerprint,
-                last_sent: None,
-            }
-        })
+        self.has(slot)
+            .then(|| slot_state(self.slots[self.index(slot)]))
     }
 
     /// Sets `slot` (the state's `last_sent` is not kept).
@@ -129,16 +132,7 @@ impl Page {
         (0..SLOTS as u8)
             .filter(|&s| self.has(s))
             .zip(self.slots.iter())
-            .map(|(s, &(status, fingerprint))| {
-                (
-                    s,
-                    KeyState {
-                        status,
-                        fingerprint,
-                        last_sent: None,
-                    },
-                )
-            })
+            .map(|(s, &v)| (s, slot_state(v)))
     }
 
     /// `[version][present: u64 BE]` then per present slot `[status][fingerprint: u64 BE]`.
@@ -147,11 +141,7 @@ impl Page {
         v.push(VERSION);
         v.extend_from_slice(&self.present.to_be_bytes());
         for &(status, fp) in &self.slots {
-            v.push(match status {
-                KeyStatus::Accepted => 1,
-                KeyStatus::DeadLettered => 2,
-            });
-            v.extend_from_slice(&fp.to_be_bytes());
+            encode_fixed(status, fp, &mut v);
         }
         v
     }
@@ -168,14 +158,7 @@ impl Page {
         }
         let slots = body
             .chunks_exact(SLOT_BYTES)
-            .map(|c| {
-                let status = match c[0] {
-                    1 => KeyStatus::Accepted,
-                    2 => KeyStatus::DeadLettered,
-                    _ => return None,
-                };
-                Some((status, u64::from_be_bytes(c[1..].try_into().ok()?)))
-            })
+            .map(decode_fixed)
             .collect::<Option<Vec<_>>>()?;
         Some(Page { present, slots })
     }

@@ -39,8 +39,9 @@ struct Trees {
 pub struct SledStore {
     dir: PathBuf,
     trees: RwLock<Option<Arc<Trees>>>,
-    /// Serialises [`StateStore::apply`]: a page is read, changed and
-    /// written back, so two concurrent applies must not interleave.
+    /// Serialises [`StateStore::apply`] (a page is read, changed and
+    /// written back, so two applies must not interleave), and
+    /// [`StateStore::keys_of`] with it.
     apply_lock: Mutex<()>,
 }
 
@@ -129,6 +130,24 @@ impl SledStore {
     pub(crate) fn entries_in_keys_tree(&self) -> Result<usize, StateError> {
         Ok(self.t()?.keys.len())
     }
+
+    /// The raw keys tree, for tests that stage a crash's leftovers.
+    #[cfg(test)]
+    pub(crate) fn keys_tree(&self) -> sled::Tree {
+        self.t().expect("open").keys.clone()
+    }
+}
+
+/// A stored page, or an error naming the damage: treating it as empty
+/// would silently forget up to 64 keys' states.
+fn decode_page(v: &[u8]) -> Result<Page, StateError> {
+    Page::decode(v).ok_or_else(|| StateError {
+        op: "read",
+        detail: "a key page in the state store is damaged; stop the daemon, move state.dir \
+                 aside and run `cobi-sync snapshot` to rebuild it (records are re-sent, \
+                 the API upserts them)"
+            .into(),
+    })
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -147,18 +166,20 @@ impl StateStore for SledStore {
     }
 
     fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyState)>, StateError> {
+        // Not while an apply moves keys between a page and a per-key entry:
+        // the scan could miss a key on its way.
+        let _no_apply = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let tr = self.t()?;
         let prefix = StateKey::mapping_prefix(ty, mapping);
         let mut out = Vec::new();
         for item in tr.keys.scan_prefix(&prefix) {
             let (k, v) = item.map_err(err("scan"))?;
             if let Some(page) = pages::page_of_key(prefix.len(), &k) {
-                if let Some(p) = Page::decode(&v) {
-                    out.extend(
-                        p.iter()
-                            .map(|(slot, st)| (pages::source_key(page, slot), st)),
-                    );
-                }
+                let p = decode_page(&v)?;
+                out.extend(
+                    p.iter()
+                        .map(|(slot, st)| (pages::source_key(page, slot), st)),
+                );
             } else if let (Some(sk), Some(state)) =
                 (StateKey::source_key_of(&k), KeyState::decode(&v))
             {
@@ -361,30 +382,33 @@ impl<'a> Layout<'a> {
         match self.pages.entry(key) {
             Entry::Occupied(e) => Ok(e.into_mut()),
             Entry::Vacant(e) => {
-                let page = self
-                    .tree
-                    .get(e.key())
-                    .map_err(err("read"))?
-                    .and_then(|v| Page::decode(&v))
-                    .unwrap_or_default();
+                let page = match self.tree.get(e.key()).map_err(err("read"))? {
+                    Some(v) => decode_page(&v)?,
+                    None => Page::default(),
+                };
                 Ok(e.insert((page, false)))
             }
         }
     }
 
+    /// A key's state. The per-key entry is read before the page slot: a
+    /// key that moves into per-key form (it gains a last-sent record) has
+    /// its entry written before its slot is cleared, so after a crash
+    /// between the two the newer entry wins; the opposite move removes the
+    /// entry first, so a crash there only forgets the state (a re-send).
     fn get(&mut self, key: &StateKey) -> Result<Option<KeyState>, StateError> {
         let Some((page, slot)) = pages::locate(&key.source_key) else {
             return self.get_entry(key);
         };
         let prefix = StateKey::mapping_prefix(key.ty, &key.mapping);
         let (per_key, paged) = self.forms(&prefix)?;
-        if paged {
-            if let Some(s) = self.page(pages::page_key(&prefix, page))?.0.get(slot) {
+        if per_key {
+            if let Some(s) = self.get_entry(key)? {
                 return Ok(Some(s));
             }
         }
-        if per_key {
-            return self.get_entry(key);
+        if paged {
+            return Ok(self.page(pages::page_key(&prefix, page))?.0.get(slot));
         }
         Ok(None)
     }

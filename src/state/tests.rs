@@ -374,6 +374,36 @@ fn concurrent_applies_to_one_page_lose_nothing() {
 }
 
 #[test]
+fn after_a_crash_mid_move_the_per_key_entry_wins_and_damage_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    let k = key("transactions", "70");
+    // Key 70 in its page (fingerprint 1) ...
+    s.apply(&[Write::Key(k.clone(), accepted(1, None))])
+        .unwrap();
+    // ... then moved to a per-key entry with a last-sent record, the crash
+    // landing after the entry was written and before the slot was cleared.
+    s.keys_tree()
+        .insert(k.encode(), accepted(2, Some("{}")).encode())
+        .unwrap();
+    assert_eq!(s.get_key(&k).unwrap(), Some(accepted(2, Some("{}"))));
+
+    // A damaged page is an error that says what to do, never "no state".
+    let prefix = StateKey::mapping_prefix(k.ty, &k.mapping);
+    s.keys_tree()
+        .insert(super::pages::page_key(&prefix, 3), &b"\x01garbage"[..])
+        .unwrap();
+    let damaged = key("transactions", "200"); // page 3
+    let e = s.get_key(&damaged).unwrap_err().to_string();
+    assert!(
+        e.contains("damaged") && e.contains("cobi-sync snapshot"),
+        "{e}"
+    );
+    let e = s.keys_of(k.ty, &k.mapping).unwrap_err().to_string();
+    assert!(e.contains("damaged"), "{e}");
+}
+
+#[test]
 fn memory_store_contract() {
     contract(&MemoryStore::new());
 }
