@@ -569,19 +569,22 @@ async fn send_type(
             }
             // The overlay first; the rest in one call (neighbouring keys
             // share the store's pages).
-            let missing: Vec<&StateKey> = entries
+            let mut missing: Vec<&StateKey> = Vec::new();
+            let from_overlay: Vec<Option<Option<KeyState>>> = entries
                 .iter()
-                .filter(|e| !overlay.0.contains_key(&e.key))
-                .map(|e| &e.key)
+                .map(|e| {
+                    let s = overlay.0.get(&e.key).cloned();
+                    if s.is_none() {
+                        missing.push(&e.key);
+                    }
+                    s
+                })
                 .collect();
             let r = store.get_keys(&missing).map(|stored| {
                 let mut stored = stored.into_iter();
-                entries
-                    .iter()
-                    .map(|e| match overlay.0.get(&e.key) {
-                        Some(s) => s.clone(),
-                        None => stored.next().flatten(),
-                    })
+                from_overlay
+                    .into_iter()
+                    .map(|s| s.unwrap_or_else(|| stored.next().flatten()))
                     .collect::<Vec<_>>()
             });
             (entries, r)
