@@ -108,7 +108,8 @@ impl ReplayReport {
             format!(
                 "{} dead letter{} not replayed: a type this version of cobi-sync does not know, \
                  or a record that no longer parses. They stay in the queue: see `cobi-sync dlq \
-                 list`, then purge them or upgrade cobi-sync",
+                 list`; purge a type's unparsable records with `cobi-sync dlq purge --type T`, \
+                 and replay letters of an unknown type with the cobi-sync version that wrote them",
                 self.skipped,
                 if self.skipped == 1 { "" } else { "s" },
             )

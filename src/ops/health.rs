@@ -86,7 +86,6 @@ pub struct HealthReport {
 }
 
 impl Health {
-    /// Sets the source connection flag (and the error when disconnected).
     /// Sets the source connection flag and its gauge (and the error when
     /// disconnected).
     pub fn set_source(&self, connected: bool, error: Option<String>) {
