@@ -118,6 +118,10 @@ pub struct MockApiArgs {
     /// Seed of the fault injection.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// 207/400 answers say how many records failed, not which (like the
+    /// real API, whose error text has no documented shape).
+    #[arg(long)]
+    pub opaque_errors: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -459,6 +463,7 @@ async fn cmd_mock_api(args: MockApiArgs) -> Result<(), u8> {
         drop_rate: args.drop_rate,
         latency: args.latency,
         seed: args.seed,
+        opaque_errors: args.opaque_errors,
     };
     crate::mock_api::serve_until_signal(opts)
         .await

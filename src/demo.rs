@@ -306,6 +306,7 @@ async fn tour(started: Instant) -> anyhow::Result<()> {
         drop_rate: 0.0,
         latency: Duration::ZERO,
         seed: 1,
+        opaque_errors: false,
     })
     .await?;
     println!("2. mock Cobi API listening on {}", mock.base_url());

@@ -84,6 +84,9 @@ pub struct MockOptions {
     pub latency: Duration,
     /// Seed of the fault RNG.
     pub seed: u64,
+    /// 207/400 answers say how many records failed, not which (SPEC.md
+    /// §4.3: the real API's error text has no documented shape).
+    pub opaque_errors: bool,
 }
 
 impl MockOptions {
@@ -97,6 +100,7 @@ impl MockOptions {
             drop_rate: 0.0,
             latency: Duration::ZERO,
             seed: 0,
+            opaque_errors: false,
         }
     }
 }
@@ -162,6 +166,7 @@ impl MockServer {
             api_key: RwLock::new(opts.api_key.as_str().into()),
             faults: Mutex::new(faults),
             requests: Mutex::new(BTreeMap::new()),
+            opaque_errors: opts.opaque_errors,
         });
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(server::accept_loop(listener, shared.clone(), stopped));

@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub faults: Mutex<Faults>,
     /// Answers by status (and "dropped"), `/_mock/*` excluded.
     pub requests: Mutex<BTreeMap<String, u64>>,
+    /// Name no record in 207/400 error texts.
+    pub opaque_errors: bool,
 }
 
 impl Shared {
@@ -284,7 +286,11 @@ fn batch(shared: &Shared, ty: TypeId, body: &[u8]) -> Resp {
     let verdict = Verdict::Records {
         total,
         failed: checked.failures.len(),
-        error: failure_text(&checked.failures, total),
+        error: if shared.opaque_errors {
+            opaque_failure_text(checked.failures.len(), total)
+        } else {
+            failure_text(&checked.failures, total)
+        },
     };
     shared.store.apply(ty, checked.accepted, &checked.failures);
     envelope(t, verdict)
@@ -323,6 +329,15 @@ fn single(shared: &Shared, ty: TypeId, body: &[u8]) -> Resp {
     echo.extend_from_slice(br#""}"#);
     shared.store.apply(ty, vec![accepted], &[]);
     json(StatusCode::CREATED, echo)
+}
+
+/// The `error` string of a batch in `--opaque-errors` mode: a count, no
+/// record named.
+fn opaque_failure_text(failed: usize, total: usize) -> String {
+    if failed == 0 {
+        return String::new();
+    }
+    format!("{failed} of {total} records failed validation")
 }
 
 /// The `error` string of a batch: each failing record named by its key.

@@ -602,3 +602,26 @@ async fn concurrent_uploads_are_all_counted() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 404);
 }
+
+#[tokio::test]
+async fn opaque_errors_name_no_record() {
+    let srv = MockServer::start(MockOptions {
+        opaque_errors: true,
+        ..MockOptions::local(KEY)
+    })
+    .await
+    .unwrap();
+    assert_eq!(upload(&srv, "shops", vec![shop(1)]).await.status, 200);
+    // Mixed: 207 with a count only.
+    let a = upload(&srv, "branches", vec![branch(3, 1), branch(4, 9)]).await;
+    assert_eq!(a.status, 207, "{}", a.text);
+    let err = a.error();
+    assert_eq!(err, "1 of 2 records failed validation");
+    assert!(!a.text.contains(&id(2, 4)), "{}", a.text);
+    // All failing: 400, still no key.
+    let a = upload(&srv, "branches", vec![branch(5, 9), branch(6, 9)]).await;
+    assert_eq!(a.status, 400, "{}", a.text);
+    assert_eq!(a.error(), "2 of 2 records failed validation");
+    assert!(!a.text.contains(&id(2, 5)), "{}", a.text);
+    assert_eq!(srv.records("branches").len(), 1);
+}

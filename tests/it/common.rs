@@ -40,6 +40,48 @@ impl Db {
         self.pg.url(&self.name)
     }
 
+    /// The README's least-privilege role (`cobi_sync`): `LOGIN`, plus
+    /// `REPLICATION` when `replication`, `USAGE` on the schemas of `tables`
+    /// and `SELECT` on `tables` — nothing else (no superuser, no
+    /// `pg_read_all_stats`, no ownership). Returns its URL. In replication
+    /// mode the owner creates the publication: see [`Db::publication`].
+    pub async fn least_privilege_url(&self, replication: bool, tables: &[&str]) -> String {
+        let mut sql = format!(
+            "CREATE ROLE cobi_sync LOGIN{};",
+            if replication { " REPLICATION" } else { "" }
+        );
+        let mut schemas = std::collections::BTreeSet::new();
+        for t in tables {
+            schemas.insert(match t.rsplit_once('.') {
+                Some((s, _)) => s.to_string(),
+                None => "public".to_string(),
+            });
+        }
+        for s in &schemas {
+            sql.push_str(&format!("GRANT USAGE ON SCHEMA {s} TO cobi_sync;"));
+        }
+        sql.push_str(&format!(
+            "GRANT SELECT ON {} TO cobi_sync;",
+            tables.join(", ")
+        ));
+        self.exec(&sql).await;
+        self.url().replacen(
+            &format!("postgres://{}@", cobi_sync::pgtemp::SUPERUSER),
+            "postgres://cobi_sync@",
+            1,
+        )
+    }
+
+    /// Creates publication `name` for `tables` as the owner would (the
+    /// statement `check` prints): a least-privilege role cannot.
+    pub async fn publication(&self, name: &str, tables: &[&str]) {
+        self.exec(&format!(
+            "CREATE PUBLICATION {name} FOR TABLE {} WITH (publish_via_partition_root = true);",
+            tables.join(", ")
+        ))
+        .await;
+    }
+
     pub async fn exec(&self, sql: &str) {
         self.client()
             .await
@@ -54,6 +96,17 @@ pub async fn mock() -> MockServer {
     mock_with(0.0, 0.0, 0.0, Duration::ZERO).await
 }
 
+/// Starts the mock API in `--opaque-errors` mode: 207/400 answers say how
+/// many records failed, never which (like the real API may).
+pub async fn mock_opaque() -> MockServer {
+    MockServer::start(MockOptions {
+        opaque_errors: true,
+        ..MockOptions::local(API_KEY)
+    })
+    .await
+    .expect("start mock api")
+}
+
 /// Starts the mock API with faults.
 pub async fn mock_with(fail: f64, throttle: f64, drop: f64, latency: Duration) -> MockServer {
     MockServer::start(MockOptions {
@@ -64,6 +117,7 @@ pub async fn mock_with(fail: f64, throttle: f64, drop: f64, latency: Duration) -
         drop_rate: drop,
         latency,
         seed: 7,
+        opaque_errors: false,
     })
     .await
     .expect("start mock api")
