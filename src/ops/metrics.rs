@@ -58,6 +58,8 @@ pub struct Metrics {
     pub source_connected: Gauge,
     /// Whether the API accepts the key (1) or not (0).
     pub api_ready: Gauge,
+    /// Copy progress per mapping (snapshots, re-copies).
+    pub snapshot: std::sync::Arc<crate::source::progress::Board>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -139,6 +141,7 @@ impl Metrics {
             "1 when the source database is connected",
             source_connected.clone(),
         );
+        let snapshot = std::sync::Arc::new(crate::source::progress::Board::new(&mut registry));
         registry.register(
             "api_ready",
             "1 when the Cobi API accepts the key",
@@ -158,6 +161,7 @@ impl Metrics {
             truncates,
             source_connected,
             api_ready,
+            snapshot,
         }
     }
 
