@@ -310,6 +310,31 @@ impl SourceTable {
         ))
     }
 
+    /// The rows with any of these key values (re-reads of rows whose large
+    /// values the stream left out).
+    pub fn rows_by_keys_sql(&self, keys: &[Vec<CursorValue>]) -> String {
+        let cols: Vec<String> = self.key.iter().map(|&i| self.order_expr(i)).collect();
+        let tuples: Vec<String> = keys
+            .iter()
+            .map(|key| {
+                let lits: Vec<String> = self
+                    .key
+                    .iter()
+                    .zip(key)
+                    .map(|(&i, v)| self.literal(i, v))
+                    .collect();
+                format!("({})", lits.join(", "))
+            })
+            .collect();
+        self.copy(format!(
+            "SELECT {} FROM {} WHERE ({}) IN ({})",
+            self.select_list(),
+            self.from_sql,
+            cols.join(", "),
+            tuples.join(", ")
+        ))
+    }
+
     /// Only the key columns, in key order (reconciliation).
     pub fn keys_sql(&self) -> String {
         let cols: Vec<String> = self
