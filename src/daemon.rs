@@ -216,6 +216,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let read_stop = CancellationToken::new();
     let http_stop = CancellationToken::new();
     let settings = Arc::new(settings);
+    let (resync_tx, resync_rx) = replication::resync_channel();
     let http_task = match settings.http.listen {
         Some(addr) => {
             let state = AppState {
@@ -224,6 +225,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                 health: pipeline.health.clone(),
                 metrics: pipeline.metrics.clone(),
                 sink: pipeline.sink.clone(),
+                resync: (settings.source.mode == Mode::Replication).then(|| resync_tx.clone()),
             };
             let task = http::serve(addr, state, http_stop.clone()).await.map_err(|e| {
                 DaemonError::Config(format!(
@@ -251,7 +253,16 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                         .await
                 }
                 Mode::Replication => {
-                    replication::run(settings, store, sink, health, metrics, stop).await
+                    replication::run_with_resync(
+                        settings,
+                        store,
+                        sink,
+                        health,
+                        metrics,
+                        Some(resync_rx),
+                        stop,
+                    )
+                    .await
                 }
             }
         })

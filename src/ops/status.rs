@@ -44,6 +44,10 @@ pub struct SourceStatus {
     pub cursors: BTreeMap<String, String>,
     /// Last source error.
     pub last_error: Option<String>,
+    /// Copies of this daemon run (snapshot, resync) per mapping: rows,
+    /// the planner's estimate, rate, ETA (running daemon only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub copies: BTreeMap<String, crate::source::progress::TableProgress>,
 }
 
 /// The API side of the report.
@@ -148,6 +152,22 @@ pub fn build(
     })
 }
 
+/// One line of a table's copy: `1200/5000 rows, 300 rows/s, ETA 13s`.
+fn render_copy(p: &crate::source::progress::TableProgress) -> String {
+    if p.done {
+        return format!("done, {} rows", p.rows);
+    }
+    let mut s = match p.estimate {
+        Some(e) => format!("{}/~{e} rows", p.rows),
+        None => format!("{} rows", p.rows),
+    };
+    s.push_str(&format!(", {:.0} rows/s", p.rows_per_sec));
+    if let Some(eta) = p.eta_seconds {
+        s.push_str(&format!(", ETA {eta}s"));
+    }
+    s
+}
+
 /// Human-readable rendering.
 pub fn render(r: &StatusReport) -> String {
     let mut out = String::new();
@@ -198,6 +218,9 @@ pub fn render(r: &StatusReport) -> String {
         if s != "done" {
             out.push_str(&format!("snapshot {m}: {s}\n"));
         }
+    }
+    for (m, p) in &r.source.copies {
+        out.push_str(&format!("copy {m}: {}\n", render_copy(p)));
     }
     for (m, c) in &r.source.cursors {
         out.push_str(&format!("cursor {m}: {c}\n"));

@@ -335,6 +335,7 @@ region = { column = "country", transform = "upper" }
         health: pipeline.health.clone(),
         metrics: pipeline.metrics.clone(),
         sink: pipeline.sink.clone(),
+        resync: None,
     };
     (pipeline, state)
 }
