@@ -16,7 +16,7 @@ use futures_util::{Stream, StreamExt};
 use tokio_postgres::{Client, CopyOutStream, Transaction};
 
 use crate::config::{quote_ident, MappingSettings, MappingSource};
-use crate::mapping::decode::binary::CopyBinaryReader;
+use crate::mapping::decode::binary::{CopyBinaryReader, LenientRow};
 use crate::mapping::engine::{Column, CompiledMapping, MapContext};
 use crate::mapping::value::{oid, PgType, Value};
 use crate::source::pg::{self, quote_literal, TableInfo};
@@ -523,11 +523,13 @@ impl RowStream {
         })
     }
 
-    /// Up to `max` rows; an empty vector at the end.
-    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Vec<Value>>, ReadError> {
+    /// Up to `max` rows, each with the values that could not be decoded
+    /// (NULL in the row, by column index): one bad value fails its row,
+    /// not the read. An empty vector at the end.
+    pub async fn next_batch_lenient(&mut self, max: usize) -> Result<Vec<LenientRow>, ReadError> {
         let mut out = Vec::with_capacity(max.min(4096));
         while out.len() < max {
-            match self.reader.next_row() {
+            match self.reader.next_row_lenient() {
                 Ok(Some(row)) => {
                     out.push(row);
                     continue;
@@ -545,6 +547,19 @@ impl RowStream {
             }
         }
         Ok(out)
+    }
+
+    /// Up to `max` rows; an empty vector at the end. A value that cannot
+    /// be decoded fails the batch.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Vec<Value>>, ReadError> {
+        self.next_batch_lenient(max)
+            .await?
+            .into_iter()
+            .map(|(row, errors)| match errors.into_iter().next() {
+                None => Ok(row),
+                Some((_, e)) => Err(ReadError::Decode(e.to_string())),
+            })
+            .collect()
     }
 }
 

@@ -527,6 +527,7 @@ const PARTITIONED_MAPPING: &str = r#"
 [[mapping]]
 type = "shops"
 table = "public.pshop"
+on_truncate = "soft_delete"
 [mapping.fields]
 shop_id = { column = "id", transform = "uuid5" }
 name = "name"
@@ -618,6 +619,16 @@ async fn partitions_stream(all_tables: bool) {
         .unwrap();
     wait_pshop(&client, &mock, &d).await;
     assert!(by_id(&mock, "shops", "shop_id").contains_key(&cobi_id("shops", 2009)));
+    if all_tables {
+        // One partition truncated (published under its own name only when
+        // not through the root): its rows, and only those, soft-deleted.
+        client.batch_execute("TRUNCATE pshop_2").await.unwrap();
+        wait_pshop(&client, &mock, &d).await;
+        assert!(
+            by_id(&mock, "shops", "shop_id")[&cobi_id("shops", 1)].get("is_deleted")
+                != Some(&Json::Bool(true))
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -754,6 +765,35 @@ async fn dropping_a_mapped_column_during_the_copy_exits_with_the_fix() {
     );
     assert!(
         log.contains("tag_id") && log.contains("mapping[10] (shop-tags)"),
+        "{log}"
+    );
+}
+
+/// Text the database cannot send (latin-1 bytes in an SQL_ASCII
+/// database, read as UTF-8): the daemon stops within 30 s naming the
+/// mapping and the fix — never a silent retry loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_the_database_cannot_send_stops_with_the_fix() {
+    let mut db = Db::start().await;
+    db.exec(
+        "CREATE DATABASE legacy ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    )
+    .await;
+    db.name = "legacy".into();
+    db.exec(partner::SCHEMA).await;
+    db.exec(&partner::seed_sql(30)).await;
+    db.exec("UPDATE merchant SET trade_name = E'Caf\\xe9' WHERE id = 7")
+        .await;
+    let url = least_privilege(&db).await;
+    let wd = Workdir::new();
+    let mock = mock().await;
+    let cfg = wd.config(&url, &mock.base_url(), "replication", partner::MAPPINGS);
+    let mut d = Daemon::start(&cfg, &wd.path("daemon.log"));
+    let code = wait_exit(&mut d, 30);
+    let log = d.log_text();
+    assert_eq!(code, Some(1), "{}", partner::tail(&log, 20));
+    assert!(
+        log.contains("mapping[5] (shops)") && log.contains("SQL_ASCII"),
         "{log}"
     );
 }
@@ -909,10 +949,14 @@ async fn a_reread_row_is_never_sent_before_its_new_parent() {
     assert!(d.term().success());
     // While the daemon is stopped: a small update (the label stays out of
     // the stream), then the row moves to a parent created after it.
+    // Two transactions (one query string with a BEGIN would make them one).
+    client
+        .batch_execute("UPDATE outlet SET country = 'us' WHERE id = 1")
+        .await
+        .unwrap();
     client
         .batch_execute(
-            "UPDATE outlet SET country = 'us' WHERE id = 1;
-             BEGIN;
+            "BEGIN;
              INSERT INTO merchant (trade_name, country) VALUES ('New parent', 'gb');
              UPDATE outlet SET merchant_id = currval('merchant_id_seq') WHERE id = 1;
              COMMIT;",
@@ -963,6 +1007,11 @@ async fn a_synchronous_standby_setting_does_not_deadlock_the_snapshot() {
     // daemon's confirmation).
     let writer = {
         let client = db.client().await;
+        // (The throwaway cluster turns synchronous_commit off for speed.)
+        client
+            .batch_execute("SET synchronous_commit = on")
+            .await
+            .unwrap();
         tokio::spawn(async move {
             for i in 0..20 {
                 client

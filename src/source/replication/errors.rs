@@ -96,6 +96,13 @@ pub fn db_error(e: &tokio_postgres::Error, url: &PgUrl, what: &str) -> SessionEr
              then start cobi-sync again",
             url.user
         )),
+        ErrorClass::Fatal if matches!(code, Some("22021" | "22P05")) => {
+            SessionError::fatal(format!(
+                "{what}: {msg}. The table holds text that is not valid in the encoding cobi-sync \
+             reads (UTF-8) — typically a SQL_ASCII database holding latin-1 bytes: correct the \
+             rows (SELECT the ones whose text does not convert), then start cobi-sync again"
+            ))
+        }
         ErrorClass::Fatal => SessionError::fatal(format!("{what}: {msg}")),
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use tokio_postgres::{Client, IsolationLevel};
 
 use crate::config::pgurl::PgUrl;
+use crate::mapping::decode::binary::LenientRow;
 use crate::mapping::value::Value;
 use crate::source::reader::{cursor_value, ReadError, RowStream, SourceTable};
 use crate::source::reconcile::{self, ReconcileError};
@@ -79,14 +80,14 @@ async fn all_rows(
     sql: &str,
     url: &PgUrl,
     what: &str,
-) -> Result<Vec<Vec<Value>>, SessionError> {
+) -> Result<Vec<LenientRow>, SessionError> {
     let mut stream = RowStream::start(tx, sql, t.types())
         .await
         .map_err(|e| db_error(&e, url, what))?;
     let mut rows = Vec::new();
     loop {
         let b = stream
-            .next_batch(4096)
+            .next_batch_lenient(4096)
             .await
             .map_err(|e| read_error(e, url, what))?;
         if b.is_empty() {
@@ -97,7 +98,8 @@ async fn all_rows(
 }
 
 /// The next chunk of `t` after `after` (from the start when `None`): at
-/// most `limit` rows in key order.
+/// most `limit` rows in key order, each with the values that could not be
+/// decoded (its record becomes a dead letter; the rest of the chunk flows).
 pub async fn chunk(
     client: &mut Client,
     url: &PgUrl,
@@ -105,7 +107,7 @@ pub async fn chunk(
     after: Option<&Position>,
     limit: usize,
     may_read: impl Fn(&PgSnapshot) -> bool,
-) -> Result<Option<(PgSnapshot, Vec<Vec<Value>>)>, SessionError> {
+) -> Result<Option<(PgSnapshot, Vec<LenientRow>)>, SessionError> {
     let sql = t.key_chunk_sql(after.map(|p| p.key.as_slice()), Some(limit));
     let what = format!("copying {}", t.mapping.label());
     in_snapshot(client, url, may_read, &what, async |tx| {
@@ -120,7 +122,7 @@ pub async fn rows_by_keys(
     url: &PgUrl,
     groups: &[(&SourceTable, Vec<Vec<Value>>)],
     may_read: impl Fn(&PgSnapshot) -> bool,
-) -> Result<Option<(PgSnapshot, Vec<Vec<Vec<Value>>>)>, SessionError> {
+) -> Result<Option<(PgSnapshot, Vec<Vec<LenientRow>>)>, SessionError> {
     let what = "re-reading rows whose large values the stream left out";
     in_snapshot(client, url, may_read, what, async |tx| {
         let mut out = Vec::with_capacity(groups.len());

@@ -341,6 +341,12 @@ impl<R> Watermarks<R> {
         self.phases.iter().all(|p| *p == Phase::Done) && !self.pending.iter().any(Read::is_chunk)
     }
 
+    /// Whether every table is copied and nothing is pending or waiting to
+    /// be re-read (a `snapshot` command may end).
+    pub fn settled(&self) -> bool {
+        self.copied() && self.requests.is_empty() && self.pending.is_empty()
+    }
+
     /// Whether a read may be taken in `snapshot`: it sees every transaction
     /// whose changes were skipped for a later read.
     pub fn may_read(&self, snapshot: &PgSnapshot) -> bool {
@@ -384,9 +390,10 @@ impl<R> Watermarks<R> {
                 r.drop_row(c.source_key);
             }
         }
-        let waiting = self
-            .requested
-            .contains(&(c.table, c.source_key.to_string()));
+        let waiting = !self.requested.is_empty()
+            && self
+                .requested
+                .contains(&(c.table, c.source_key.to_string()));
         let ahead = self.ahead(c.table, c.key, c.source_key);
         if waiting || ahead {
             if let Some(x) = xid {

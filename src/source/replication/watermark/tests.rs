@@ -39,6 +39,8 @@ enum Step {
     Confirm(u64),
     /// `snapshot --force` / `resync`.
     Restart,
+    /// Whether a `snapshot` command may end now.
+    Settled(bool),
 }
 
 fn key(k: i64) -> Key {
@@ -126,6 +128,7 @@ fn run(name: &str, start: Phase, steps: &[Step]) {
             Is(p) => assert_eq!(m.phase(0), p, "{at}"),
             Confirm(want) => assert_eq!(m.confirmable(1000), *want, "{at}"),
             Restart => m.restart(0),
+            Settled(want) => assert_eq!(m.settled(), *want, "{at}"),
         }
     }
 }
@@ -351,13 +354,17 @@ fn rereads_of_rows_with_values_left_out() {
             Phase::Done,
             &[
                 Confirm(1000),
+                Settled(true),
                 Ask(5, 100),
                 Confirm(500),
+                Settled(false),
                 MayRead("100:101:100", false),
                 Reread("101:101:", &[5]),
                 Confirm(500),
+                Settled(false),
                 Mark(&[5]),
                 Confirm(1000),
+                Settled(true),
             ],
         ),
         (
@@ -424,8 +431,10 @@ fn restart_abandons_the_pending_chunk() {
             Del(3, 101, DeleteIfKnown),
             StaleMark,
             Chunk("101:106:", &[3, 11], false),
+            Settled(false),
             Mark(&[3, 11]),
             Is(Phase::Done),
+            Settled(true),
         ],
     );
 }
