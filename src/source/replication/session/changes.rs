@@ -346,37 +346,30 @@ mod tests {
     #[test]
     fn values_left_out_come_from_the_full_old_row_or_force_a_reread() {
         let i = |n: i64| Some(Value::Int(n));
+        let v = Value::Int;
+        // (new row, full old row, columns the mapping reads, the row)
         type Row = Vec<Option<Value>>;
-        let cases: Vec<(Row, Option<Row>, Vec<usize>, Option<Vec<Value>>)> = vec![
+        type Case<'a> = (Row, Option<Row>, &'a [usize], Option<Vec<Value>>);
+        let cases: &[Case] = &[
             // Nothing left out.
-            (
-                vec![i(1), i(2)],
-                None,
-                vec![0, 1],
-                Some(vec![Value::Int(1), Value::Int(2)]),
-            ),
+            (vec![i(1), i(2)], None, &[0, 1], Some(vec![v(1), v(2)])),
             // Left out, from the full old row.
             (
                 vec![i(1), None],
                 Some(vec![i(1), i(9)]),
-                vec![0, 1],
-                Some(vec![Value::Int(1), Value::Int(9)]),
+                &[0, 1],
+                Some(vec![v(1), v(9)]),
             ),
             // Left out, no old row, read by the mapping: re-read.
-            (vec![i(1), None], None, vec![0, 1], None),
-            // Left out, the old row lacks it too (key-only): re-read.
-            (vec![i(1), None], Some(vec![i(1), None]), vec![1], None),
+            (vec![i(1), None], None, &[0, 1], None),
+            // Left out, the old row lacks it too (key only): re-read.
+            (vec![i(1), None], Some(vec![i(1), None]), &[1], None),
             // Left out but not read by the mapping: NULL.
-            (
-                vec![i(1), None],
-                None,
-                vec![0],
-                Some(vec![Value::Int(1), Value::Null]),
-            ),
+            (vec![i(1), None], None, &[0], Some(vec![v(1), Value::Null])),
         ];
         for (new, old, used, want) in cases {
             assert_eq!(
-                fill_unchanged(&new, old.as_deref(), &used),
+                &fill_unchanged(new, old.as_deref(), used),
                 want,
                 "{new:?} {old:?}"
             );
