@@ -13,6 +13,7 @@ mod ops;
 mod packaging;
 mod partner;
 mod poll;
+mod poll_safety;
 mod replication;
 mod sink;
 mod snapshot;
