@@ -363,6 +363,16 @@ impl SourceTable {
         from: Option<&str>,
         limit: usize,
     ) -> String {
+        self.copy(self.poll_page_query(after, from, limit))
+    }
+
+    /// The `SELECT` of [`SourceTable::poll_page_sql`] (for `EXPLAIN`).
+    pub fn poll_page_query(
+        &self,
+        after: Option<&Position>,
+        from: Option<&str>,
+        limit: usize,
+    ) -> String {
         let c = self.cursor.expect("poll pages need a cursor");
         let cursor = self.order_expr(c);
         let mut order = vec![cursor.clone()];
@@ -385,14 +395,13 @@ impl SourceTable {
             );
             conds.push(format!("({}) > ({})", order.join(", "), lits.join(", ")));
         }
-        let q = format!(
+        format!(
             "SELECT {} FROM {} WHERE {} ORDER BY {} LIMIT {limit}",
             self.select_list(),
             self.from_sql,
             conds.join(" AND "),
             order.join(", ")
-        );
-        self.copy(q)
+        )
     }
 
     /// Whether the cursor is a time (timestamp, timestamptz, date) rather

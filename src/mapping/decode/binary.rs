@@ -79,7 +79,9 @@ fn decode_scalar(ty_oid: u32, name: &str, raw: &[u8]) -> Result<Value, DecodeErr
         oid::INT4 => Value::Int(i32::from_be_bytes(fixed(ty_oid, name, raw)?).into()),
         oid::INT8 => Value::Int(i64::from_be_bytes(fixed(ty_oid, name, raw)?)),
         oid::OID => Value::Int(u32::from_be_bytes(fixed(ty_oid, name, raw)?).into()),
-        oid::FLOAT4 => Value::Float(f32::from_be_bytes(fixed(ty_oid, name, raw)?).into()),
+        oid::FLOAT4 => Value::Float(crate::mapping::value::widen_f32(f32::from_be_bytes(fixed(
+            ty_oid, name, raw,
+        )?))),
         oid::FLOAT8 => Value::Float(f64::from_be_bytes(fixed(ty_oid, name, raw)?)),
         oid::NUMERIC => Value::Numeric(
             numeric_text(raw)
@@ -748,7 +750,20 @@ mod tests {
     #[test]
     fn floats() {
         let cases: &[(u32, Vec<u8>, f64)] = &[
-            (oid::FLOAT4, 0.1f32.to_be_bytes().to_vec(), 0.1f32 as f64),
+            // The digits PostgreSQL prints, not the widened binary value.
+            (oid::FLOAT4, 0.1f32.to_be_bytes().to_vec(), 0.1),
+            (oid::FLOAT4, 1e20f32.to_be_bytes().to_vec(), 1e20),
+            (
+                oid::FLOAT4,
+                123456789f32.to_be_bytes().to_vec(),
+                123456790.0,
+            ),
+            (
+                oid::FLOAT4,
+                1.1754944e-38f32.to_be_bytes().to_vec(),
+                1.1754944e-38,
+            ),
+            (oid::FLOAT4, 1e-45f32.to_be_bytes().to_vec(), 1e-45),
             (
                 oid::FLOAT4,
                 f32::INFINITY.to_be_bytes().to_vec(),

@@ -31,6 +31,7 @@
 //! `reconcile` schedules find keys the state store knows but the source no
 //! longer has, and soft-delete them.
 
+pub mod checks;
 pub mod guard;
 
 use std::collections::{BTreeSet, HashSet};
@@ -246,13 +247,22 @@ impl PollSource {
     }
 
     fn next_after(&self, t: DateTime<Utc>) -> DateTime<Utc> {
+        let tz = self.settings.source.poll.schedule_timezone;
         self.settings
             .source
             .poll
             .schedule
-            .after(&t)
+            .after(&t.with_timezone(&tz))
             .next()
-            .unwrap_or(t + chrono::Duration::days(365))
+            .map_or(t + chrono::Duration::days(365), |n| n.with_timezone(&Utc))
+    }
+
+    fn next_reconcile(&self, m: &crate::config::MappingSettings) -> Option<DateTime<Utc>> {
+        let tz = self.settings.source.poll.schedule_timezone;
+        m.reconcile
+            .as_ref()
+            .and_then(|s| s.upcoming(tz).next())
+            .map(|t| t.with_timezone(&Utc))
     }
 
     async fn resolve(&self, client: &Client) -> Result<Vec<PollMapping>, SetupError> {
@@ -298,7 +308,7 @@ impl PollSource {
                             }
                         }
                     };
-                    let next_reconcile = m.reconcile.as_ref().and_then(|s| s.upcoming(Utc).next());
+                    let next_reconcile = self.next_reconcile(m);
                     out.push(PollMapping {
                         table,
                         position,
@@ -478,12 +488,7 @@ impl PollSource {
             if let Some(at) = pm.next_reconcile {
                 if Utc::now() >= at {
                     self.reconcile(&tx, pm).await?;
-                    pm.next_reconcile = pm
-                        .table
-                        .mapping
-                        .reconcile
-                        .as_ref()
-                        .and_then(|s| s.upcoming(Utc).next());
+                    pm.next_reconcile = self.next_reconcile(&pm.table.mapping);
                 }
             }
             if read > 0 {
