@@ -347,3 +347,134 @@ async fn an_api_outage_does_not_hold_the_snapshot_open() {
     )
     .await;
 }
+
+/// A `timestamp` cursor written in America/New_York wall-clock time goes
+/// back an hour at the autumn fall-back. For every tick around the
+/// transition, every row stamped (with the writer's `now()`) after the
+/// previous observation's clock reading must lie inside the tick's window,
+/// as PostgreSQL itself compares them; the old window (last position minus
+/// `lookback`) misses the repeated hour.
+#[tokio::test]
+async fn a_timestamp_cursor_window_covers_the_repeated_autumn_hour() {
+    let db = Db::start().await;
+    db.exec(
+        "CREATE TABLE merchant (id int PRIMARY KEY, trade_name text NOT NULL, \
+           country text NOT NULL, modified_at timestamp NOT NULL);",
+    )
+    .await;
+    let url = db.least_privilege_url(false, &["public.merchant"]).await;
+    let settings = cobi_sync::config::load_str(
+        &format!(
+            "[source]\nurl = \"{url}\"\nmode = \"poll\"\ntimezone = \"America/New_York\"\n\
+             [api]\nbase_url = \"http://127.0.0.1:1\"\n{}",
+            SHOPS.replace(
+                "shop_id = \"id\"",
+                "shop_id = { column = \"id\", transform = \"uuid5\" }"
+            )
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    let client = cobi_sync::source::pg::connect(&settings.source)
+        .await
+        .unwrap();
+    let ctx = cobi_sync::mapping::engine::MapContext::from_settings(&settings);
+    let t = cobi_sync::source::reader::SourceTable::resolve(&client, &settings.mappings[0], ctx)
+        .await
+        .unwrap();
+    let lookback = Duration::from_secs(2);
+    // Fall-back: 2024-11-03 06:00:00Z is 02:00 EDT → 01:00 EST.
+    let transition = 1_730_613_600i64 * 1_000_000;
+    let sec = 1_000_000i64;
+    let mut misses_of_the_old_window = 0;
+    for clock in (-4000..4000).step_by(250).map(|s| transition + s * sec) {
+        let bound = cobi_sync::source::poll::guard::Bound::Instant(
+            clock - (lookback.as_micros() as i64) - sec,
+        );
+        let from = t.bound_sql(&bound, "America/New_York").unwrap();
+        // Rows whose transaction started after the observation, stamped
+        // with New York wall clock, and the newest row read before it.
+        for stamp in (0..120).step_by(7).map(|s| clock + s * sec) {
+            let at = |m: i64| format!("to_timestamp({m}::float8 / 1e6)");
+            let row = client
+                .query_one(
+                    &format!(
+                        "SELECT ({stamp} AT TIME ZONE 'America/New_York') >= {from}, \
+                                ({stamp} AT TIME ZONE 'America/New_York') >= \
+                                ({prev} AT TIME ZONE 'America/New_York') - interval '2 seconds'",
+                        stamp = at(stamp),
+                        prev = at(clock - sec),
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap();
+            let (inside, old_inside): (bool, bool) = (row.get(0), row.get(1));
+            assert!(
+                inside,
+                "clock {clock}, stamp {stamp}: outside the window {from}"
+            );
+            if !old_inside {
+                misses_of_the_old_window += 1;
+            }
+        }
+    }
+    assert!(
+        misses_of_the_old_window > 0,
+        "the old window should miss the repeated hour"
+    );
+}
+
+/// `check` in poll mode: the guard can see open transactions, how many
+/// rows have a NULL cursor, a cursor without a usable index (with the
+/// `CREATE INDEX` to run) and then with one, and a `source.timezone`
+/// that differs from the server's.
+#[tokio::test]
+async fn check_reports_null_cursors_a_missing_index_and_the_time_zone() {
+    let (db, url) = seeded(20_000).await;
+    db.exec(
+        "UPDATE merchant SET modified_at = NULL WHERE trade_name IN ('Shop 1', 'Shop 2'); \
+         ANALYZE merchant;",
+    )
+    .await;
+    db.exec(&format!(
+        "ALTER DATABASE \"{}\" SET TimeZone = 'Europe/Paris'",
+        db.name
+    ))
+    .await;
+    let m = mock().await;
+    let wd = Workdir::new();
+    let cfg = config(&wd, &url, &m.base_url(), SHOPS, 500);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "mode = \"poll\"",
+        "mode = \"poll\"\ntimezone = \"America/New_York\"",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    // The mock answers on this runtime: run the CLI off it.
+    let check = || {
+        let cfg = cfg.clone();
+        async move {
+            let (code, out, err) = tokio::task::spawn_blocking(move || {
+                run_cli(&["check", "--config", cfg.to_str().unwrap()], &[])
+            })
+            .await
+            .unwrap();
+            assert_eq!(code, 0, "{out}\n{err}");
+            out
+        }
+    };
+    let out = check().await;
+    for want in [
+        "open transactions are visible",
+        "2 row(s) have a NULL `modified_at`",
+        "no index on (cursor, key)",
+        "CREATE INDEX CONCURRENTLY ON \"public\".\"merchant\" (\"modified_at\", \"id\");",
+        "the server's TimeZone is Europe/Paris",
+    ] {
+        assert!(out.contains(want), "missing `{want}` in:\n{out}");
+    }
+    db.exec("CREATE INDEX ON merchant (modified_at, id); ANALYZE merchant;")
+        .await;
+    let out = check().await;
+    assert!(out.contains("a page uses an index"), "{out}");
+}
