@@ -339,7 +339,7 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
             )),
         }
     }
-    timezone_check(settings, out).await;
+    timezone_check(settings, &client, out).await;
     if !replication {
         crate::source::poll::checks::poll_checks(settings, &client, &tables, out).await;
         return;
@@ -374,12 +374,27 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
 /// `timestamp without time zone` values are read in `source.timezone`;
 /// writers' sessions stamp them in the server's `TimeZone` unless they set
 /// their own. A difference shifts every such value.
-async fn timezone_check(settings: &Settings, out: &mut Vec<Line>) {
+async fn timezone_check(settings: &Settings, client: &Client, out: &mut Vec<Line>) {
     let ours = settings.source.timezone.name();
+    // Zones with different names can be the same rules (UTC, Etc/UTC).
+    let same_rules = |server: String| async move {
+        server == ours
+            || client
+                .query_one(
+                    "SELECT bool_and((t AT TIME ZONE $1) = (t AT TIME ZONE $2)) FROM \
+                     generate_series(now() - interval '3 years', now() + interval '3 years', \
+                     interval '1 hour') t",
+                    &[&server, &ours],
+                )
+                .await
+                .is_ok_and(|r| r.get::<_, Option<bool>>(0) == Some(true))
+    };
     match pg::server_timezone(&settings.source).await {
-        Ok(server) if server == ours => out.push(Line::ok(
+        Ok(server) if same_rules(server.clone()).await => out.push(Line::ok(
             "time zone",
-            format!("source.timezone and the server's TimeZone are both {ours}"),
+            format!(
+                "source.timezone ({ours}) keeps the same time as the server's TimeZone ({server})"
+            ),
         )),
         Ok(server) => out.push(Line::warn(
             "time zone",

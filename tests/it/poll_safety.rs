@@ -478,3 +478,30 @@ async fn check_reports_null_cursors_a_missing_index_and_the_time_zone() {
     let out = check().await;
     assert!(out.contains("a page uses an index"), "{out}");
 }
+
+/// `check` on an integer cursor: a sequence with `CACHE` above 1 hands
+/// out values out of order across sessions; `check` says so with the fix.
+#[tokio::test]
+async fn check_warns_about_a_cached_sequence_behind_an_integer_cursor() {
+    let (db, url) = seeded(10).await;
+    db.exec("ALTER SEQUENCE merchant_version_seq CACHE 20;")
+        .await;
+    let m = mock().await;
+    let wd = Workdir::new();
+    let body = SHOPS.replace("cursor = \"modified_at\"", "cursor = \"version\"");
+    let cfg = config(&wd, &url, &m.base_url(), &body, 500);
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        run_cli(&["check", "--config", cfg.to_str().unwrap()], &[])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("ALTER SEQUENCE merchant_version_seq CACHE 1;"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ok      time zone"),
+        "UTC and Etc/UTC are the same: {out}"
+    );
+}

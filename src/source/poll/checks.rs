@@ -56,9 +56,61 @@ pub async fn poll_checks(
         if t.cursor.is_some() {
             null_cursor_line(client, t, out).await;
             index_line(settings, client, t, out).await;
+            if !t.time_cursor() {
+                sequence_line(client, t, out).await;
+            }
         }
     }
     let _ = client.batch_execute("RESET statement_timeout").await;
+}
+
+/// An integer cursor is safe when a sequence hands its values out in
+/// order: with `CACHE` above 1 each session takes a block, and a session
+/// can commit a value below ones other sessions committed before it
+/// started, which no observation bounds.
+async fn sequence_line(client: &Client, t: &SourceTable, out: &mut Vec<Line>) {
+    let (Some(info), Some(c)) = (&t.table, t.cursor) else {
+        return;
+    };
+    let name = format!("cursor sequence {}", t.mapping.label());
+    let table = format!("{}.{}", quote_ident(&info.schema), quote_ident(&info.name));
+    let row = client
+        .query_opt(
+            "SELECT seq::text, s.seqcache FROM (SELECT pg_get_serial_sequence($1, $2)::regclass AS seq) q \
+             JOIN pg_sequence s ON s.seqrelid = q.seq",
+            &[&table, &t.select[c].name],
+        )
+        .await;
+    match row {
+        Ok(Some(r)) => {
+            let (seq, cache): (String, i64) = (r.get(0), r.get(1));
+            if cache > 1 {
+                out.push(line_warn(
+                    name,
+                    format!(
+                        "sequence {seq} hands out values in blocks of {cache} per session (CACHE \
+                         {cache}), so a late commit can carry a value below rows already read; \
+                         run ALTER SEQUENCE {seq} CACHE 1; or use a timestamp cursor"
+                    ),
+                ));
+            } else {
+                out.push(line_ok(
+                    name,
+                    format!("fed by sequence {seq} (CACHE 1): late commits are re-read"),
+                ));
+            }
+        }
+        Ok(None) => out.push(line_warn(
+            name,
+            format!(
+                "`{}` is not fed by a sequence of its own: late commits are re-read only if \
+                 every value written is above the values visible when its transaction began \
+                 (integer cursors have no lookback); a timestamp cursor stamped by now() is safer",
+                t.select[c].name
+            ),
+        )),
+        Err(e) => out.push(line_warn(name, format!("cannot inspect it: {e}"))),
+    }
 }
 
 async fn null_cursor_line(client: &Client, t: &SourceTable, out: &mut Vec<Line>) {

@@ -553,7 +553,9 @@ impl PollSource {
             bounds,
             tz,
         );
-        let mut after = pm.position.clone();
+        // No lower bound at all (a bound said "every row"): from the first
+        // row, not from the position.
+        let mut after = from.as_ref().and(pm.position.clone());
         let mut read = 0u64;
         loop {
             let sql = t.poll_page_sql(after.as_ref(), from.as_deref(), page);
