@@ -85,29 +85,38 @@ async fn move_cursor_past(db: &Db, m: &cobi_sync::mock_api::MockServer, d: &Daem
     }
 }
 
+/// The late-commit scenario: the daemon has read the table (mapping
+/// `body`); a writer runs `open` in a transaction, later rows are
+/// committed and delivered for longer than `lookback`, the writer runs
+/// `close` (which commits) — and the row named `late` must arrive.
+async fn late_commit(body: &str, open: &str, close: &str, late: &str) {
+    let (db, url) = seeded(20).await;
+    let m = mock().await;
+    let wd = Workdir::new();
+    let cfg = config(&wd, &url, &m.base_url(), body, 500);
+    let d = Daemon::start(&cfg, &wd.path("daemon.log"));
+    arrives(&m, "shops", "Shop 20", &d).await;
+
+    let writer = db.client().await;
+    writer.batch_execute(open).await.unwrap();
+    move_cursor_past(&db, &m, &d, late).await;
+    writer.batch_execute(close).await.unwrap();
+    arrives(&m, "shops", late, &d).await;
+    assert_eq!(m.records("shops").len(), 24);
+}
+
 /// A writer stamps a row with `now()`, stays open longer than `lookback`
 /// while later rows are committed and delivered, then commits: its row
 /// arrives.
 #[tokio::test]
 async fn a_long_writer_commits_late_and_its_row_arrives() {
-    let (db, url) = seeded(20).await;
-    let m = mock().await;
-    let wd = Workdir::new();
-    let cfg = config(&wd, &url, &m.base_url(), SHOPS, 500);
-    let d = Daemon::start(&cfg, &wd.path("daemon.log"));
-    arrives(&m, "shops", "Shop 20", &d).await;
-
-    let writer = db.client().await;
-    writer
-        .batch_execute(
-            "BEGIN; INSERT INTO merchant (trade_name, country) VALUES ('Written early', 'gb');",
-        )
-        .await
-        .unwrap();
-    move_cursor_past(&db, &m, &d, "w").await;
-    writer.batch_execute("COMMIT").await.unwrap();
-    arrives(&m, "shops", "Written early", &d).await;
-    assert_eq!(m.records("shops").len(), 24);
+    late_commit(
+        SHOPS,
+        "BEGIN; INSERT INTO merchant (trade_name, country) VALUES ('Written early', 'gb');",
+        "COMMIT",
+        "Written early",
+    )
+    .await;
 }
 
 /// A transaction reads for a while (no xid yet, invisible to
@@ -115,27 +124,13 @@ async fn a_long_writer_commits_late_and_its_row_arrives() {
 /// and commits: they arrive.
 #[tokio::test]
 async fn a_transaction_that_reads_before_writing_commits_late_and_its_row_arrives() {
-    let (db, url) = seeded(20).await;
-    let m = mock().await;
-    let wd = Workdir::new();
-    let cfg = config(&wd, &url, &m.base_url(), SHOPS, 500);
-    let d = Daemon::start(&cfg, &wd.path("daemon.log"));
-    arrives(&m, "shops", "Shop 20", &d).await;
-
-    let writer = db.client().await;
-    writer
-        .batch_execute("BEGIN; SELECT count(*) FROM merchant;")
-        .await
-        .unwrap();
-    move_cursor_past(&db, &m, &d, "r").await;
-    writer
-        .batch_execute(
-            "INSERT INTO merchant (trade_name, country) VALUES ('Read first', 'gb'); COMMIT;",
-        )
-        .await
-        .unwrap();
-    arrives(&m, "shops", "Read first", &d).await;
-    assert_eq!(m.records("shops").len(), 24);
+    late_commit(
+        SHOPS,
+        "BEGIN; SELECT count(*) FROM merchant;",
+        "INSERT INTO merchant (trade_name, country) VALUES ('Read first', 'gb'); COMMIT;",
+        "Read first",
+    )
+    .await;
 }
 
 /// An integer cursor fed by a sequence: a slow transaction takes a value,
@@ -143,25 +138,13 @@ async fn a_transaction_that_reads_before_writing_commits_late_and_its_row_arrive
 /// arrives.
 #[tokio::test]
 async fn an_integer_cursor_with_an_out_of_order_commit_loses_nothing() {
-    let (db, url) = seeded(20).await;
-    let m = mock().await;
-    let wd = Workdir::new();
-    let body = SHOPS.replace("cursor = \"modified_at\"", "cursor = \"version\"");
-    let cfg = config(&wd, &url, &m.base_url(), &body, 500);
-    let d = Daemon::start(&cfg, &wd.path("daemon.log"));
-    arrives(&m, "shops", "Shop 20", &d).await;
-
-    let writer = db.client().await;
-    writer
-        .batch_execute(
-            "BEGIN; INSERT INTO merchant (trade_name, country) VALUES ('Low sequence value', 'gb');",
-        )
-        .await
-        .unwrap();
-    move_cursor_past(&db, &m, &d, "i").await;
-    writer.batch_execute("COMMIT").await.unwrap();
-    arrives(&m, "shops", "Low sequence value", &d).await;
-    assert_eq!(m.records("shops").len(), 24);
+    late_commit(
+        &SHOPS.replace("cursor = \"modified_at\"", "cursor = \"version\""),
+        "BEGIN; INSERT INTO merchant (trade_name, country) VALUES ('Low sequence value', 'gb');",
+        "COMMIT",
+        "Low sequence value",
+    )
+    .await;
 }
 
 /// Rows whose cursor is NULL sort last: with one as the last row of a page
