@@ -8,10 +8,14 @@
 //! database each belongs to (`xact_start`, `backend_xid` stay hidden without
 //! `pg_read_all_stats`; the lock list does not).
 //!
-//! Each tick first runs one *observation* statement outside the tick's
-//! snapshot: the set of open transactions of this database, the server
-//! clock, and for integer cursors `max(cursor)` as of that statement's
-//! snapshot. Then the tick's `REPEATABLE READ` snapshot is taken.
+//! Each tick first runs an *observation* statement outside the tick's
+//! snapshot — twice, 50 ms apart: the set of open transactions of this
+//! database, the server clock, and for integer cursors `max(cursor)` as of
+//! that statement's snapshot. Then the tick's `REPEATABLE READ` snapshot is
+//! taken. (A transaction first seen in the second look started after the
+//! first, so its bound is 50 ms old rather than a whole tick: on a busy
+//! database the short transactions that are always open at an observation
+//! do not widen every tick's window by the tick interval.)
 //!
 //! The rule: a transaction first seen open at observation `k` was not open
 //! at observation `k − 1`, so it started after it — after that statement's
@@ -93,13 +97,19 @@ impl GuardState {
 }
 
 /// One observation: the open transactions of the database and this
-/// mapping's bound for transactions that start after it.
+/// mapping's bound for transactions that start after it — taken twice, a
+/// moment apart, so that a transaction first seen in the second look gets
+/// the first look's (recent) bound rather than the previous tick's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
     /// Ids of open transactions (virtual xids; `prepared:<xid>`).
     pub open: BTreeSet<String>,
     /// The bound for transactions not yet open.
     pub bound: Bound,
+    /// The first look's open transactions.
+    pub open_before: BTreeSet<String>,
+    /// The first look's bound.
+    pub bound_before: Bound,
 }
 
 /// What one tick must read for a mapping, and the state once it has.
@@ -135,6 +145,8 @@ pub fn plan(state: &GuardState, obs: &Observation) -> Plan {
             // now gone from the list) or one never seen: it inherits every
             // bound this tick applies.
             None if id.starts_with(PREPARED) => from.clone(),
+            // Not open at the first look: it started after it.
+            None if !obs.open_before.contains(id) => vec![obs.bound_before.clone()],
             None => vec![state.next.clone()],
         };
         open.insert(id.clone(), bounds);
@@ -206,9 +218,13 @@ pub fn simplify(v: &[Bound]) -> Vec<Bound> {
 mod tests {
     use super::*;
 
+    /// An observation whose two looks saw the same transactions.
     fn obs(open: &[&str], bound: Bound) -> Observation {
+        let open: BTreeSet<String> = open.iter().map(|s| s.to_string()).collect();
         Observation {
-            open: open.iter().map(|s| s.to_string()).collect(),
+            open_before: open.clone(),
+            bound_before: bound.clone(),
+            open,
             bound,
         }
     }
@@ -309,6 +325,21 @@ mod tests {
             assert_eq!(p.next.open, want, "{}", c.name);
             assert_eq!(p.next.next, c.obs.bound, "{}", c.name);
         }
+    }
+
+    #[test]
+    fn a_transaction_new_in_the_second_look_gets_the_first_looks_bound() {
+        let state = state(&[], Bound::Instant(100));
+        let o = Observation {
+            open: ["1/1", "2/2"].iter().map(|s| s.to_string()).collect(),
+            bound: Bound::Instant(300),
+            open_before: ["1/1"].iter().map(|s| s.to_string()).collect(),
+            bound_before: Bound::Instant(290),
+        };
+        let p = plan(&state, &o);
+        assert_eq!(p.next.open["1/1"], vec![Bound::Instant(100)]);
+        assert_eq!(p.next.open["2/2"], vec![Bound::Instant(290)]);
+        assert_eq!(p.from, vec![Bound::Instant(100)]);
     }
 
     #[test]

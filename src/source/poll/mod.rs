@@ -1,9 +1,9 @@
 //! Poll mode: read what changed on a cron schedule.
 //!
 //! Each tick is one `REPEATABLE READ` transaction across every mapping
-//! (DESIGN.md §4.2), mappings in upload order. Just before it, one
-//! statement observes the open transactions and the server clock for the
-//! late-commit guard ([`guard`]). A mapping with a cursor reads rows in
+//! (DESIGN.md §4.2), mappings in upload order. Just before it, two short
+//! statements 50 ms apart observe the open transactions and the server
+//! clock for the late-commit guard ([`guard`]). A mapping with a cursor reads rows in
 //! `(cursor, key)` order, in pages of `page_size`, from the smallest of its
 //! persisted position minus `lookback` and the guard's bounds (transactions
 //! that were open and have ended since, or started since the last
@@ -59,6 +59,9 @@ use guard::{Bound, GuardState, Observation};
 /// read; one still open afterwards makes the mapping be read in full again
 /// when it ends).
 const FIRST_READ_WAIT: Duration = Duration::from_secs(10);
+
+/// Time between the two looks of an observation.
+const OBSERVATION_GAP: Duration = Duration::from_millis(50);
 
 /// Margin under a clock reading for a transaction's `now()`, which is
 /// taken a moment before its lock becomes visible.
@@ -365,9 +368,38 @@ impl PollSource {
                     Bound::Value(v)
                 };
                 Some(Observation {
+                    open_before: open.clone(),
+                    bound_before: bound.clone(),
                     open: open.clone(),
                     bound,
                 })
+            })
+            .collect())
+    }
+
+    /// Two observations [`OBSERVATION_GAP`] apart, as one (see
+    /// [`guard`]).
+    async fn observe_twice(
+        &self,
+        client: &Client,
+        mappings: &[PollMapping],
+    ) -> Result<Vec<Option<Observation>>, TickError> {
+        let first = self.observe(client, mappings).await?;
+        tokio::select! {
+            _ = tokio::time::sleep(OBSERVATION_GAP) => {}
+            _ = self.stop.cancelled() => return Err(TickError::Stopped),
+        }
+        let second = self.observe(client, mappings).await?;
+        Ok(first
+            .into_iter()
+            .zip(second)
+            .map(|(a, b)| match (a, b) {
+                (Some(a), Some(b)) => Some(Observation {
+                    open_before: a.open,
+                    bound_before: a.bound,
+                    ..b
+                }),
+                _ => None,
             })
             .collect())
     }
@@ -446,7 +478,7 @@ impl PollSource {
         first: bool,
     ) -> Result<u64, TickError> {
         self.prepare_first_reads(client, mappings).await?;
-        let observed = self.observe(client, mappings).await?;
+        let observed = self.observe_twice(client, mappings).await?;
         let tx = client
             .build_transaction()
             .isolation_level(IsolationLevel::RepeatableRead)
