@@ -309,14 +309,6 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
                         )),
                     }
                 }
-                if let (Some(c), Some(info)) = (&t.mapping.cursor, &t.table) {
-                    if info.column(c).is_some_and(|col| !col.not_null) {
-                        out.push(Line::warn(
-                            name.clone(),
-                            format!("cursor column `{c}` is nullable: rows where it is NULL are never polled"),
-                        ));
-                    }
-                }
                 if problems.is_empty() {
                     out.push(Line::ok(
                         name,
@@ -347,7 +339,9 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
             )),
         }
     }
+    timezone_check(settings, &client, out).await;
     if !replication {
+        crate::source::poll::checks::poll_checks(settings, &client, &tables, out).await;
         return;
     }
     // Replica identity vs deletes.
@@ -375,6 +369,56 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
     }
     publication_check(settings, &client, &tables, out).await;
     slot_check(settings, &client, out).await;
+}
+
+/// `timestamp without time zone` values are read in `source.timezone`;
+/// writers' sessions stamp them in the server's `TimeZone` unless they set
+/// their own. A difference shifts every such value.
+async fn timezone_check(settings: &Settings, client: &Client, out: &mut Vec<Line>) {
+    let ours = settings.source.timezone.name();
+    // Zones with different names can be the same rules (UTC, Etc/UTC).
+    let same_rules = |server: String| async move {
+        server == ours
+            || client
+                .query_one(
+                    "SELECT bool_and((t AT TIME ZONE $1) = (t AT TIME ZONE $2)) FROM \
+                     generate_series(now() - interval '3 years', now() + interval '3 years', \
+                     interval '1 hour') t",
+                    &[&server, &ours],
+                )
+                .await
+                .is_ok_and(|r| r.get::<_, Option<bool>>(0) == Some(true))
+    };
+    match pg::server_timezone(&settings.source).await {
+        Ok(server) if same_rules(server.clone()).await => out.push(Line::ok(
+            "time zone",
+            format!(
+                "source.timezone ({ours}) keeps the same time as the server's TimeZone ({server})"
+            ),
+        )),
+        Ok(server) => out.push(Line::warn(
+            "time zone",
+            format!(
+                "source.timezone is {ours} but the server's TimeZone is {server}: `timestamp` \
+                 values written with now() in the server's zone are read as {ours}; set \
+                 source.timezone = \"{server}\" unless your applications write {ours} wall clock"
+            ),
+        )),
+        Err(e) => out.push(Line::warn(
+            "time zone",
+            format!("could not read the server's TimeZone: {}", e.message),
+        )),
+    }
+}
+
+/// A check line (for [`crate::source::poll::checks`]).
+pub fn line_ok(name: impl Into<String>, detail: impl Into<String>) -> Line {
+    Line::ok(name, detail)
+}
+
+/// A warning line (for [`crate::source::poll::checks`]).
+pub fn line_warn(name: impl Into<String>, detail: impl Into<String>) -> Line {
+    Line::warn(name, detail)
 }
 
 async fn publication_check(

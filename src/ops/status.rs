@@ -105,7 +105,7 @@ pub fn build(
                     .unwrap_or_else(|| "(start)".into());
                 source.cursors.insert(mapping, v);
             }
-            Checkpoint::Snapshot { .. } => {}
+            Checkpoint::Snapshot { .. } | Checkpoint::PollGuard { .. } => {}
         }
     }
     let mut api = ApiStatus::default();

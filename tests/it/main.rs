@@ -14,6 +14,7 @@ mod oracle;
 mod packaging;
 mod partner;
 mod poll;
+mod poll_safety;
 mod replication;
 mod sink;
 mod snapshot;

@@ -225,10 +225,11 @@ region = { column = "country", transform = "upper" }
         "shutdown took {took:?}\n{}",
         d.log_text()
     );
-    // The source really was stuck, and was abandoned rather than awaited.
+    // Something really was stuck (the source, or since the source releases
+    // its snapshot during an outage, the sink's deliveries), and was
+    // abandoned rather than awaited.
     assert!(
-        d.log_text()
-            .contains("did not stop within the shutdown grace period"),
+        d.log_text().contains("shutdown grace period"),
         "{}",
         d.log_text()
     );
