@@ -5,8 +5,10 @@
 //!
 //! It changes nothing: the publication and slot are only inspected (the
 //! daemon creates them at start when it can), and the API key is proven
-//! with `POST /v1/data/shops {"records": []}` (401/403 = rejected; any
-//! other answer = reachable and accepted).
+//! with `POST /v1/data/shops {"records": []}`: only the API's own envelope
+//! answer (its 400 for an empty batch) means reachable and accepted;
+//! 401/403 is a rejected key; a redirect (never followed), 404, 405, 5xx or
+//! an HTML page is a problem line ([`probe_verdict`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use crate::mapping::engine::MapContext;
 use crate::model::schema::schema;
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
-use crate::sink::client::ApiClient;
+use crate::sink::client::{ApiClient, ProbeAnswer};
 use crate::source::pg;
 use crate::source::reader::{SetupError, SourceTable};
 use crate::source::replication::setup;
@@ -627,30 +629,74 @@ async fn api_check(settings: &Settings) -> Line {
         tokio_util::sync::CancellationToken::new(),
     ) {
         Ok(c) => c,
-        Err(e) => return Line::fail(name, e.to_string(), "check api settings"),
+        Err(e) => return Line::fail(name, e, "check the [api] settings"),
     };
     let shops = schema().type_id("shops").expect("shops exists");
     match client.probe(shops).await {
-        Ok(401) | Ok(403) => Line::fail(
-            name,
-            format!(
-                "{} rejected the key from {}",
-                settings.api.base_url,
-                settings.api.key.describe()
-            ),
-            "put the key Cobi gave you in that place (support@hellocobi.com issues keys)",
-        ),
-        Ok(status) => Line::ok(
-            name,
-            format!(
-                "{} reachable, key accepted (HTTP {status} to an empty batch)",
-                settings.api.base_url
-            ),
+        Ok(answer) => probe_verdict(
+            &settings.api.base_url,
+            &settings.api.key.describe(),
+            &answer,
         ),
         Err(e) => Line::fail(
             name,
             format!("cannot reach {}: {e}", settings.api.base_url),
-            "check api.base_url, DNS, proxies and firewalls",
+            "check api.base_url, DNS, proxies (HTTPS_PROXY / NO_PROXY), api.ca_file and firewalls",
+        ),
+    }
+}
+
+/// Whether `body` is the Cobi API's own answer to a batch: a JSON object
+/// with a `batches` array (SPEC.md §1's response envelope).
+fn is_api_envelope(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("batches").map(serde_json::Value::is_array))
+        .unwrap_or(false)
+}
+
+/// The verdict on the API's answer to an empty batch. Only the API's own
+/// envelope (its 400 refusing an empty batch, or a 200/207 envelope) proves
+/// "reachable, key accepted"; 401/403 is a rejected key; a redirect, a
+/// 404/405, a 5xx, or any answer without the envelope (an HTML page from a
+/// proxy or a login portal) is a problem naming what came back.
+pub fn probe_verdict(base_url: &str, key_source: &str, a: &ProbeAnswer) -> Line {
+    let name = "cobi api key";
+    let status = a.status;
+    let ct = a.content_type.as_deref().unwrap_or("no content type");
+    match status {
+        401 | 403 => Line::fail(
+            name,
+            format!("{base_url} rejected the key from {key_source} (HTTP {status})"),
+            "put the key Cobi gave you in that place (support@hellocobi.com issues keys)",
+        ),
+        300..=399 => Line::fail(
+            name,
+            format!(
+                "{base_url} answered a redirect (HTTP {status} to {}); cobi-sync never follows \
+                 redirects",
+                a.location.as_deref().unwrap_or("no Location")
+            ),
+            "set api.base_url to the API's own address (https://api.hellocobi.com), not a \
+             proxy or portal in front of it",
+        ),
+        200 | 207 | 400 if is_api_envelope(&a.body) => Line::ok(
+            name,
+            format!("{base_url} reachable, key accepted (HTTP {status} to an empty batch)"),
+        ),
+        500..=599 => Line::fail(
+            name,
+            format!("{base_url} answered HTTP {status} (server error) to an empty batch"),
+            "the API or a proxy in front of it is failing: try again later, check api.base_url",
+        ),
+        _ => Line::fail(
+            name,
+            format!(
+                "{base_url} answered HTTP {status} ({ct}) without the Cobi API's JSON envelope: \
+                 this is not the Cobi Data API"
+            ),
+            "check api.base_url (https://api.hellocobi.com) and any proxy or captive portal \
+             in between",
         ),
     }
 }
@@ -658,6 +704,82 @@ async fn api_check(settings: &Settings) -> Line {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_api_envelope_proves_the_key() {
+        let envelope = r#"{"request_id":"r","type":"shops","batches":[{"batch":0,"status":400,"data":{"status":"error","error":"records must not be empty"}}]}"#;
+        let answer = |status: u16, ct: &str, location: Option<&str>, body: &str| ProbeAnswer {
+            status,
+            content_type: Some(ct.into()),
+            location: location.map(str::to_string),
+            body: bytes::Bytes::from(body.to_string()),
+        };
+        let json = "application/json";
+        let html = "text/html";
+        // (answer, passes, a word the detail must hold)
+        let cases = [
+            (
+                answer(400, json, None, envelope),
+                true,
+                "HTTP 400 to an empty batch",
+            ),
+            (answer(200, json, None, envelope), true, "key accepted"),
+            (
+                answer(401, json, None, r#"{"error":"Unauthorized"}"#),
+                false,
+                "rejected the key",
+            ),
+            (answer(403, json, None, "{}"), false, "rejected the key"),
+            (
+                answer(404, json, None, r#"{"error":"Not Found"}"#),
+                false,
+                "HTTP 404",
+            ),
+            (
+                answer(405, "text/plain", None, "Method Not Allowed"),
+                false,
+                "HTTP 405",
+            ),
+            (
+                answer(502, html, None, "<html>Bad Gateway</html>"),
+                false,
+                "HTTP 502",
+            ),
+            (answer(500, json, None, envelope), false, "server error"),
+            (
+                answer(301, html, Some("https://login.example/"), ""),
+                false,
+                "https://login.example/",
+            ),
+            (answer(307, html, None, ""), false, "redirect"),
+            (
+                answer(200, html, None, "<html>Sign in</html>"),
+                false,
+                "text/html",
+            ),
+            (
+                answer(400, json, None, r#"{"error":"bad"}"#),
+                false,
+                "envelope",
+            ),
+        ];
+        for (a, passes, word) in cases {
+            let l = probe_verdict("https://api.example", "file /etc/cobi-sync/api-key", &a);
+            let detail = match &l.verdict {
+                Verdict::Ok(d) => {
+                    assert!(passes, "HTTP {} must be a problem, got ok: {d}", a.status);
+                    d.clone()
+                }
+                Verdict::Fail(d, fix) => {
+                    assert!(!passes, "HTTP {} must pass: {d}", a.status);
+                    assert!(!fix.is_empty());
+                    d.clone()
+                }
+                Verdict::Warn(d) => panic!("no warnings here: {d}"),
+            };
+            assert!(detail.contains(word), "HTTP {}: {detail}", a.status);
+        }
+    }
 
     fn row() -> SlotRow {
         SlotRow {

@@ -23,7 +23,7 @@ use crate::config::{Mode, Settings};
 use crate::ops::health::Health;
 use crate::ops::http::{self, AppState};
 use crate::ops::metrics::Metrics;
-use crate::ops::systemd;
+use crate::ops::{systemd, token};
 use crate::sink::client::ApiClient;
 use crate::sink::{self, SinkConfig, SinkHandle};
 use crate::source::poll::PollSource;
@@ -77,7 +77,8 @@ pub struct Pipeline {
     pub client: Arc<ApiClient>,
     /// Where sources send records.
     pub sink: SinkHandle,
-    sink_task: tokio::task::JoinHandle<()>,
+    /// `None` once the daemon saw it end.
+    sink_task: Option<tokio::task::JoinHandle<()>>,
     hard_stop: CancellationToken,
 }
 
@@ -94,7 +95,7 @@ impl Pipeline {
                 metrics.clone(),
                 hard_stop.clone(),
             )
-            .map_err(|e| DaemonError::Runtime(format!("cannot build the HTTP client: {e}")))?,
+            .map_err(DaemonError::Config)?,
         );
         let keep_last_sent: HashSet<std::sync::Arc<str>> = settings
             .mappings
@@ -123,7 +124,7 @@ impl Pipeline {
             health,
             client,
             sink,
-            sink_task,
+            sink_task: Some(sink_task),
             hard_stop,
         })
     }
@@ -133,11 +134,14 @@ impl Pipeline {
     pub async fn drain(self, grace: Duration) {
         let Pipeline {
             sink,
-            mut sink_task,
+            sink_task,
             hard_stop,
             ..
         } = self;
         drop(sink);
+        let Some(mut sink_task) = sink_task else {
+            return;
+        };
         tokio::select! {
             _ = &mut sink_task => {}
             _ = tokio::time::sleep(grace) => {
@@ -196,8 +200,17 @@ pub fn check_secret_permissions(settings: &Settings) {
     }
 }
 
-/// `cobi-sync run`.
+/// `cobi-sync run` without a configuration file to re-read on SIGHUP.
 pub async fn run(settings: Settings) -> Result<(), DaemonError> {
+    run_from(settings, None).await
+}
+
+/// `cobi-sync run`: `config_path` is re-read on SIGHUP (see
+/// [`crate::ops::reload`]).
+pub async fn run_from(
+    settings: Settings,
+    config_path: Option<std::path::PathBuf>,
+) -> Result<(), DaemonError> {
     info!(
         version = env!("CARGO_PKG_VERSION"),
         mode = settings.source.mode.as_str(),
@@ -212,24 +225,36 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     }
     check_secret_permissions(&settings);
     let store = open_store(&settings)?;
-    let pipeline = Pipeline::start(&settings, store.clone())?;
+    let mut pipeline = Pipeline::start(&settings, store.clone())?;
     let read_stop = CancellationToken::new();
     let http_stop = CancellationToken::new();
+    let mut current = settings.clone();
     let settings = Arc::new(settings);
     let http_task = match settings.http.listen {
         Some(addr) => {
+            let token = token::create(&settings.state.dir).map_err(|e| {
+                DaemonError::Runtime(format!(
+                    "state.dir: cannot write the endpoint token {}: {e}",
+                    token::path(&settings.state.dir).display()
+                ))
+            })?;
             let state = AppState {
                 settings: settings.clone(),
                 store: store.clone(),
                 health: pipeline.health.clone(),
                 metrics: pipeline.metrics.clone(),
                 sink: pipeline.sink.clone(),
+                token: Some(token.into()),
             };
-            let task = http::serve(addr, state, http_stop.clone()).await.map_err(|e| {
-                DaemonError::Config(format!(
-                    "http.listen: cannot listen on {addr}: {e} (another process uses it? set http.listen to a free port, or \"\" to disable)"
-                ))
-            })?;
+            let task = http::serve(addr, state, http_stop.clone())
+                .await
+                .map_err(|e| {
+                    // Exit 1, not 2: the port may be free after a restart.
+                    DaemonError::Runtime(format!(
+                        "http.listen: cannot listen on {addr}: {e} (another process uses it? set \
+                     http.listen to a free port, or \"\" to disable)"
+                    ))
+                })?;
             info!(%addr, "http endpoint listening (/healthz /readyz /metrics /status)");
             Some(task)
         }
@@ -256,58 +281,55 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             }
         })
     };
+    let mut sink_task = pipeline.sink_task.take().expect("the sink runs");
 
     systemd::ready(&format!("{} mode: starting", settings.source.mode.as_str()));
-    let watchdog = systemd::watchdog_interval().map(|iv| {
-        let health = pipeline.health.clone();
-        let mode = settings.source.mode;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(iv / 2);
-            let mut n = 0u64;
-            loop {
-                tick.tick().await;
-                systemd::ping();
-                n += 1;
-                if n % 20 == 1 {
-                    let r = health.report();
-                    systemd::status(&format!(
-                        "{} mode: {}",
-                        mode.as_str(),
-                        if r.ready {
-                            "ready".to_string()
-                        } else {
-                            r.reasons.join("; ")
-                        }
-                    ));
-                }
-            }
-        })
-    });
+    let mode = settings.source.mode;
+    // Fed from this loop, which also watches the source and sink tasks: a
+    // dead task ends the loop, and with it the pings.
+    let mut watchdog = systemd::watchdog_interval().map(|iv| tokio::time::interval(iv / 2));
+    let mut pings = 0u64;
 
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
-    let mut outcome = Ok(());
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM received; shutting down"),
-        _ = sigint.recv() => info!("SIGINT received; shutting down"),
-        r = &mut source_task => {
-            outcome = match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => {
-                    let e = DaemonError::from(e);
-                    match &e {
-                        DaemonError::Runtime(m) => error!(error = %m, "source stopped"),
-                        DaemonError::Config(m) => {
-                            error!(error = %m, "the configuration does not match the database")
-                        }
-                    }
-                    Err(e)
+    let mut sighup =
+        signal(SignalKind::hangup()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
+    let ended = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break Ended::Signal("SIGTERM"),
+            _ = sigint.recv() => break Ended::Signal("SIGINT"),
+            _ = sighup.recv() => {
+                crate::ops::reload::on_sighup(config_path.as_deref(), &mut current, &pipeline.client);
+            }
+            r = &mut source_task => break Ended::Source(r),
+            r = &mut sink_task => break Ended::Sink(r),
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                systemd::ping();
+                pings += 1;
+                if pings % 20 == 1 {
+                    let r = pipeline.health.report();
+                    systemd::status(&format!(
+                        "{} mode: {}",
+                        mode.as_str(),
+                        if r.ready { "ready".to_string() } else { r.reasons.join("; ") }
+                    ));
                 }
-                Err(e) => Err(DaemonError::Runtime(format!("source task failed: {e}"))),
-            };
+            }
         }
+    };
+    let sink_ended = matches!(ended, Ended::Sink(_));
+    let outcome = outcome_of(ended);
+    match &outcome {
+        Ok(()) => {}
+        Err(DaemonError::Config(m)) => {
+            error!(error = %m, "the configuration does not match the database")
+        }
+        Err(DaemonError::Runtime(m)) => error!(error = %m, "stopping: a task of the daemon ended"),
+    }
+    if !sink_ended {
+        pipeline.sink_task = Some(sink_task);
     }
     systemd::stopping();
     // One deadline for the source and the endpoint: a source blocked on a
@@ -323,13 +345,51 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     if let Some(t) = http_task {
         stop_within(t, deadline, "http endpoint").await;
     }
-    if let Some(w) = watchdog {
-        w.abort();
-    }
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     pipeline.drain(left.max(MIN_DRAIN)).await;
     info!("cobi-sync stopped");
     outcome
+}
+
+/// Why the daemon's main loop ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// A stop was requested.
+    Signal(&'static str),
+    /// The source task ended.
+    Source(Result<Result<(), SourceError>, tokio::task::JoinError>),
+    /// The sink task ended.
+    Sink(Result<(), tokio::task::JoinError>),
+}
+
+/// The exit rule (DESIGN.md §2): only a requested stop is a success; any
+/// internal task that ends by itself — the sink, or the source in either
+/// mode, even without an error — is a failure (exit 1, so systemd
+/// restarts the daemon), except a mapping that does not match the database
+/// (exit 2: a restart cannot fix it).
+pub fn outcome_of(ended: Ended) -> Result<(), DaemonError> {
+    match ended {
+        Ended::Signal(name) => {
+            info!("{name} received; shutting down");
+            Ok(())
+        }
+        Ended::Source(Ok(Ok(()))) => Err(DaemonError::Runtime(
+            "the source stopped by itself (its sink is gone, or it lost its stop signal); \
+             exiting 1 so that systemd restarts cobi-sync"
+                .into(),
+        )),
+        Ended::Source(Ok(Err(e))) => Err(DaemonError::from(e)),
+        Ended::Source(Err(e)) => Err(DaemonError::Runtime(format!("the source task failed: {e}"))),
+        Ended::Sink(Ok(())) => Err(DaemonError::Runtime(
+            "the sink stopped by itself; exiting 1 so that systemd restarts cobi-sync \
+             (undelivered records are read again)"
+                .into(),
+        )),
+        Ended::Sink(Err(e)) => Err(DaemonError::Runtime(format!(
+            "the sink task failed: {e}; exiting 1 so that systemd restarts cobi-sync \
+             (undelivered records are read again)"
+        ))),
+    }
 }
 
 /// The least time the sink gets to deliver what it holds at shutdown, even

@@ -90,6 +90,29 @@ pub fn render(rows: &[DeadLetterRow]) -> String {
     out
 }
 
+/// A count of dead letters per type and reason, most frequent first; empty
+/// when there are none.
+pub fn summary(rows: &[DeadLetterRow]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut counts: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
+    for r in rows {
+        *counts
+            .entry((r.ty.as_str(), r.reason.as_str()))
+            .or_default() += 1;
+    }
+    let mut sorted: Vec<_> = counts.into_iter().collect();
+    sorted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut out = format!("{} dead letters by type and reason:\n", rows.len());
+    for ((ty, reason), n) in sorted {
+        let reason: String = reason.chars().take(120).collect();
+        out.push_str(&format!("{n:>8}  {ty:<18} {reason}\n"));
+    }
+    out.push('\n');
+    out
+}
+
 /// What a replay did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplayReport {

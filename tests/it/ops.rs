@@ -307,6 +307,20 @@ fn non_loopback_ip() -> Option<std::net::IpAddr> {
         })
 }
 
+/// The endpoint token of [`endpoint_state`].
+const TOKEN: &str = "0123456789abcdef";
+
+/// GET with the endpoint token.
+async fn get_auth(url: &str) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
 /// The daemon's endpoint state on a pipeline that reaches nothing.
 fn endpoint_state() -> (cobi_sync::daemon::Pipeline, cobi_sync::ops::http::AppState) {
     let settings = cobi_sync::config::load_str(
@@ -335,6 +349,7 @@ region = { column = "country", transform = "upper" }
         health: pipeline.health.clone(),
         metrics: pipeline.metrics.clone(),
         sink: pipeline.sink.clone(),
+        token: Some(TOKEN.into()),
     };
     (pipeline, state)
 }
@@ -356,11 +371,12 @@ async fn dlq_endpoints_refuse_other_hosts() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let other_host = format!("http://{}", listener.local_addr().unwrap());
     let mocked = tokio::spawn(async move { axum::serve(listener, app).await });
-    let (code, body) = get(&format!("{other_host}/dlq")).await;
+    let (code, body) = get_auth(&format!("{other_host}/dlq")).await;
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("daemon's own host"), "{body}");
     let r = reqwest::Client::new()
         .post(format!("{other_host}/dlq/purge"))
+        .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap();
@@ -376,15 +392,38 @@ async fn dlq_endpoints_refuse_other_hosts() {
     let task = serve(([0, 0, 0, 0], port).into(), state, stop.clone())
         .await
         .unwrap();
-    let (code, body) = get(&format!("http://127.0.0.1:{port}/dlq")).await;
+    let (code, body) = get_auth(&format!("http://127.0.0.1:{port}/dlq")).await;
     assert_eq!((code, body.as_str()), (200, "[]"));
     match non_loopback_ip() {
         Some(ip) => {
-            let (code, body) = get(&format!("http://{ip}:{port}/dlq")).await;
+            let (code, body) = get_auth(&format!("http://{ip}:{port}/dlq")).await;
             assert_eq!((code, body.as_str()), (200, "[]"), "through {ip}");
         }
         None => eprintln!("this machine has no address but loopback: same-host case skipped"),
     }
+    // Without the token, or with another one: 401, on this host too.
+    let (code, body) = get(&format!("http://127.0.0.1:{port}/dlq")).await;
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("http-token"), "{body}");
+    for (method, path) in [("POST", "/dlq/purge"), ("POST", "/dlq/replay")] {
+        let r = reqwest::Client::new()
+            .request(
+                method.parse().unwrap(),
+                format!("http://127.0.0.1:{port}{path}"),
+            )
+            .bearer_auth("not-the-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{path}");
+    }
+    // Health names the daemon; status and metrics need no token.
+    let (code, body) = get(&format!("http://127.0.0.1:{port}/healthz")).await;
+    assert_eq!(code, 200);
+    let id: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(id["service"], "cobi-sync", "{body}");
+    assert_eq!(id["version"], env!("CARGO_PKG_VERSION"), "{body}");
+    assert_eq!(get(&format!("http://127.0.0.1:{port}/status")).await.0, 200);
     stop.cancel();
     task.await.unwrap();
     let _ = mocked.await;
