@@ -219,6 +219,9 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
+    let types: Vec<TypeId> = s.settings.mappings.iter().map(|m| m.ty).collect();
+    let dead = s.store.dead_letter_counts().unwrap_or_default();
+    s.metrics.refresh(&dead, &types, &s.settings.state.dir);
     (
         [(
             axum::http::header::CONTENT_TYPE,

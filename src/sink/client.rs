@@ -294,7 +294,10 @@ impl ApiClient {
     /// One request, no retries, no redirects followed: for `check` (proves
     /// the key with an empty batch). Never sent without a key.
     pub async fn probe(&self, ty: TypeId) -> Result<ProbeAnswer, String> {
-        let key = self.current_key().ok_or_else(|| "no API key".to_string())?;
+        self.reload_key();
+        let key = self
+            .current_key()
+            .ok_or_else(|| format!("no API key found ({})", self.key_source().describe()))?;
         let resp = self
             .http
             .post(self.url(ty))

@@ -133,6 +133,9 @@ impl PollSource {
                         if first && rows > 0 {
                             info!(rows, "initial poll complete");
                         }
+                        for m in &self.settings.mappings {
+                            self.health.polled(&m.id, started.into());
+                        }
                         first = false;
                         next_tick = Some(self.next_after(started.max(Utc::now())));
                     }
