@@ -159,6 +159,7 @@ pub async fn check(settings: &Settings, origin: &str) -> Vec<Line> {
     for w in &settings.source.url.warnings {
         out.push(Line::warn("configuration", w.clone()));
     }
+    out.push(tls_line(&settings.source.url));
     if !crate::daemon::has_state(&settings.state.dir) {
         out.push(Line::ok(
             "state dir",
@@ -168,6 +169,77 @@ pub async fn check(settings: &Settings, origin: &str) -> Vec<Line> {
     database_checks(settings, &mut out).await;
     out.push(api_check(settings).await);
     out
+}
+
+/// The database connection's TLS: `disable`, `allow` and `prefer` to a
+/// host on the network are a warning (nothing verified: readable and
+/// impersonable on the path), with `verify-full` recommended.
+pub fn tls_line(url: &PgUrl) -> Line {
+    let name = "database TLS";
+    let mode = url.sslmode.as_str();
+    if url.is_local() {
+        Line::ok(
+            name,
+            format!("sslmode={mode} to a local server ({})", url.host),
+        )
+    } else if url.sslmode.is_unprotected() {
+        Line::warn(
+            name,
+            format!(
+                "sslmode={mode} to {}: the connection may be unencrypted, and the server is not \
+                 verified; add ?sslmode=verify-full to source.url (sslrootcert=/path/ca.pem for a \
+                 private CA)",
+                url.host
+            ),
+        )
+    } else {
+        Line::ok(name, format!("sslmode={mode}"))
+    }
+}
+
+/// `max_slot_wal_keep_size` (PostgreSQL 13+): `-1` lets a stopped or
+/// removed cobi-sync's slot keep WAL until the disk fills.
+pub fn wal_keep_line(value: &str) -> Line {
+    let name = "max_slot_wal_keep_size";
+    if value.trim() == "-1" {
+        Line::warn(
+            name,
+            "is -1 (unlimited): a stopped or removed cobi-sync's slot keeps WAL until the disk \
+             fills; set a bound, e.g. ALTER SYSTEM SET max_slot_wal_keep_size = '50GB'; SELECT \
+             pg_reload_conf(); (past it the slot is invalidated and cobi-sync re-syncs), and run \
+             `cobi-sync teardown` before removing cobi-sync",
+        )
+    } else {
+        Line::ok(name, format!("{value}: WAL kept for slots is bounded"))
+    }
+}
+
+/// The statements that replace a superuser connection (README's
+/// least-privilege role), for the mapped tables.
+fn least_privilege_sql(settings: &Settings, replication: bool) -> String {
+    let tables: Vec<String> = settings.mappings.iter().map(|m| m.source.sql()).collect();
+    let mut schemas: Vec<String> = settings
+        .mappings
+        .iter()
+        .filter_map(|m| m.source.sql().split_once('.').map(|(s, _)| s.to_string()))
+        .collect();
+    schemas.sort();
+    schemas.dedup();
+    let mut sql = format!(
+        "CREATE ROLE cobi_sync LOGIN{} PASSWORD '…';",
+        if replication { " REPLICATION" } else { "" }
+    );
+    for s in &schemas {
+        sql.push_str(&format!(" GRANT USAGE ON SCHEMA {s} TO cobi_sync;"));
+    }
+    if !tables.is_empty() {
+        sql.push_str(&format!(
+            " GRANT SELECT ON {} TO cobi_sync;",
+            tables.join(", ")
+        ));
+    }
+    sql.push_str(" then use cobi_sync in source.url");
+    sql
 }
 
 async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
@@ -238,6 +310,10 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
             }
             Err(e) => out.push(query_failed("wal_level", &e, url)),
         }
+        match client.query_one("SHOW max_slot_wal_keep_size", &[]).await {
+            Ok(r) => out.push(wal_keep_line(&r.get::<_, String>(0))),
+            Err(e) => out.push(query_failed("max_slot_wal_keep_size", &e, url)),
+        }
     }
     // Role attributes.
     let role = client
@@ -253,10 +329,7 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
                 out.push(Line::fail(
                     "least privilege",
                     format!("connected as superuser {user}, which cobi-sync does not need"),
-                    format!(
-                        "create a dedicated role: CREATE ROLE cobi_sync LOGIN{} PASSWORD '…'; GRANT SELECT ON <mapped tables> TO cobi_sync; and use it in source.url",
-                        if replication { " REPLICATION" } else { "" }
-                    ),
+                    least_privilege_sql(settings, replication),
                 ));
             } else if replication && !repl {
                 out.push(Line::fail(
@@ -704,6 +777,51 @@ pub fn probe_verdict(base_url: &str, key_source: &str, a: &ProbeAnswer) -> Line 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_warns_for_unprotected_modes_to_network_hosts() {
+        let cases = [
+            ("postgres://u@db.internal/x?sslmode=disable", "warn"),
+            ("postgres://u@db.internal/x?sslmode=allow", "warn"),
+            ("postgres://u@db.internal/x", "warn"),
+            ("postgres://u@10.1.2.3/x?sslmode=prefer", "warn"),
+            ("postgres://u@db.internal/x?sslmode=require", "ok"),
+            ("postgres://u@db.internal/x?sslmode=verify-full", "ok"),
+            ("postgres://u@localhost/x?sslmode=disable", "ok"),
+            ("postgres://u@127.0.0.1/x", "ok"),
+            ("postgres://u@[::1]/x", "ok"),
+            ("postgres://u@/x?host=/run/postgresql", "ok"),
+        ];
+        for (url, want) in cases {
+            let l = tls_line(&PgUrl::parse(url).unwrap());
+            let got = match &l.verdict {
+                Verdict::Ok(_) => "ok",
+                Verdict::Warn(d) => {
+                    assert!(d.contains("verify-full"), "{d}");
+                    "warn"
+                }
+                Verdict::Fail(..) => "fail",
+            };
+            assert_eq!(got, want, "{url}: {l:?}");
+        }
+        let allow = PgUrl::parse("postgres://u@db/x?sslmode=allow").unwrap();
+        assert!(
+            allow
+                .warnings
+                .iter()
+                .any(|w| w.contains("sslmode=allow is handled as prefer")),
+            "{:?}",
+            allow.warnings
+        );
+    }
+
+    #[test]
+    fn unbounded_wal_for_slots_is_a_warning() {
+        assert!(
+            matches!(wal_keep_line("-1").verdict, Verdict::Warn(ref d) if d.contains("max_slot_wal_keep_size = '50GB'") && d.contains("teardown"))
+        );
+        assert!(matches!(wal_keep_line("50GB").verdict, Verdict::Ok(_)));
+    }
 
     #[test]
     fn only_the_api_envelope_proves_the_key() {

@@ -226,7 +226,8 @@ async fn cmd_run(path: &std::path::Path) -> Result<(), u8> {
     daemon::run_from(settings, Some(path.to_path_buf()))
         .await
         .map_err(|e| {
-            eprintln!("cobi-sync: {e}");
+            // Through the log (journald priority, JSON), not bare stderr.
+            error!("cobi-sync stopped: {e}");
             e.exit_code()
         })
 }
@@ -439,17 +440,21 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
         }
     };
     let ty = ty_name.as_deref().map(resolve_type).transpose()?;
-    if let DlqAction::Purge {
-        ty: None,
-        yes: false,
-        ..
-    } = &action
-    {
-        confirm_purge_all(&settings)?;
-    }
+    // Purging every type asks first (when there is anything to purge).
+    let must_confirm = matches!(
+        &action,
+        DlqAction::Purge {
+            ty: None,
+            yes: false,
+            ..
+        }
+    );
     let query = ty_name.map(|t| format!("?type={t}")).unwrap_or_default();
     if let Some((_, base)) = daemon_url(&settings).await {
         let auth = bearer(&settings)?;
+        if must_confirm {
+            confirm_purge_all(&settings)?;
+        }
         let timeout = match &action {
             DlqAction::Replay { timeout, .. } => *timeout,
             _ => Duration::from_secs(60),
@@ -527,6 +532,9 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
         }
         return Ok(());
     };
+    if must_confirm {
+        confirm_purge_all(&settings)?;
+    }
     match action {
         DlqAction::List { json, limit, .. } => {
             let rows = dlq::list(store.as_ref(), ty).map_err(|e| {

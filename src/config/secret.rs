@@ -182,6 +182,20 @@ impl KeySource {
         }
     }
 
+    /// How a new key reaches the running daemon from where it reads it: a
+    /// systemd credential is a copy made at start (`LoadCredential=`), so
+    /// it needs a restart; files and the environment are re-read.
+    pub fn rotation_hint(&self) -> &'static str {
+        match self.origin() {
+            Some(KeyOrigin::Credential(_)) => {
+                "replace /etc/cobi-sync/api-key, then `systemctl restart cobi-sync` (systemd \
+                 copies the credential at start; the restart loses nothing)"
+            }
+            Some(KeyOrigin::Env(_)) => "set the variable and restart cobi-sync",
+            _ => "replace the key file; it is re-read every second",
+        }
+    }
+
     /// Where the key is read from, for messages (never the key).
     pub fn describe(&self) -> String {
         match self.origin() {

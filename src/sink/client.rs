@@ -147,10 +147,11 @@ impl ApiClient {
             // Never a request without a key: wait for one as for a 401.
             let Some(key) = self.current_key() else {
                 if !self.auth_failed.swap(true, Ordering::Relaxed) {
+                    let source = self.key_source();
                     error!(
-                        key_source = %self.key_source().describe(),
-                        "no API key found; delivery paused, nothing is sent or dropped. \
-                         put the key in the key source; it is re-read every second"
+                        key_source = %source.describe(),
+                        fix = source.rotation_hint(),
+                        "no API key found; delivery paused, nothing is sent or dropped"
                     );
                 }
                 self.health.set_api(false, Some("no API key found".into()));
@@ -215,12 +216,13 @@ impl ApiClient {
                 }
                 Action::AuthFailed { status, message } => {
                     if !self.auth_failed.swap(true, Ordering::Relaxed) {
+                        let source = self.key_source();
                         error!(
                             status,
-                            key_source = %self.key_source().describe(),
+                            key_source = %source.describe(),
                             api_message = %message,
-                            "cobi api rejected the api key; delivery paused, nothing is dropped. \
-                             put a valid key in the key source; it is re-read every second"
+                            fix = source.rotation_hint(),
+                            "cobi api rejected the api key; delivery paused, nothing is dropped"
                         );
                     }
                     self.health

@@ -88,6 +88,8 @@ fn systemd_unit_has_the_required_settings() {
         ("Service", "Type", &["notify"]),
         ("Service", "ExecStartPre", &[exec_start_pre.as_str()]),
         ("Service", "ExecStart", &[exec_start.as_str()]),
+        // SIGHUP re-reads the configuration and never stops the daemon.
+        ("Service", "ExecReload", &["/bin/kill -HUP $MAINPID"]),
         ("Service", "Restart", &["on-failure"]),
         ("Service", "RestartSec", &["5s"]),
         ("Service", "WatchdogSec", &["60s"]),
