@@ -157,8 +157,22 @@ impl KeySource {
     /// Reads the key now. Whitespace around it is trimmed.
     pub fn load(&self) -> Result<Secret, SecretError> {
         match self.origin() {
-            Some(KeyOrigin::File(p) | KeyOrigin::Credential(p) | KeyOrigin::Installed(p)) => {
+            Some(KeyOrigin::File(p) | KeyOrigin::Credential(p)) => {
                 read_secret_file(&p, "the API key")
+            }
+            Some(KeyOrigin::Installed(p)) => {
+                read_secret_file(&p, "the API key").map_err(|e| match e {
+                    SecretError::File { error, .. }
+                        if error.kind() == std::io::ErrorKind::PermissionDenied =>
+                    {
+                        SecretError::File {
+                            what: "the API key (it is root's: run this as root, sudo cobi-sync …)",
+                            path: p.clone(),
+                            error,
+                        }
+                    }
+                    e => e,
+                })
             }
             Some(KeyOrigin::Env(var)) => match std::env::var(&var) {
                 Ok(v) if !v.trim().is_empty() => Ok(Secret::new(v.trim())),
@@ -340,13 +354,14 @@ mod tests {
         let c = Path::new("/run/credentials/cobi-sync.service/cobi-api-key");
         let i = Path::new("/etc/cobi-sync/api-key");
         use KeyOrigin::*;
-        let cases: &[(
-            Option<&Path>,
-            Option<&Path>,
+        type Case<'a> = (
+            Option<&'a Path>,
+            Option<&'a Path>,
             bool,
-            Option<&Path>,
+            Option<&'a Path>,
             Option<KeyOrigin>,
-        )] = &[
+        );
+        let cases: &[Case] = &[
             (Some(f), Some(c), true, Some(i), Some(File(f.into()))),
             (None, Some(c), true, Some(i), Some(Credential(c.into()))),
             (None, None, true, Some(i), Some(Env("K".into()))),

@@ -192,7 +192,8 @@ region = { column = "country", transform = "upper" }
     #[test]
     fn what_sighup_applies_and_what_needs_a_restart() {
         let old = settings(("", ""));
-        let cases: Vec<((&str, &str), Vec<Change>, Vec<&str>)> = vec![
+        type Case<'a> = ((&'a str, &'a str), Vec<Change>, Vec<&'a str>);
+        let cases: Vec<Case> = vec![
             (("", ""), vec![], vec![]),
             (
                 ("level = \"info\"", "level = \"debug\""),
