@@ -689,11 +689,19 @@ fn slot_verdict(slot: &str, r: &SlotRow, max_slot_lag: u64) -> Line {
 async fn api_check(settings: &Settings) -> Line {
     let name = "cobi api key";
     if let Err(e) = settings.api.key.load() {
-        return Line::fail(
-            name,
-            e.to_string(),
-            format!("provide the key ({})", settings.api.key.describe()),
-        );
+        let fix = match &e {
+            config::secret::SecretError::NoKey { .. } => {
+                "put the key where the message says".into()
+            }
+            config::secret::SecretError::File { error, .. }
+                if error.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                "run check as root (sudo cobi-sync check), or make the file readable by this user"
+                    .into()
+            }
+            _ => format!("fix the key in {}", settings.api.key.describe()),
+        };
+        return Line::fail(name, e.to_string(), fix);
     }
     let client = match ApiClient::new(
         &settings.api,
