@@ -222,6 +222,29 @@ mod tests {
     }
 
     #[test]
+    fn summary_counts_per_type_and_reason_most_frequent_first() {
+        let row = |ty: &str, reason: &str| DeadLetterRow {
+            reason: reason.into(),
+            ..DeadLetterRow::from(letter(ty, "1", "{}"))
+        };
+        assert_eq!(summary(&[]), "");
+        let rows = [
+            row("shops", "region: must be 2 letters"),
+            row("transactions", "amount: must be > 0"),
+            row("transactions", "amount: must be > 0"),
+            row("shops", "region: must be 2 letters"),
+            row("transactions", "amount: must be > 0"),
+            row("branches", "shop_id: unknown shop"),
+        ];
+        let s = summary(&rows);
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[0], "6 dead letters by type and reason:");
+        assert!(lines[1].trim_start().starts_with("3  transactions"), "{s}");
+        assert!(lines[2].trim_start().starts_with("2  shops"), "{s}");
+        assert!(lines[3].trim_start().starts_with("1  branches"), "{s}");
+    }
+
+    #[test]
     fn letters_that_cannot_be_resent_are_skipped_and_counted() {
         let shop = r#"{"shop_id":"7f0c1b9e-1d2a-4c1e-9a57-0f3f6c8b2a10","name":"A","region":"GB"}"#;
         let letters = vec![

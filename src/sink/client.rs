@@ -172,20 +172,28 @@ impl ApiClient {
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .bearer_auth(key.expose())
                     .body(body.clone());
-                match req.send().await {
-                    Ok(resp) => {
-                        let status = resp.status().as_u16();
-                        let retry_after = resp
-                            .headers()
-                            .get(reqwest::header::RETRY_AFTER)
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_string);
-                        match resp.bytes().await {
-                            Ok(b) => Ok((status, b, retry_after)),
-                            Err(e) => Err(format!("reading the answer failed: {e}")),
+                let exchange = async {
+                    match req.send().await {
+                        Ok(resp) => {
+                            let status = resp.status().as_u16();
+                            let retry_after = resp
+                                .headers()
+                                .get(reqwest::header::RETRY_AFTER)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string);
+                            match resp.bytes().await {
+                                Ok(b) => Ok((status, b, retry_after)),
+                                Err(e) => Err(format!("reading the answer failed: {e}")),
+                            }
                         }
+                        Err(e) => Err(describe_reqwest(&e)),
                     }
-                    Err(e) => Err(describe_reqwest(&e)),
+                };
+                // Shutdown's hard stop abandons a request in flight too (its
+                // records were never confirmed, so they are read again).
+                tokio::select! {
+                    a = exchange => a,
+                    _ = self.stop.cancelled() => return Outcome::Abandoned,
                 }
             };
             let action = match &answer {
