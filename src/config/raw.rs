@@ -154,6 +154,9 @@ pub struct RawApi {
     pub initial_backoff: String,
     /// Longest retry delay.
     pub max_backoff: String,
+    /// Extra CA certificates (PEM) trusted for the API, e.g. a
+    /// TLS-inspecting proxy's.
+    pub ca_file: Option<String>,
 }
 
 impl Default for RawApi {
@@ -168,6 +171,7 @@ impl Default for RawApi {
             requests_per_minute: 0,
             initial_backoff: "500ms".into(),
             max_backoff: "5m".into(),
+            ca_file: None,
         }
     }
 }
@@ -221,7 +225,7 @@ pub struct RawHttp {
 impl Default for RawHttp {
     fn default() -> Self {
         RawHttp {
-            listen: "127.0.0.1:9187".into(),
+            listen: crate::config::DEFAULT_LISTEN.into(),
         }
     }
 }

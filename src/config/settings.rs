@@ -123,6 +123,9 @@ pub struct ApiSettings {
     pub initial_backoff: Duration,
     /// Longest retry delay.
     pub max_backoff: Duration,
+    /// Extra CA certificates (PEM bundle) trusted for the API besides the
+    /// web PKI roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[batch]`
@@ -561,6 +564,16 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
     );
     let max_backoff = dur("api.max_backoff", &a.max_backoff, "max_backoff = \"5m\"");
     let linger = dur("batch.linger", &raw.batch.linger, "linger = \"1s\"");
+    let ca_file = a.ca_file.as_deref().map(str::trim).map(PathBuf::from);
+    if let Some(p) = &ca_file {
+        if let Err(m) = crate::config::secret::check_ca_file(p) {
+            err(
+                "api.ca_file",
+                m,
+                "ca_file = \"/etc/ssl/certs/proxy-ca.pem\"",
+            );
+        }
+    }
     if initial_backoff > max_backoff {
         err(
             "api.initial_backoff",
@@ -634,7 +647,7 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
                         "`{}` is not an address:port (\"\" disables the endpoint)",
                         raw.http.listen
                     ),
-                    "listen = \"127.0.0.1:9187\"",
+                    "listen = \"127.0.0.1:7781\"",
                 );
                 None
             }
@@ -723,12 +736,14 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
             key: KeySource {
                 file: a.api_key_file.as_ref().map(PathBuf::from),
                 env: a.api_key_env.trim().to_string(),
+                installed: None,
             },
             timeout,
             concurrency: a.concurrency as usize,
             requests_per_minute: a.requests_per_minute as u32,
             initial_backoff,
             max_backoff,
+            ca_file,
         },
         batch: BatchSettings {
             max_records: raw.batch.max_records as usize,
@@ -1249,6 +1264,6 @@ region = { column = "country", transform = "upper" }
         assert_eq!(s.source.replication.max_slot_lag, 4 << 30);
         assert_eq!(&*s.mappings[0].id, "shops/public.merchant");
         assert_eq!(s.mappings[0].columns(), ["id", "trade_name", "country"]);
-        assert_eq!(s.http.listen.unwrap().port(), 9187);
+        assert_eq!(s.http.listen.unwrap().port(), 7781);
     }
 }

@@ -90,6 +90,29 @@ pub fn render(rows: &[DeadLetterRow]) -> String {
     out
 }
 
+/// A count of dead letters per type and reason, most frequent first; empty
+/// when there are none.
+pub fn summary(rows: &[DeadLetterRow]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut counts: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
+    for r in rows {
+        *counts
+            .entry((r.ty.as_str(), r.reason.as_str()))
+            .or_default() += 1;
+    }
+    let mut sorted: Vec<_> = counts.into_iter().collect();
+    sorted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut out = format!("{} dead letters by type and reason:\n", rows.len());
+    for ((ty, reason), n) in sorted {
+        let reason: String = reason.chars().take(120).collect();
+        out.push_str(&format!("{n:>8}  {ty:<18} {reason}\n"));
+    }
+    out.push('\n');
+    out
+}
+
 /// What a replay did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplayReport {
@@ -196,6 +219,29 @@ mod tests {
             first_at: "2024-01-01T00:00:00Z".into(),
             last_at: "2024-01-01T00:00:00Z".into(),
         }
+    }
+
+    #[test]
+    fn summary_counts_per_type_and_reason_most_frequent_first() {
+        let row = |ty: &str, reason: &str| DeadLetterRow {
+            reason: reason.into(),
+            ..DeadLetterRow::from(letter(ty, "1", "{}"))
+        };
+        assert_eq!(summary(&[]), "");
+        let rows = [
+            row("shops", "region: must be 2 letters"),
+            row("transactions", "amount: must be > 0"),
+            row("transactions", "amount: must be > 0"),
+            row("shops", "region: must be 2 letters"),
+            row("transactions", "amount: must be > 0"),
+            row("branches", "shop_id: unknown shop"),
+        ];
+        let s = summary(&rows);
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[0], "6 dead letters by type and reason:");
+        assert!(lines[1].trim_start().starts_with("3  transactions"), "{s}");
+        assert!(lines[2].trim_start().starts_with("2  shops"), "{s}");
+        assert!(lines[3].trim_start().starts_with("1  branches"), "{s}");
     }
 
     #[test]

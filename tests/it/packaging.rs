@@ -85,9 +85,14 @@ fn systemd_unit_has_the_required_settings() {
     let environment = format!("COBI_SYNC_CONFIG={cfg}");
     let required: &[(&str, &str, &[&str])] = &[
         ("Unit", "Wants", &["network-online.target"]),
+        // Restarts are bounded: a failure that repeats ends in "failed".
+        ("Unit", "StartLimitIntervalSec", &["10min"]),
+        ("Unit", "StartLimitBurst", &["5"]),
         ("Service", "Type", &["notify"]),
         ("Service", "ExecStartPre", &[exec_start_pre.as_str()]),
         ("Service", "ExecStart", &[exec_start.as_str()]),
+        // SIGHUP re-reads the configuration and never stops the daemon.
+        ("Service", "ExecReload", &["/bin/kill -HUP $MAINPID"]),
         ("Service", "Restart", &["on-failure"]),
         ("Service", "RestartSec", &["5s"]),
         ("Service", "WatchdogSec", &["60s"]),

@@ -180,6 +180,9 @@ impl PollSource {
                         if first && rows > 0 {
                             info!(rows, "initial poll complete");
                         }
+                        for m in &self.settings.mappings {
+                            self.health.polled(&m.id, started.into());
+                        }
                         if failing {
                             info!("polling works again");
                             self.health.set_source(true, None);
