@@ -1,9 +1,13 @@
 //! Dead-letter operations: list, replay, purge.
 //!
 //! Replay re-sends stored records through the normal sink, in dependency
-//! order (parents first), ignoring fingerprints; a record accepted now
-//! leaves the queue, one rejected again stays with its attempt count
-//! raised. A dead letter that cannot be re-sent — its type is unknown to
+//! order (parents first), as [`SinkItem::Replay`]: a replayed letter never
+//! replaces a change of the same key from the source, and it is sent only
+//! if, when its epoch is sent, the key is still dead-lettered with the
+//! letter's content — a newer version, a delete or an accept since wins
+//! (DESIGN.md §5). A record accepted now leaves the queue, one rejected
+//! again stays with its attempt count raised. Records are re-sent with
+//! their numbers exactly as stored. A dead letter that cannot be re-sent — its type is unknown to
 //! this version, or its record no longer parses — is skipped, counted and
 //! reported, and the others are replayed. Purge drops dead letters the
 //! operator has given up on.
@@ -13,7 +17,7 @@ use tracing::{trace, warn};
 
 use crate::model::record::Record;
 use crate::model::schema::{schema, TypeId};
-use crate::sink::{SinkHandle, SinkItem};
+use crate::sink::{Outbound, SinkHandle, SinkItem};
 use crate::state::{DeadLetter, StateError, StateStore, Write};
 
 /// One row of `dlq list`.
@@ -131,7 +135,11 @@ fn replay_items(mut letters: Vec<DeadLetter>) -> (Vec<SinkItem>, usize) {
             continue;
         };
         match Record::from_json(key.ty, d.record.as_bytes()) {
-            Ok(record) => items.push(SinkItem::upsert(key, &record, Vec::new(), true)),
+            Ok(record) => items.push(SinkItem::Replay {
+                key,
+                record: Outbound::new(&record, Vec::new()),
+                letter: xxhash_rust::xxh3::xxh3_64(d.record.as_bytes()),
+            }),
             Err(e) => {
                 skipped += 1;
                 warn!(type = %d.ty, mapping = %d.mapping, "dead letter skipped: its record no longer parses");
@@ -211,11 +219,15 @@ mod tests {
         assert_eq!(skipped, 3, "unknown type + two unparsable records");
         assert_eq!(items.len(), 1, "the good letter is still replayed");
         match &items[0] {
-            SinkItem::Upsert { key, force, .. } => {
+            SinkItem::Replay { key, letter, .. } => {
                 assert_eq!(key.source_key, "3");
-                assert!(force, "replay ignores fingerprints");
+                assert_eq!(
+                    *letter,
+                    xxhash_rust::xxh3::xxh3_64(shop.as_bytes()),
+                    "sent only while the key holds this letter"
+                );
             }
-            other => panic!("want an upsert, got {other:?}"),
+            other => panic!("want a replay, got {other:?}"),
         }
     }
 

@@ -5,9 +5,13 @@
 //! Transient failures (408/429/5xx, timeouts, connection errors) are
 //! retried forever with backoff; 401/403 pauses delivery, marks the API not
 //! ready, logs one ERROR and re-reads the key (every second, retrying as
-//! soon as it changes, and at least every `max_backoff`). Only shutdown
-//! makes it give up ([`Outcome::Abandoned`]), which leaves the records
-//! unconfirmed so they are read again after restart.
+//! soon as it changes, and at least every `max_backoff`). With no key at
+//! all nothing is sent: it waits the same way. Redirects are never
+//! followed: a 3xx, or a 2xx that is not the API's answer, pauses delivery
+//! the same way (ERROR naming the status and `Location`, not ready, a retry
+//! every `max_backoff`) — nothing counts as delivered until the API itself
+//! answers. Only shutdown makes it give up ([`Outcome::Abandoned`]), which
+//! leaves the records unconfirmed so they are read again after restart.
 //!
 //! Requests in flight are bounded by `api.concurrency` and paced by
 //! `api.requests_per_minute`.
@@ -28,7 +32,7 @@ use crate::config::ApiSettings;
 use crate::model::schema::{schema, TypeId};
 use crate::ops::health::Health;
 use crate::ops::metrics::{Metrics, RequestLabel};
-use crate::sink::policy::{classify, retry_delay, Action};
+use crate::sink::policy::{classify, retry_delay, Action, Answer};
 
 /// The verdict on one request's records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +55,7 @@ pub struct ApiClient {
     permits: Semaphore,
     limiter: Option<DefaultDirectRateLimiter>,
     auth_failed: AtomicBool,
+    misdirected: AtomicBool,
     unexpected_logged: AtomicBool,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
@@ -70,6 +75,9 @@ impl ApiClient {
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
             .pool_max_idle_per_host(settings.concurrency * 2)
+            // A redirect is a misconfiguration, not a delivery (a POST
+            // would become a GET, or reach another host).
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("cobi-sync/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let limiter = NonZeroU32::new(settings.requests_per_minute)
@@ -84,6 +92,7 @@ impl ApiClient {
             permits: Semaphore::new(settings.concurrency),
             limiter,
             auth_failed: AtomicBool::new(false),
+            misdirected: AtomicBool::new(false),
             unexpected_logged: AtomicBool::new(false),
             health,
             metrics,
@@ -123,36 +132,45 @@ impl ApiClient {
             if self.stop.is_cancelled() {
                 return Outcome::Abandoned;
             }
+            let Some(key) = self.current_key() else {
+                // Nothing goes out unauthenticated.
+                let message = format!("no API key ({})", self.key_source.describe());
+                if !self.pause_for_key(None, &message).await {
+                    return Outcome::Abandoned;
+                }
+                attempt = 0;
+                continue;
+            };
             if let Some(l) = &self.limiter {
                 tokio::select! {
                     _ = l.until_ready() => {}
                     _ = self.stop.cancelled() => return Outcome::Abandoned,
                 }
             }
-            let key = self.current_key();
             let answer = {
                 let _permit = tokio::select! {
                     p = self.permits.acquire() => p.expect("semaphore open"),
                     _ = self.stop.cancelled() => return Outcome::Abandoned,
                 };
-                let mut req = self
+                let req = self
                     .http
                     .post(self.url(ty))
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .bearer_auth(key.expose())
                     .body(body.clone());
-                if let Some(k) = &key {
-                    req = req.bearer_auth(k.expose());
-                }
                 match req.send().await {
                     Ok(resp) => {
                         let status = resp.status().as_u16();
-                        let retry_after = resp
-                            .headers()
-                            .get(reqwest::header::RETRY_AFTER)
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_string);
+                        let header = |h| {
+                            resp.headers()
+                                .get(h)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string)
+                        };
+                        let retry_after = header(reqwest::header::RETRY_AFTER);
+                        let location = header(reqwest::header::LOCATION);
                         match resp.bytes().await {
-                            Ok(b) => Ok((status, b, retry_after)),
+                            Ok(b) => Ok((status, b, retry_after, location)),
                             Err(e) => Err(format!("reading the answer failed: {e}")),
                         }
                     }
@@ -160,19 +178,19 @@ impl ApiClient {
                 }
             };
             let action = match &answer {
-                Ok((status, body, ra)) => {
+                Ok((status, body, retry_after, location)) => {
                     self.metrics
                         .requests
                         .get_or_create(&label(&status.to_string()))
                         .inc();
-                    if key.is_none() {
-                        Action::AuthFailed {
-                            status: 401,
-                            message: format!("no API key ({})", self.key_source.describe()),
-                        }
-                    } else {
-                        classify(*status, body, ra.as_deref(), SystemTime::now())
-                    }
+                    let a = Answer {
+                        status: *status,
+                        body,
+                        retry_after: retry_after.as_deref(),
+                        location: location.as_deref(),
+                        batch: schema().ty(ty).batch,
+                    };
+                    classify(a, SystemTime::now())
                 }
                 Err(e) => {
                     self.metrics.requests.get_or_create(&label("error")).inc();
@@ -192,19 +210,30 @@ impl ApiClient {
                     self.api_recovered();
                     return Outcome::Rejected(error);
                 }
-                Action::AuthFailed { status, message } => {
-                    if !self.auth_failed.swap(true, Ordering::Relaxed) {
+                Action::NotTheApi {
+                    status,
+                    location,
+                    detail,
+                } => {
+                    if !self.misdirected.swap(true, Ordering::Relaxed) {
                         error!(
+                            type = %schema().ty(ty).name,
                             status,
-                            key_source = %self.key_source.describe(),
-                            api_message = %message,
-                            "cobi api rejected the api key; delivery paused, nothing is dropped. \
-                             put a valid key in the key source; it is re-read every second"
+                            location = location.as_deref().unwrap_or(""),
+                            url = %self.url(ty),
+                            "{detail}; delivery paused, nothing is dropped or marked delivered; \
+                             retrying every api.max_backoff — fix api.base_url and restart"
                         );
                     }
-                    self.health
-                        .set_api(false, Some(format!("HTTP {status}: API key rejected")));
-                    if !self.wait_for_key().await {
+                    self.health.set_api(false, Some(detail));
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.settings.max_backoff) => {}
+                        _ = self.stop.cancelled() => return Outcome::Abandoned,
+                    }
+                    attempt = 0;
+                }
+                Action::AuthFailed { status, message } => {
+                    if !self.pause_for_key(Some(status), &message).await {
                         return Outcome::Abandoned;
                     }
                     attempt = 0;
@@ -242,9 +271,40 @@ impl ApiClient {
         }
     }
 
+    /// The key is missing or rejected: says so once (ERROR), marks the API
+    /// not ready, and waits for a new key. False on shutdown.
+    /// (`status`: the API's 401/403; `None`: no key to send.)
+    async fn pause_for_key(&self, status: Option<u16>, message: &str) -> bool {
+        if !self.auth_failed.swap(true, Ordering::Relaxed) {
+            match status {
+                Some(status) => error!(
+                    status,
+                    key_source = %self.key_source.describe(),
+                    api_message = %message,
+                    "cobi api rejected the api key; delivery paused, nothing is dropped. \
+                     put a valid key in the key source; it is re-read every second"
+                ),
+                None => error!(
+                    key_source = %self.key_source.describe(),
+                    "no cobi api key; nothing is sent until one is present (delivery paused, \
+                     nothing is dropped). put the key in the key source; it is re-read every second"
+                ),
+            }
+        }
+        let why = match status {
+            Some(s) => format!("HTTP {s}: API key rejected"),
+            None => message.to_string(),
+        };
+        self.health.set_api(false, Some(why));
+        self.wait_for_key().await
+    }
+
     fn api_recovered(&self) {
         if self.auth_failed.swap(false, Ordering::Relaxed) {
             info!("cobi api accepts the api key again; delivery resumed");
+        }
+        if self.misdirected.swap(false, Ordering::Relaxed) {
+            info!("the cobi api answers at api.base_url again; delivery resumed");
         }
         self.unexpected_logged.store(false, Ordering::Relaxed);
         if !self.health.set_api(true, None) {
