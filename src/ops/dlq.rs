@@ -152,13 +152,17 @@ fn replay_items(mut letters: Vec<DeadLetter>) -> (Vec<SinkItem>, usize) {
 }
 
 /// Queues every dead letter of `ty` that can be re-sent and waits until
-/// the sink has a verdict on each.
+/// the sink has a verdict on each (or found it superseded). The letters
+/// are read on a blocking thread.
 pub async fn replay(
-    store: &dyn StateStore,
+    store: std::sync::Arc<dyn StateStore>,
     sink: &SinkHandle,
     ty: Option<TypeId>,
 ) -> Result<ReplayReport, String> {
-    let letters = store.dead_letters(ty).map_err(|e| e.to_string())?;
+    let letters = tokio::task::spawn_blocking(move || store.dead_letters(ty))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     let (mut items, skipped) = replay_items(letters);
     let n = items.len();
     for chunk in items.chunks_mut(1000) {
