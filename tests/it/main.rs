@@ -15,6 +15,7 @@ mod partner;
 mod poll;
 mod replication;
 mod sink;
+mod sink_edges;
 mod snapshot;
 mod tls;
 mod types;
