@@ -104,7 +104,9 @@ pub(super) async fn send_type(
         }
     }
     let by_api = r.rejected.len() - local;
-    writes.extend(letters(&shared, std::mem::take(&mut r.rejected), overlay, &now).await?);
+    let (letter_writes, again) =
+        letters(&shared, std::mem::take(&mut r.rejected), overlay, &now).await?;
+    writes.extend(letter_writes);
     for key in std::mem::take(&mut r.forget) {
         writes.extend(verdicts::forgotten(key));
     }
@@ -112,6 +114,7 @@ pub(super) async fn send_type(
         sent,
         local,
         by_api,
+        again,
         requests,
     };
     tally(&shared, ty, &r, &counts, &now);
@@ -290,21 +293,23 @@ fn last_sent_copy(keep: &HashSet<Arc<str>>, key: &StateKey, json: &Bytes) -> Opt
 }
 
 /// The writes of dead letters, each counting on from the key's latest
-/// letter (read on a blocking thread, through the overlay).
+/// letter (read on a blocking thread, through the overlay), and how many
+/// of them replace an earlier letter of their key.
 async fn letters(
     shared: &Shared,
     rejected: Vec<Rejected>,
     overlay: Arc<Overlay>,
     now: &str,
-) -> Option<Vec<Write>> {
+) -> Option<(Vec<Write>, usize)> {
     if rejected.is_empty() {
-        return Some(Vec::new());
+        return Some((Vec::new(), 0));
     }
     let (rejected, previous) = with_store(shared, rejected, READ_FAILED, move |store, rejected| {
         let keys: Vec<&StateKey> = rejected.iter().map(|r| &r.key).collect();
         overlay.letters(store, &keys)
     })
     .await?;
+    let again = previous.iter().filter(|p| p.is_some()).count();
     let mut writes = Vec::with_capacity(2 * rejected.len());
     for (r, previous) in rejected.into_iter().zip(previous) {
         let letter = verdicts::letter(
@@ -323,7 +328,7 @@ async fn letters(
             writes.push(Write::DeadLetter(r.key, Box::new(letter)));
         }
     }
-    Some(writes)
+    Some((writes, again))
 }
 
 /// What happened to one type's records.
@@ -335,6 +340,9 @@ struct Counts {
     local: usize,
     /// Rejected by the API.
     by_api: usize,
+    /// Dead letters that replace an earlier letter of their key (retried
+    /// and rejected again).
+    again: usize,
     /// Requests made.
     requests: usize,
 }
@@ -345,6 +353,7 @@ fn tally(shared: &Shared, ty: TypeId, r: &Resolved, c: &Counts, now: &str) {
         sent,
         local,
         by_api,
+        again,
         requests,
     } = *c;
     let label = Metrics::ty(ty);
@@ -363,13 +372,17 @@ fn tally(shared: &Shared, ty: TypeId, r: &Resolved, c: &Counts, now: &str) {
     if dead > 0 {
         m.records_dead_lettered.get_or_create(&label).inc_by(dead);
     }
-    if local > 0 {
-        warn!(type = %name, count = local,
-            "records failed local validation or their soft delete cannot be built; they were dead-lettered, see `cobi-sync dlq list`");
+    // An operator hears of new dead letters once; the same letters retried
+    // and rejected again (their rows read again) only at debug level — the
+    // attempts count in `dlq list` says how often.
+    let new = (local + by_api).saturating_sub(again);
+    if new > 0 {
+        warn!(type = %name, count = new, requests,
+            "records were dead-lettered (rejected by the cobi api, failing local validation, or a \
+             soft delete that cannot be built); see `cobi-sync dlq list`");
     }
-    if by_api > 0 {
-        warn!(type = %name, count = by_api, requests,
-            "records rejected by the cobi api were dead-lettered; see `cobi-sync dlq list`");
+    if again > 0 {
+        debug!(type = %name, count = again, requests, "dead letters retried and rejected again");
     }
     if sent > 0 {
         m.records_sent.get_or_create(&label).inc_by(sent);
