@@ -67,7 +67,7 @@ pub(super) async fn send_type(
     overlay: Arc<Overlay>,
 ) -> Option<Vec<Write>> {
     let (entries, priors) = read_priors(&shared, entries, overlay.clone()).await?;
-    let mut r = resolve(ty, entries, priors, &shared.cfg.keep_last_sent);
+    let mut r = resolve(ty, entries, priors);
     let local = r.rejected.len();
     let started = Instant::now();
     let (verdicts, requests) = deliver(&shared, ty, &r.send).await?;
@@ -138,24 +138,16 @@ async fn read_priors(
 }
 
 /// The per-key decisions ([`decide`], [`delete_from`]).
-fn resolve(
-    ty: TypeId,
-    entries: Vec<Entry>,
-    priors: Vec<Option<KeyState>>,
-    keep: &HashSet<Arc<str>>,
-) -> Resolved {
+fn resolve(ty: TypeId, entries: Vec<Entry>, priors: Vec<Option<KeyState>>) -> Resolved {
     let mut r = Resolved::default();
     for (entry, prior) in entries.into_iter().zip(priors) {
         let (out, origin) = match entry.op {
             Op::Upsert { record } => (record, Origin::Source { force: entry.force }),
             Op::Replay { record, letter } => (record, Origin::Replay { letter }),
             Op::Delete { basis } => match delete_from(ty, basis, prior.as_ref()) {
-                None | Some(DeleteFrom::Nothing) => {
-                    if prior.is_some() && !keep.contains(&entry.key.mapping) {
-                        debug!(type = %schema().ty(ty).name, "delete of a key whose content this mapping does not keep");
-                    }
-                    continue;
-                }
+                // No soft delete for the type (interactions), or a key
+                // Cobi never accepted: nothing to send.
+                None | Some(DeleteFrom::Nothing) => continue,
                 Some(DeleteFrom::Forget) => {
                     r.forget.push(entry.key);
                     continue;
@@ -393,5 +385,108 @@ fn tally(shared: &Shared, ty: TypeId, r: &Resolved, c: &Counts, now: &str) {
         let st = stats.entry(ty).or_default();
         st.sent += sent;
         st.last_success = Some(now.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::record::{Json, Record};
+
+    fn key(k: &str) -> StateKey {
+        StateKey {
+            ty: schema().type_id("shops").unwrap(),
+            mapping: "shops/public.shop".into(),
+            source_key: k.into(),
+        }
+    }
+
+    fn shop(name: &str) -> Record {
+        let t = schema().type_id("shops").unwrap();
+        let mut r = Record::new(t);
+        for (f, v) in [
+            ("shop_id", "7f0c1b9e-1d2a-4c1e-9a57-0f3f6c8b2a10"),
+            ("name", name),
+            ("region", "GB"),
+        ] {
+            r.set(schema().ty(t).field(f).unwrap(), Json::Str(v.into()));
+        }
+        r
+    }
+
+    fn entry(k: &str, op: Op) -> Entry {
+        Entry {
+            key: key(k),
+            op,
+            force: false,
+        }
+    }
+
+    fn state(status: KeyStatus, r: &Record, copy: bool) -> KeyState {
+        let json = Bytes::from(r.to_json());
+        KeyState {
+            status,
+            fingerprint: xxhash_rust::xxh3::xxh3_64(&json),
+            last_sent: copy.then_some(json),
+        }
+    }
+
+    /// Every path of one type's per-key decisions, in one epoch.
+    #[test]
+    fn each_change_gets_its_decision() {
+        let (a, b) = (shop("A"), shop("B"));
+        let up = |r: &Record| Op::Upsert {
+            record: Outbound::new(r, vec![]),
+        };
+        let mut bad = a.clone();
+        bad.set(
+            schema().ty(bad.ty).field("region").unwrap(),
+            Json::Str("gbr".into()),
+        );
+        let letter_of = |r: &Record| xxhash_rust::xxh3::xxh3_64(&r.to_json());
+        let replay = |r: &Record| Op::Replay {
+            record: Outbound::new(r, vec![]),
+            letter: letter_of(r),
+        };
+        let del = || Op::Delete { basis: None };
+        let entries = vec![
+            entry("new", up(&a)),
+            entry("same", up(&a)),
+            entry("dead-same", up(&a)),
+            entry("invalid", up(&bad)),
+            entry("replay-stands", replay(&a)),
+            entry("replay-stale", replay(&a)),
+            entry("del-copy", del()),
+            entry("del-never", del()),
+            entry("del-unknown", del()),
+            entry("del-nocopy", del()),
+        ];
+        let priors = vec![
+            None,
+            Some(state(KeyStatus::Accepted, &a, false)),
+            Some(state(KeyStatus::DeadLettered, &a, false)),
+            None,
+            Some(state(KeyStatus::DeadLettered, &a, false)),
+            Some(state(KeyStatus::Accepted, &b, false)),
+            Some(state(KeyStatus::Accepted, &b, true)),
+            Some(state(KeyStatus::DeadLettered, &a, false)),
+            None,
+            Some(state(KeyStatus::Accepted, &b, false)),
+        ];
+        let r = resolve(key("x").ty, entries, priors);
+        let sent: Vec<&str> = r.send.iter().map(|p| p.key.source_key.as_str()).collect();
+        assert_eq!(sent, ["new", "dead-same", "replay-stands", "del-copy"]);
+        let deleted = Record::from_json(key("x").ty, &r.send[3].out.json).unwrap();
+        assert_eq!(deleted.get_named("name"), Some(&Json::Str("B".into())));
+        assert_eq!(deleted.get_named("is_deleted"), Some(&Json::Bool(true)));
+        assert_eq!((r.unchanged, r.stale_replays), (1, 1));
+        let dead: Vec<(&str, bool)> = r
+            .rejected
+            .iter()
+            .map(|d| (d.key.source_key.as_str(), d.mark_key))
+            .collect();
+        assert_eq!(dead, [("invalid", true), ("del-nocopy", false)]);
+        assert!(r.rejected[0].reason.starts_with("region"));
+        assert_eq!(r.forget, [key("del-never")]);
     }
 }
