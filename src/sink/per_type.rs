@@ -80,29 +80,8 @@ pub(super) async fn send_type(
     }
     remember_parents(&shared, ty, &r.send, &verdicts);
     let now = now_rfc3339();
-    let mut writes = Vec::with_capacity(2 * r.send.len() + 2 * r.rejected.len());
-    let mut sent = 0u64;
-    for (p, v) in std::mem::take(&mut r.send).into_iter().zip(verdicts) {
-        match v {
-            Verdict::Accepted => {
-                sent += 1;
-                let copy = last_sent_copy(&shared.cfg.keep_last_sent, &p.key, &p.out.json);
-                writes.extend(verdicts::accepted(p.key, p.out.fingerprint, copy));
-            }
-            Verdict::Rejected(reason) => {
-                trace!(type = %schema().ty(ty).name, source_key = %p.key.source_key, %reason, "record rejected by the api");
-                r.rejected.push(Rejected {
-                    key: p.key,
-                    cobi_key: p.out.cobi_key,
-                    json: p.out.json,
-                    fingerprint: p.out.fingerprint,
-                    prior: p.prior,
-                    reason,
-                    mark_key: true,
-                });
-            }
-        }
-    }
+    let send = std::mem::take(&mut r.send);
+    let (mut writes, sent) = judge(&shared, ty, send, verdicts, &mut r.rejected);
     let by_api = r.rejected.len() - local;
     let (letter_writes, again) =
         letters(&shared, std::mem::take(&mut r.rejected), overlay, &now).await?;
@@ -110,6 +89,7 @@ pub(super) async fn send_type(
     for key in std::mem::take(&mut r.forget) {
         writes.extend(verdicts::forgotten(key));
     }
+    note_letters(&shared, &writes);
     let counts = Counts {
         sent,
         local,
@@ -121,6 +101,43 @@ pub(super) async fn send_type(
     debug!(type = %schema().ty(ty).name, sent, dead = local + by_api, requests,
         ms = started.elapsed().as_millis() as u64, "type delivered");
     Some(writes)
+}
+
+/// The writes of accepted records; rejected ones join `rejected`.
+/// Returns the writes and the number accepted.
+fn judge(
+    shared: &Shared,
+    ty: TypeId,
+    send: Vec<Prepared>,
+    verdicts: Vec<Verdict>,
+    rejected: &mut Vec<Rejected>,
+) -> (Vec<Write>, u64) {
+    let mut writes = Vec::with_capacity(2 * send.len() + 2 * rejected.len());
+    let mut sent = 0u64;
+    let lettered = shared.lettered.lock().expect("lock");
+    for (p, v) in send.into_iter().zip(verdicts) {
+        match v {
+            Verdict::Accepted => {
+                sent += 1;
+                let copy = last_sent_copy(&shared.cfg.keep_last_sent, &p.key, &p.out.json);
+                let remove = verdicts::remove_letter(p.prior.as_ref(), lettered.contains(&p.key));
+                writes.extend(verdicts::accepted(p.key, p.out.fingerprint, copy, remove));
+            }
+            Verdict::Rejected(reason) => {
+                trace!(type = %schema().ty(ty).name, source_key = %p.key.source_key, %reason, "record rejected by the api");
+                rejected.push(Rejected {
+                    key: p.key,
+                    cobi_key: p.out.cobi_key,
+                    json: p.out.json,
+                    fingerprint: p.out.fingerprint,
+                    prior: p.prior,
+                    reason,
+                    mark_key: true,
+                });
+            }
+        }
+    }
+    (writes, sent)
 }
 
 /// What the store (through the overlay of the epoch before) knows of
@@ -274,6 +291,22 @@ fn remember_parents(shared: &Shared, ty: TypeId, send: &[Prepared], verdicts: &[
         match v {
             Verdict::Accepted => seen.accepted(key_hash(ty, k)),
             Verdict::Rejected(_) => seen.rejected(key_hash(ty, k)),
+        }
+    }
+}
+
+/// Keeps [`Shared::lettered`] in step with the letters written and removed.
+fn note_letters(shared: &Shared, writes: &[Write]) {
+    let mut lettered = shared.lettered.lock().expect("lock");
+    for w in writes {
+        match w {
+            Write::DeadLetter(k, _) => {
+                lettered.insert(k.clone());
+            }
+            Write::RemoveDeadLetter(k) => {
+                lettered.remove(k);
+            }
+            _ => {}
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::sink::epoch::{Epoch, Op};
 use crate::sink::overlay::Overlay;
 use crate::sink::screen::Seen;
 use crate::sink::{per_type, policy, Durable, SinkConfig, SinkItem, EPOCH_BYTES, EPOCH_RECORDS};
-use crate::state::{Checkpoint, StateError, StateStore, TypeStats, Write};
+use crate::state::{Checkpoint, StateError, StateKey, StateStore, TypeStats, Write};
 
 /// Shared by the sink task and the epoch being sent.
 pub(super) struct Shared {
@@ -38,6 +38,12 @@ pub(super) struct Shared {
     pub stats: Mutex<BTreeMap<TypeId, TypeStats>>,
     /// Parent keys accepted by this process (the pre-screen).
     pub seen: Mutex<Seen>,
+    /// Keys that have (or may have) a dead letter: loaded from the store
+    /// when the task starts, then kept up to date with every epoch's
+    /// writes. An accept removes the letter of such a key even when the
+    /// key's state does not say dead-lettered (a crash between the two
+    /// writes of an earlier run); other accepts skip the removal.
+    pub lettered: Mutex<rustc_hash::FxHashSet<StateKey>>,
     pub stop: CancellationToken,
 }
 
@@ -59,6 +65,7 @@ impl Shared {
             health,
             stats: Mutex::new(stats),
             seen: Mutex::new(Seen::default()),
+            lettered: Mutex::new(Default::default()),
             stop,
         })
     }
@@ -91,6 +98,18 @@ pub(super) async fn run(
     let mut overlay: Arc<Overlay> = Arc::new(Overlay::default());
     let mut input_closed = false;
     let mut epochs: u64 = 0;
+    let Some(((), lettered)) = with_store(&shared, (), READ_FAILED, |store, ()| {
+        Ok(store
+            .dead_letters(None)?
+            .iter()
+            .filter_map(|d| d.key())
+            .collect::<rustc_hash::FxHashSet<StateKey>>())
+    })
+    .await
+    else {
+        return;
+    };
+    *shared.lettered.lock().expect("lock") = lettered;
     loop {
         if committing.is_none() {
             if let Some((epoch, writes)) = waiting.take() {

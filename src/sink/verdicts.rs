@@ -1,9 +1,10 @@
 //! The state-store writes that record a key's verdict (pure).
 //!
 //! - Accepted: the key's state (fingerprint, and the copy soft deletes
-//!   need) and the removal of any dead letter of the key — on *every*
-//!   accept, so a letter orphaned by a crash between two writes of an
-//!   earlier epoch never outlives the record's delivery.
+//!   need) and the removal of the key's dead letter whenever it may have
+//!   one — its state says dead-lettered, *or* the store holds a letter for
+//!   it ([`remove_letter`]): a letter orphaned by a crash between two
+//!   writes of an earlier run never outlives the record's delivery.
 //! - Rejected: the dead letter (attempts counted on from the key's latest
 //!   letter, committed or still in the epoch before) and the key's state,
 //!   which keeps the copy of what Cobi last accepted.
@@ -15,19 +16,29 @@ use bytes::Bytes;
 use crate::model::schema::schema;
 use crate::state::{DeadLetter, KeyState, KeyStatus, StateKey, Write};
 
-/// Writes for an accepted record.
-pub fn accepted(key: StateKey, fingerprint: u64, last_sent: Option<Bytes>) -> [Write; 2] {
-    [
-        Write::RemoveDeadLetter(key.clone()),
-        Write::Key(
-            key,
-            KeyState {
-                status: KeyStatus::Accepted,
-                fingerprint,
-                last_sent,
-            },
-        ),
-    ]
+/// Whether an accept must remove the key's dead letter: its last verdict
+/// was a dead letter, or a letter of it is known to exist.
+pub fn remove_letter(prior: Option<&KeyState>, letter_known: bool) -> bool {
+    letter_known || prior.is_some_and(|p| p.status == KeyStatus::DeadLettered)
+}
+
+/// Writes for an accepted record (`remove_letter`: see [`remove_letter`]).
+pub fn accepted(
+    key: StateKey,
+    fingerprint: u64,
+    last_sent: Option<Bytes>,
+    remove_letter: bool,
+) -> impl Iterator<Item = Write> {
+    let remove = remove_letter.then(|| Write::RemoveDeadLetter(key.clone()));
+    let state = Write::Key(
+        key,
+        KeyState {
+            status: KeyStatus::Accepted,
+            fingerprint,
+            last_sent,
+        },
+    );
+    remove.into_iter().chain(std::iter::once(state))
 }
 
 /// What a rejected record's dead letter holds.
@@ -100,12 +111,31 @@ mod tests {
     }
 
     #[test]
-    fn every_accept_removes_the_letter() {
-        let w = accepted(key(), 5, None);
+    fn an_accept_removes_any_letter_the_key_may_have() {
+        let st = |status| KeyState {
+            status,
+            fingerprint: 1,
+            last_sent: None,
+        };
+        let (acc, dead) = (st(KeyStatus::Accepted), st(KeyStatus::DeadLettered));
+        // (prior state, a letter known in the store) -> remove it
+        let cases = [
+            (None, false, false),
+            (Some(&acc), false, false),
+            (Some(&dead), false, true),
+            // The orphan: a letter whose key reads as accepted (or unknown).
+            (Some(&acc), true, true),
+            (None, true, true),
+        ];
+        for (prior, known, want) in cases {
+            assert_eq!(remove_letter(prior, known), want, "{prior:?} {known}");
+        }
+        let w: Vec<Write> = accepted(key(), 5, None, true).collect();
         assert_eq!(w[0], Write::RemoveDeadLetter(key()));
         assert!(
             matches!(&w[1], Write::Key(_, s) if s.status == KeyStatus::Accepted && s.fingerprint == 5)
         );
+        assert_eq!(accepted(key(), 5, None, false).count(), 1);
     }
 
     #[test]
