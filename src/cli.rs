@@ -562,7 +562,7 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
             }
             require_key(&settings)?;
             let pipeline = Pipeline::start(&settings, store.clone()).map_err(|e| fail(&e))?;
-            let report = dlq::replay(store.as_ref(), &pipeline.sink, ty)
+            let report = dlq::replay(store.clone(), &pipeline.sink, ty)
                 .await
                 .map_err(|e| {
                     eprintln!("dlq replay: {e}");

@@ -232,9 +232,18 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Runs a (blocking) state store call on a blocking thread, off the async
+/// workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("state store calls do not panic")
+}
+
 async fn status_handler(State(s): State<AppState>) -> Response {
     let h = s.health.report();
-    match status::build(&s.settings, s.store.as_ref(), Some(&h)) {
+    let (settings, store) = (s.settings.clone(), s.store.clone());
+    match blocking(move || status::build(&settings, store.as_ref(), Some(&h))).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
@@ -245,7 +254,8 @@ async fn dlq_list(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Resp
         Ok(t) => t,
         Err(r) => return *r,
     };
-    match dlq::list(s.store.as_ref(), ty) {
+    let store = s.store.clone();
+    match blocking(move || dlq::list(store.as_ref(), ty)).await {
         Ok(rows) => Json(rows).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
@@ -256,7 +266,7 @@ async fn dlq_replay(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Re
         Ok(t) => t,
         Err(r) => return *r,
     };
-    match dlq::replay(s.store.as_ref(), &s.sink, ty).await {
+    match dlq::replay(s.store.clone(), &s.sink, ty).await {
         Ok(r) => {
             info!(
                 replayed = r.replayed,
@@ -274,7 +284,8 @@ async fn dlq_purge(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Res
         Ok(t) => t,
         Err(r) => return *r,
     };
-    match dlq::purge(s.store.as_ref(), ty) {
+    let store = s.store.clone();
+    match blocking(move || dlq::purge(store.as_ref(), ty)).await {
         Ok(n) => {
             info!(purged = n, "dead letters purged on request");
             Json(serde_json::json!({ "purged": n })).into_response()

@@ -5,9 +5,13 @@
 //! Transient failures (408/429/5xx, timeouts, connection errors) are
 //! retried forever with backoff; 401/403 pauses delivery, marks the API not
 //! ready, logs one ERROR and re-reads the key (every second, retrying as
-//! soon as it changes, and at least every `max_backoff`). Only shutdown
-//! makes it give up ([`Outcome::Abandoned`]), which leaves the records
-//! unconfirmed so they are read again after restart.
+//! soon as it changes, and at least every `max_backoff`). With no key at
+//! all nothing is sent: it waits the same way. Redirects are never
+//! followed: a 3xx, or a 2xx that is not the API's answer, pauses delivery
+//! the same way (ERROR naming the status and `Location`, not ready, a retry
+//! every `max_backoff`) — nothing counts as delivered until the API itself
+//! answers. Only shutdown makes it give up ([`Outcome::Abandoned`]), which
+//! leaves the records unconfirmed so they are read again after restart.
 //!
 //! Requests in flight are bounded by `api.concurrency` and paced by
 //! `api.requests_per_minute`.
@@ -28,7 +32,7 @@ use crate::config::ApiSettings;
 use crate::model::schema::{schema, TypeId};
 use crate::ops::health::Health;
 use crate::ops::metrics::{Metrics, RequestLabel};
-use crate::sink::policy::{classify, retry_delay, Action};
+use crate::sink::policy::{classify, retry_delay, Action, Answer};
 
 /// The verdict on one request's records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +56,7 @@ pub struct ApiClient {
     permits: Semaphore,
     limiter: Option<DefaultDirectRateLimiter>,
     auth_failed: AtomicBool,
+    misdirected: AtomicBool,
     unexpected_logged: AtomicBool,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
@@ -80,6 +85,7 @@ impl ApiClient {
             permits: Semaphore::new(settings.concurrency),
             limiter,
             auth_failed: AtomicBool::new(false),
+            misdirected: AtomicBool::new(false),
             unexpected_logged: AtomicBool::new(false),
             health,
             metrics,
@@ -176,13 +182,16 @@ impl ApiClient {
                     match req.send().await {
                         Ok(resp) => {
                             let status = resp.status().as_u16();
-                            let retry_after = resp
-                                .headers()
-                                .get(reqwest::header::RETRY_AFTER)
-                                .and_then(|v| v.to_str().ok())
-                                .map(str::to_string);
+                            let header = |h| {
+                                resp.headers()
+                                    .get(h)
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(str::to_string)
+                            };
+                            let retry_after = header(reqwest::header::RETRY_AFTER);
+                            let location = header(reqwest::header::LOCATION);
                             match resp.bytes().await {
-                                Ok(b) => Ok((status, b, retry_after)),
+                                Ok(b) => Ok((status, b, retry_after, location)),
                                 Err(e) => Err(format!("reading the answer failed: {e}")),
                             }
                         }
@@ -197,12 +206,19 @@ impl ApiClient {
                 }
             };
             let action = match &answer {
-                Ok((status, body, ra)) => {
+                Ok((status, body, retry_after, location)) => {
                     self.metrics
                         .requests
                         .get_or_create(&label(&status.to_string()))
                         .inc();
-                    classify(*status, body, ra.as_deref(), SystemTime::now())
+                    let a = Answer {
+                        status: *status,
+                        body,
+                        retry_after: retry_after.as_deref(),
+                        location: location.as_deref(),
+                        batch: schema().ty(ty).batch,
+                    };
+                    classify(a, SystemTime::now())
                 }
                 Err(e) => {
                     self.metrics.requests.get_or_create(&label("error")).inc();
@@ -221,6 +237,28 @@ impl ApiClient {
                 Action::Split { error } => {
                     self.api_recovered();
                     return Outcome::Rejected(error);
+                }
+                Action::NotTheApi {
+                    status,
+                    location,
+                    detail,
+                } => {
+                    if !self.misdirected.swap(true, Ordering::Relaxed) {
+                        error!(
+                            type = %schema().ty(ty).name,
+                            status,
+                            location = location.as_deref().unwrap_or(""),
+                            url = %self.url(ty),
+                            "{detail}; delivery paused, nothing is dropped or marked delivered; \
+                             retrying every api.max_backoff — fix api.base_url and restart"
+                        );
+                    }
+                    self.health.set_api(false, Some(detail));
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.backoff().1) => {}
+                        _ = self.stop.cancelled() => return Outcome::Abandoned,
+                    }
+                    attempt = 0;
                 }
                 Action::AuthFailed { status, message } => {
                     if !self.auth_failed.swap(true, Ordering::Relaxed) {
@@ -276,6 +314,9 @@ impl ApiClient {
     fn api_recovered(&self) {
         if self.auth_failed.swap(false, Ordering::Relaxed) {
             info!("cobi api accepts the api key again; delivery resumed");
+        }
+        if self.misdirected.swap(false, Ordering::Relaxed) {
+            info!("the cobi api answers at api.base_url again; delivery resumed");
         }
         self.unexpected_logged.store(false, Ordering::Relaxed);
         if !self.health.set_api(true, None) {

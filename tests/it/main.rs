@@ -17,6 +17,7 @@ mod poll;
 mod poll_safety;
 mod replication;
 mod sink;
+mod sink_edges;
 mod snapshot;
 mod tls;
 mod types;
