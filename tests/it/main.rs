@@ -15,6 +15,7 @@ mod packaging;
 mod partner;
 mod poll;
 mod replication;
+mod shaped;
 mod sink;
 mod snapshot;
 mod tls;
