@@ -101,13 +101,22 @@ async fn ten_kills_during_snapshot_streaming_and_retry_storms() {
         } else {
             mock.set_faults(0.0, 0.0, 0.0, Duration::ZERO);
         }
+        // The random delay counts from the moment this daemon streams (a
+        // debug build on a loaded machine can take seconds to get there):
+        // every kill lands in a working daemon, not in its start-up.
+        let streaming = crate::common::log_lines(&log, "streaming changes").len();
         let mut d = Daemon::start(&cfg, &log);
+        crate::common::wait_until(Duration::from_secs(120), "the daemon streams", || {
+            let up = crate::common::log_lines(&log, "streaming changes").len() > streaming;
+            async move { up }
+        })
+        .await;
         rng = rng
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let wait = 200 + (rng >> 33) % 1800;
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        let shops = mock.records("shops").len();
+        let shops = mock.stats().stored.get("shops").copied().unwrap_or(0);
         phases.push(format!(
             "kill {k} after {wait} ms ({}; {shops} shops at the API)",
             if shops < 300_000 {
@@ -128,7 +137,7 @@ async fn ten_kills_during_snapshot_streaming_and_retry_storms() {
         &settings,
         &db.client().await,
         &mock,
-        Duration::from_secs(240),
+        Duration::from_secs(600),
         &d.log,
     )
     .await;
