@@ -16,6 +16,7 @@ mod partner;
 mod poll;
 mod poll_safety;
 mod replication;
+mod shaped;
 mod sink;
 mod sink_edges;
 mod snapshot;

@@ -784,7 +784,7 @@ async fn paused_until_the_url_is_fixed(wrong: Wrong) {
         "nothing may reach the API"
     );
     assert_eq!(mock.stats().requests_by_status.values().sum::<u64>(), 0);
-    assert!(d.term().success(), "{}", d.log_text());
+    assert!(d.term().await.success(), "{}", d.log_text());
     let (code, out, err) = run_cli(
         &["status", "--json", "--config", cfg.to_str().unwrap()],
         &[],
@@ -822,7 +822,7 @@ async fn paused_until_the_url_is_fixed(wrong: Wrong) {
             ("During".into(), "US".into())
         ]
     );
-    assert!(d.term().success());
+    assert!(d.term().await.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -955,7 +955,7 @@ async fn a_dead_letter_is_resent_when_its_row_changes_after_its_parent_arrived()
         async move { n == 0 }
     })
     .await;
-    assert!(d.term().success());
+    assert!(d.term().await.success());
 }
 
 const THIRTY_DIGITS: &str = "12345678901234567890.1234567890";
@@ -1035,7 +1035,7 @@ async fn a_thirty_digit_numeric_survives_replay_and_soft_delete() {
             .any(|b| b.contains(&exact) && b.contains("\"is_deleted\":true")),
         "the soft delete lost digits: {deletes:?}"
     );
-    assert!(d.term().success());
+    assert!(d.term().await.success());
 }
 
 // ---- blocking store calls stay off the async workers -----------------------
