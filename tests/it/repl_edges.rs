@@ -179,7 +179,7 @@ async fn snapshot_force_soft_deletes_rows_deleted_while_stopped() {
     let client = db.client().await;
     let mut d = Daemon::start(&cfg, &wd.path("d1.log"));
     wait_in_sync(&settings, &client, &mock, Duration::from_secs(90), &d.log).await;
-    assert!(d.term().success(), "{}", d.log_text());
+    assert!(d.term().await.success(), "{}", d.log_text());
 
     client
         .batch_execute("DELETE FROM merchant_tag WHERE id BETWEEN 11 AND 30")
@@ -293,7 +293,7 @@ async fn a_delete_after_a_crash_between_chunk_delivery_and_checkpoint_is_sent() 
     let client = db.client().await;
     let mut d = Daemon::start(&cfg, &wd.path("d1.log"));
     wait_in_sync(&settings, &client, &mock, Duration::from_secs(90), &d.log).await;
-    assert!(d.term().success());
+    assert!(d.term().await.success());
 
     // The state such a crash leaves: every shop-tag accepted, the table's
     // copy durable only up to id 100.
@@ -353,7 +353,7 @@ async fn poll_snapshot_force_soft_deletes_hard_deleted_rows() {
     let client = db.client().await;
     let mut d = Daemon::start(&cfg, &wd.path("d1.log"));
     wait_in_sync(&settings, &client, &mock, Duration::from_secs(90), &d.log).await;
-    assert!(d.term().success());
+    assert!(d.term().await.success());
 
     client
         .batch_execute("DELETE FROM merchant_tag WHERE id BETWEEN 5 AND 14")
@@ -720,7 +720,7 @@ async fn ddl_while_copying_and_streaming_never_stalls() {
     .await;
     assert!(d.is_running(), "{}", d.log_text());
     assert!(d.log_text().contains("tag_id"), "{}", d.log_text());
-    assert!(d.term().success());
+    assert!(d.term().await.success());
 }
 
 /// A mapped column dropped while its table is being copied: exit 1 within
@@ -876,7 +876,7 @@ async fn a_state_dir_behind_the_slot_is_detected() {
     let client = db.client().await;
     let mut d = Daemon::start(&cfg, &wd.path("d1.log"));
     wait_in_sync(&settings, &client, &mock, Duration::from_secs(90), &d.log).await;
-    assert!(d.term().success());
+    assert!(d.term().await.success());
     let backup = wd.path("state-backup");
     let status = std::process::Command::new("cp")
         .args([
@@ -912,7 +912,7 @@ async fn a_state_dir_behind_the_slot_is_detected() {
             .get::<_, bool>(0)
     })
     .await;
-    assert!(d.term().success());
+    assert!(d.term().await.success());
     std::fs::remove_dir_all(wd.path("state")).unwrap();
     std::fs::rename(&backup, wd.path("state")).unwrap();
     let mut d = Daemon::start(&cfg, &wd.path("d3.log"));
@@ -946,7 +946,7 @@ async fn a_reread_row_is_never_sent_before_its_new_parent() {
     let client = db.client().await;
     let mut d = Daemon::start(&cfg, &wd.path("d1.log"));
     wait_in_sync(&settings, &client, &mock, Duration::from_secs(120), &d.log).await;
-    assert!(d.term().success());
+    assert!(d.term().await.success());
     // While the daemon is stopped: a small update (the label stays out of
     // the stream), then the row moves to a parent created after it.
     // Two transactions (one query string with a BEGIN would make them one).

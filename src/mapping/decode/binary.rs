@@ -79,7 +79,9 @@ fn decode_scalar(ty_oid: u32, name: &str, raw: &[u8]) -> Result<Value, DecodeErr
         oid::INT4 => Value::Int(i32::from_be_bytes(fixed(ty_oid, name, raw)?).into()),
         oid::INT8 => Value::Int(i64::from_be_bytes(fixed(ty_oid, name, raw)?)),
         oid::OID => Value::Int(u32::from_be_bytes(fixed(ty_oid, name, raw)?).into()),
-        oid::FLOAT4 => Value::Float(f32::from_be_bytes(fixed(ty_oid, name, raw)?).into()),
+        oid::FLOAT4 => Value::Float(crate::mapping::value::widen_f32(f32::from_be_bytes(fixed(
+            ty_oid, name, raw,
+        )?))),
         oid::FLOAT8 => Value::Float(f64::from_be_bytes(fixed(ty_oid, name, raw)?)),
         oid::NUMERIC => Value::Numeric(
             numeric_text(raw)
@@ -410,6 +412,8 @@ pub struct CopyBinaryReader {
     stage: Stage,
     /// The stream-level error, once one was found.
     failed: Option<DecodeError>,
+    /// The last row that failed to decode, its bad values as NULL.
+    bad_row: Option<Vec<Value>>,
 }
 
 /// Shows the reader's state, never the buffered data (values can be
@@ -435,6 +439,7 @@ impl CopyBinaryReader {
             partial: BytesMut::new(),
             stage: Stage::Header,
             failed: None,
+            bad_row: None,
         }
     }
 
@@ -458,7 +463,10 @@ impl CopyBinaryReader {
             None => Ok(None),
             Some((row, errors)) => match errors.into_iter().next() {
                 None => Ok(Some(row)),
-                Some((_, e)) => Err(e),
+                Some((_, e)) => {
+                    self.bad_row = Some(row);
+                    Err(e)
+                }
             },
         }
     }
@@ -475,6 +483,13 @@ impl CopyBinaryReader {
             self.failed = Some(e.clone());
         }
         r.map_err(|StepError::Stream(e)| e)
+    }
+
+    /// The row of the last row-level error of [`next_row`](Self::next_row),
+    /// with the values that failed to decode as NULL (so its key can name a
+    /// dead letter).
+    pub fn take_bad_row(&mut self) -> Option<Vec<Value>> {
+        self.bad_row.take()
     }
 
     fn step(&mut self) -> Result<Option<LenientRow>, StepError> {
@@ -748,7 +763,20 @@ mod tests {
     #[test]
     fn floats() {
         let cases: &[(u32, Vec<u8>, f64)] = &[
-            (oid::FLOAT4, 0.1f32.to_be_bytes().to_vec(), 0.1f32 as f64),
+            // The digits PostgreSQL prints, not the widened binary value.
+            (oid::FLOAT4, 0.1f32.to_be_bytes().to_vec(), 0.1),
+            (oid::FLOAT4, 1e20f32.to_be_bytes().to_vec(), 1e20),
+            (
+                oid::FLOAT4,
+                123456789f32.to_be_bytes().to_vec(),
+                123456790.0,
+            ),
+            (
+                oid::FLOAT4,
+                1.1754944e-38f32.to_be_bytes().to_vec(),
+                1.1754944e-38,
+            ),
+            (oid::FLOAT4, 1e-45f32.to_be_bytes().to_vec(), 1e-45),
             (
                 oid::FLOAT4,
                 f32::INFINITY.to_be_bytes().to_vec(),

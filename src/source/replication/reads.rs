@@ -87,7 +87,7 @@ async fn all_rows(
     let mut rows = Vec::new();
     loop {
         let b = stream
-            .next_batch_lenient(4096)
+            .next_rows_lenient(4096)
             .await
             .map_err(|e| read_error(e, url, what))?;
         if b.is_empty() {

@@ -91,8 +91,7 @@ impl Replicator {
             let estimate = reads::estimate_rows(client, t).await;
             info!(mapping = %t.mapping.label(), estimate, "copying table");
             self.state[i].progress = Some(
-                Progress::new(&t.mapping.label(), estimate)
-                    .on_board(self.env.metrics.snapshot.clone()),
+                Progress::new(&t.mapping.label(), estimate).on_health(self.env.health.clone()),
             );
         }
         let url = self.url().clone();
@@ -245,8 +244,7 @@ impl Replicator {
             let t = &self.tables[i];
             let estimate = reads::estimate_rows(client, t).await;
             self.state[i].progress = Some(
-                Progress::new(&t.mapping.label(), estimate)
-                    .on_board(self.env.metrics.snapshot.clone()),
+                Progress::new(&t.mapping.label(), estimate).on_health(self.env.health.clone()),
             );
         }
         let _ = req.reply.send(Ok(labels.clone()));
