@@ -243,7 +243,7 @@ async fn resync_soft_deletes_rows_deleted_while_it_copies() {
         )
         .await
         .unwrap();
-    let copy = status(port).await["source"]["copies"].clone();
+    let copy = status(port).await["source"]["snapshot_progress"].clone();
     let (label, p) = copy
         .as_object()
         .and_then(|m| m.iter().find(|(k, _)| k.contains("shop-tags")))
@@ -254,12 +254,18 @@ async fn resync_soft_deletes_rows_deleted_while_it_copies() {
     );
     assert!(p["estimate"].as_u64().is_some_and(|e| e > 25_000), "{p}");
     let (_, text, _) = run_cli(&["status", "--config", c], &[]);
-    assert!(text.contains("copy mapping[10] (shop-tags)"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("snapshot mapping[10] (shop-tags): ")
+                && l.contains(" of ~")
+                && l.contains(" rows")),
+        "{text}"
+    );
 
     let deleted: Vec<i64> = (29001..=29100).chain(101..=110).collect();
     wait_deleted(&mock, "shop-tags", "shop_tag_id", &deleted, &d, 120).await;
     wait_until(Duration::from_secs(120), "the re-copy finishes", || async {
-        status(port).await["source"]["copies"][label]["done"] == true
+        status(port).await["source"]["snapshot_progress"][label]["done"] == true
     })
     .await;
     wait_in_sync(&settings, &client, &mock, Duration::from_secs(60), &d.log).await;
@@ -769,11 +775,13 @@ async fn dropping_a_mapped_column_during_the_copy_exits_with_the_fix() {
     );
 }
 
-/// Text the database cannot send (latin-1 bytes in an SQL_ASCII
-/// database, read as UTF-8): the daemon stops within 30 s naming the
-/// mapping and the fix — never a silent retry loop.
+/// Text the database cannot send as UTF-8 (latin-1 bytes in an SQL_ASCII
+/// database): the row fails alone — one dead letter naming the problem,
+/// its children wait behind it as the sink decides — while the other rows
+/// are copied and later changes stream (never a silent retry loop, never a
+/// whole read failed by one value).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn text_the_database_cannot_send_stops_with_the_fix() {
+async fn text_the_database_cannot_send_fails_its_row_only() {
     let mut db = Db::start().await;
     db.exec(
         "CREATE DATABASE legacy ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
@@ -789,13 +797,48 @@ async fn text_the_database_cannot_send_stops_with_the_fix() {
     let mock = mock().await;
     let cfg = wd.config(&url, &mock.base_url(), "replication", partner::MAPPINGS);
     let mut d = Daemon::start(&cfg, &wd.path("daemon.log"));
-    let code = wait_exit(&mut d, 30);
-    let log = d.log_text();
-    assert_eq!(code, Some(1), "{}", partner::tail(&log, 20));
-    assert!(
-        log.contains("mapping[5] (shops)") && log.contains("SQL_ASCII"),
-        "{log}"
+    let names = |m: &MockServer| -> Vec<String> {
+        m.records("shops")
+            .iter()
+            .filter_map(|r| r["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the other 29 shops are copied",
+        || {
+            let n = names(&mock).len();
+            async move { n == 29 }
+        },
+    )
+    .await;
+    assert!(d.is_running(), "{}", partner::tail(&d.log_text(), 20));
+    // Changes stream after the bad row.
+    db.exec("INSERT INTO merchant (trade_name, country) VALUES ('After the bad row', 'gb')")
+        .await;
+    wait_until(Duration::from_secs(60), "a later insert streams", || {
+        let found = names(&mock).iter().any(|n| n == "After the bad row");
+        async move { found }
+    })
+    .await;
+    assert!(d.term().await.success(), "{}", d.log_text());
+    let (code, out, err) = run_cli(
+        &[
+            "dlq",
+            "list",
+            "--json",
+            "--type",
+            "shops",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        &[],
     );
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<Json> = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let reason = rows[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("UTF-8"), "{reason}");
 }
 
 // ---------------------------------------------------------------------

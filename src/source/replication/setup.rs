@@ -331,8 +331,8 @@ pub async fn slot_status(client: &Client, slot: &str) -> Result<SlotStatus, Sour
 pub fn slot_loss(status: &SlotStatus, known: u64) -> Option<String> {
     match status {
         SlotStatus::Missing if known > 0 => Some(format!(
-            "the slot was dropped, and changes since {} (the last position cobi-sync \
-             delivered) may have been missed",
+            "the slot does not exist (it was dropped), and changes since {} (the last \
+             position cobi-sync delivered) may have been missed",
             format_lsn(known)
         )),
         SlotStatus::Missing => None,
