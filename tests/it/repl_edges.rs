@@ -1078,3 +1078,32 @@ async fn a_synchronous_standby_setting_does_not_deadlock_the_snapshot() {
         .unwrap();
     wait_in_sync(&settings, &client, &mock, Duration::from_secs(120), &d.log).await;
 }
+
+/// SIGHUP (`systemctl reload`) in replication mode: the configuration is
+/// re-read, the stream goes on, the daemon keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_while_streaming_keeps_the_daemon_running() {
+    let db = partner::start_db(20).await;
+    let url = least_privilege(&db).await;
+    let wd = Workdir::new();
+    let mock = mock().await;
+    let cfg = wd.config(&url, &mock.base_url(), "replication", partner::MAPPINGS);
+    let settings = cobi_sync::config::load(&cfg).unwrap();
+    let client = db.client().await;
+    let mut d = Daemon::start(&cfg, &wd.path("daemon.log"));
+    wait_in_sync(&settings, &client, &mock, Duration::from_secs(90), &d.log).await;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    wait_until(Duration::from_secs(20), "the SIGHUP re-read", || {
+        let seen = d.log_text().contains("SIGHUP: configuration re-read");
+        async move { seen }
+    })
+    .await;
+    client
+        .batch_execute("INSERT INTO label_tag (label) VALUES ('after the reload')")
+        .await
+        .unwrap();
+    wait_marker(&mock, "after the reload", &d).await;
+    assert!(d.is_running(), "{}", d.log_text());
+    assert!(d.term().await.success(), "{}", d.log_text());
+}
