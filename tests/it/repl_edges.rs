@@ -698,13 +698,17 @@ async fn ddl_while_copying_and_streaming_never_stalls() {
     wait_in_sync(&settings, &client, &mock, Duration::from_secs(120), &d.log).await;
     assert!(d.is_running(), "{}", d.log_text());
 
-    // Streaming: the same DDL, then a mapped column dropped.
+    // Streaming: the same DDL, a mapped reference column int4 → int8, then
+    // a mapped column dropped.
     client
         .batch_execute(
             "ALTER TABLE merchant_tag ADD COLUMN note text;
              INSERT INTO merchant_tag (merchant_id, tag_id, note) VALUES (1, 1, 'x');
              ALTER TABLE merchant_tag DROP COLUMN note;
-             INSERT INTO merchant_tag (merchant_id, tag_id) VALUES (2, 2);",
+             INSERT INTO merchant_tag (merchant_id, tag_id) VALUES (2, 2);
+             ALTER TABLE merchant_tag ALTER COLUMN merchant_id TYPE bigint;
+             INSERT INTO merchant_tag (merchant_id, tag_id) VALUES (4, 4);
+             UPDATE merchant_tag SET tag_id = 5 WHERE id = 10;",
         )
         .await
         .unwrap();
