@@ -473,14 +473,11 @@ async fn nothing_is_posted_without_a_key() {
         sink.barrier().await.unwrap();
     });
     let health = p.health.clone();
-    wait_until(
-        Duration::from_secs(20),
-        "the api reported not ready",
-        || {
-            let r = health.report();
-            async move { !r.api_ready }
-        },
-    )
+    // `api_ready` is false before the first attempt too: wait for the reason.
+    wait_until(Duration::from_secs(20), "the api reported no key", || {
+        let r = health.report();
+        async move { !r.api_ready && r.last_api_error.is_some() }
+    })
     .await;
     let why = p.health.report().last_api_error.unwrap_or_default();
     assert!(why.contains("no API key"), "{why}");
@@ -716,7 +713,9 @@ async fn paused_until_the_url_is_fixed(wrong: Wrong) {
         Wrong::LoginPage => (
             Fake::LoginPage,
             vec!["HTTP 200".to_string(), "<!DOCTYPE html>".to_string()],
-            "instead of",
+            // Both the sink's pause and the daemon's reachability probe
+            // say so (whichever answered last is shown).
+            "Cobi Data API",
         ),
     };
     let api = FakeApi::start(fake).await;
