@@ -230,6 +230,7 @@ pub async fn run_from(
     let http_stop = CancellationToken::new();
     let mut current = settings.clone();
     let settings = Arc::new(settings);
+    let (resync_tx, resync_rx) = replication::resync_channel();
     let http_task = match settings.http.listen {
         Some(addr) => {
             let token = token::create(&settings.state.dir).map_err(|e| {
@@ -244,6 +245,7 @@ pub async fn run_from(
                 health: pipeline.health.clone(),
                 metrics: pipeline.metrics.clone(),
                 sink: pipeline.sink.clone(),
+                resync: (settings.source.mode == Mode::Replication).then(|| resync_tx.clone()),
                 token: Some(token.into()),
             };
             let task = http::serve(addr, state, http_stop.clone())
@@ -276,7 +278,16 @@ pub async fn run_from(
                         .await
                 }
                 Mode::Replication => {
-                    replication::run(settings, store, sink, health, metrics, stop).await
+                    replication::run_with_resync(
+                        settings,
+                        store,
+                        sink,
+                        health,
+                        metrics,
+                        Some(resync_rx),
+                        stop,
+                    )
+                    .await
                 }
             }
         })

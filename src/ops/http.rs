@@ -10,6 +10,7 @@
 //! | `GET /dlq?type=T` | dead letters as JSON |
 //! | `POST /dlq/replay?type=T` | re-sends dead letters through the running sink |
 //! | `POST /dlq/purge?type=T` | drops dead letters |
+//! | `POST /resync?types=T,U` | re-copies the mappings of these types while streaming (replication mode) |
 //!
 //! It is how `cobi-sync status` and `cobi-sync dlq` reach a running daemon
 //! (the state store is locked by it). The endpoints in [`protected_routes`]
@@ -41,6 +42,7 @@ use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
 use crate::ops::{dlq, status};
 use crate::sink::SinkHandle;
+use crate::source::replication::ResyncRequest;
 use crate::state::StateStore;
 
 /// What the handlers need.
@@ -56,6 +58,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The running sink (for replay).
     pub sink: SinkHandle,
+    /// Re-copy requests to the replication source (`None` in poll mode).
+    pub resync: Option<tokio::sync::mpsc::Sender<ResyncRequest>>,
     /// The endpoint token the protected routes require; `None` refuses
     /// them all.
     pub token: Option<Arc<str>>,
@@ -140,6 +144,7 @@ fn protected_routes() -> Router<AppState> {
         .route("/dlq", get(dlq_list))
         .route("/dlq/replay", post(dlq_replay))
         .route("/dlq/purge", post(dlq_purge))
+        .route("/resync", post(resync))
 }
 
 /// The router. Serve it with a [`Peer`] as [`ConnectInfo`] (as [`serve`]
@@ -291,6 +296,71 @@ async fn dlq_purge(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Res
             Json(serde_json::json!({ "purged": n })).into_response()
         }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct ResyncQuery {
+    types: String,
+}
+
+/// `POST /resync?types=T,U`: asks the replication source to re-copy the
+/// mappings of these types; answers once they are marked for re-copy.
+async fn resync(State(s): State<AppState>, Query(q): Query<ResyncQuery>) -> Response {
+    let mut types = Vec::new();
+    for t in q.types.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        match schema().type_id(t) {
+            Some(id) => types.push(id),
+            None => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown type {t}; types are: {}\n",
+                        schema().type_names().join(", ")
+                    ),
+                )
+                    .into_response()
+            }
+        }
+    }
+    if types.is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            "name at least one type: ?types=shops\n",
+        )
+            .into_response();
+    }
+    let Some(tx) = &s.resync else {
+        return (
+            StatusCode::CONFLICT,
+            "resync while running needs replication mode; in poll mode stop the daemon and run \
+             `cobi-sync snapshot --force --type T`\n",
+        )
+            .into_response();
+    };
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    if tx.send(ResyncRequest { types, reply }).await.is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the replication source is not running\n",
+        )
+            .into_response();
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(30), rx).await {
+        Ok(Ok(Ok(mappings))) => {
+            info!(mappings = %mappings.join(", "), "resync accepted");
+            (
+                StatusCode::ACCEPTED,
+                Json(serde_json::json!({ "resync": mappings })),
+            )
+                .into_response()
+        }
+        Ok(Ok(Err(why))) => (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the replication source did not take the request (reconnecting?); try again\n",
+        )
+            .into_response(),
     }
 }
 

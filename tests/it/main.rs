@@ -15,6 +15,7 @@ mod packaging;
 mod partner;
 mod poll;
 mod poll_safety;
+mod repl_edges;
 mod replication;
 mod shaped;
 mod sink;

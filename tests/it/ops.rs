@@ -355,6 +355,7 @@ region = { column = "country", transform = "upper" }
         health: pipeline.health.clone(),
         metrics: pipeline.metrics.clone(),
         sink: pipeline.sink.clone(),
+        resync: None,
         token: Some(TOKEN.into()),
     };
     (pipeline, state)

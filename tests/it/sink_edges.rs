@@ -1109,6 +1109,7 @@ async fn store_calls_run_off_the_async_workers() {
         health: p.health.clone(),
         metrics: p.metrics.clone(),
         sink: p.sink.clone(),
+        resync: None,
         token: Some("t0ken".into()),
     };
     let server = cobi_sync::ops::http::serve(
