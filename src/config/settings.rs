@@ -269,14 +269,6 @@ impl MappingSettings {
         }
         cols
     }
-
-    /// Whether the state store must keep the last-sent record of each key
-    /// (soft deletes without a full old row, truncate, reconcile).
-    pub fn needs_last_sent(&self, mode: Mode) -> bool {
-        (self.on_delete == OnDelete::Soft && mode == Mode::Replication)
-            || self.on_truncate == OnTruncate::SoftDelete
-            || self.reconcile.is_some()
-    }
 }
 
 /// Parses a human duration (`500ms`, `30s`, `5m`, `1h 30m`).

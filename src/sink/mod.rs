@@ -27,7 +27,7 @@ pub mod deliver;
 pub mod epoch;
 pub mod policy;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,8 +43,8 @@ use crate::model::validate::{describe, validate, Problem};
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
 use crate::state::{
-    Checkpoint, DeadLetter, KeyState, KeyStatus, ReplicationCheckpoint, StateError, StateKey,
-    StateStore, TypeStats, Write,
+    Checkpoint, DeadLetter, ImagePolicy, KeyState, KeyStatus, ReplicationCheckpoint, StateError,
+    StateKey, StateStore, TypeStats, Write,
 };
 use client::ApiClient;
 use deliver::{deliver_batch, deliver_single, Outgoing, Verdict};
@@ -67,6 +67,9 @@ pub struct Outbound {
     pub cobi_key: Option<String>,
     /// Mapping and validation problems (non-empty: a dead letter).
     pub problems: Vec<Problem>,
+    /// What the state store keeps for a later soft delete, if the mapping
+    /// keeps one ([`crate::state::image`]).
+    pub image: Option<Bytes>,
 }
 
 impl Outbound {
@@ -79,6 +82,7 @@ impl Outbound {
             json: Bytes::from(json),
             cobi_key: record.cobi_key(),
             problems,
+            image: crate::state::image::encode(record),
         }
     }
 }
@@ -141,6 +145,7 @@ pub struct Durable {
 pub struct SinkHandle {
     tx: mpsc::Sender<Vec<SinkItem>>,
     durable: watch::Receiver<Durable>,
+    images: Arc<ImagePolicy>,
 }
 
 impl SinkHandle {
@@ -157,6 +162,12 @@ impl SinkHandle {
         let (tx, rx) = oneshot::channel();
         self.send(vec![SinkItem::Barrier(tx)]).await?;
         rx.await.map_err(|_| SinkClosed)
+    }
+
+    /// Which mappings keep delete images (sources report each table's
+    /// replica identity here).
+    pub fn images(&self) -> &ImagePolicy {
+        &self.images
     }
 
     /// Durable progress, for confirming positions to PostgreSQL.
@@ -176,8 +187,9 @@ pub struct SinkConfig {
     pub linger: Duration,
     /// Requests in flight.
     pub concurrency: usize,
-    /// Mapping ids whose last-sent records are kept (soft deletes).
-    pub keep_last_sent: HashSet<std::sync::Arc<str>>,
+    /// Which mappings keep delete images (the source reports replica
+    /// identities to it).
+    pub images: Arc<ImagePolicy>,
 }
 
 /// Shared by the sink task and the epoch being sent.
@@ -209,6 +221,7 @@ pub fn spawn(
             .flatten(),
     });
     let stats = store.stats().unwrap_or_default();
+    let images = cfg.images.clone();
     let shared = Arc::new(Shared {
         client,
         store,
@@ -219,7 +232,14 @@ pub fn spawn(
         stop,
     });
     let task = tokio::spawn(run(shared, rx, dtx));
-    (SinkHandle { tx, durable: drx }, task)
+    (
+        SinkHandle {
+            tx,
+            durable: drx,
+            images,
+        },
+        task,
+    )
 }
 
 async fn run(
@@ -392,6 +412,7 @@ fn bump_read(shared: &Shared, ty: TypeId) {
 struct Prepared {
     key: StateKey,
     json: Bytes,
+    image: Option<Bytes>,
     fingerprint: u64,
     cobi_key: Option<String>,
     prior: Option<KeyState>,
@@ -553,7 +574,7 @@ async fn send_type(
     entries: Vec<Entry>,
     overlay: Arc<Overlay>,
 ) -> Option<Vec<Write>> {
-    let keep = shared.cfg.keep_last_sent.clone();
+    let keep = shared.cfg.images.clone();
     // Read what the store knows of each key, retrying while it fails.
     let mut entries = entries;
     let mut attempt = 0u32;
@@ -693,7 +714,7 @@ async fn send_type(
         match v.expect("checked") {
             Verdict::Accepted => {
                 sent += 1;
-                let last_sent = keep.contains(&p.key.mapping).then(|| p.json.clone());
+                let delete_image = keep.keeps(&p.key.mapping).then_some(p.image).flatten();
                 if p.prior
                     .as_ref()
                     .is_some_and(|s| s.status == KeyStatus::DeadLettered)
@@ -705,7 +726,7 @@ async fn send_type(
                     KeyState {
                         status: KeyStatus::Accepted,
                         fingerprint: p.fingerprint,
-                        last_sent,
+                        delete_image,
                     },
                 ));
             }
@@ -759,7 +780,7 @@ fn resolve(
     ty: TypeId,
     entries: Vec<Entry>,
     priors: Vec<Option<KeyState>>,
-    keep: &HashSet<std::sync::Arc<str>>,
+    keep: &ImagePolicy,
 ) -> (Vec<Prepared>, Vec<Write>, usize, usize) {
     let t = schema().ty(ty);
     let now = now_rfc3339();
@@ -777,8 +798,8 @@ fn resolve(
                 let from_store = || {
                     prior
                         .as_ref()
-                        .and_then(|p| p.last_sent.as_ref())
-                        .and_then(|j| Record::from_json(ty, j).ok())
+                        .and_then(|p| p.delete_image.as_ref())
+                        .and_then(|i| crate::state::image::decode(ty, i).ok())
                 };
                 match basis.or_else(from_store) {
                     Some(mut r) => {
@@ -794,7 +815,7 @@ fn resolve(
                         {
                             writes.push(Write::RemoveDeadLetter(entry.key.clone()));
                             writes.push(Write::RemoveKey(entry.key.clone()));
-                        } else if prior.is_some() && !keep.contains(&entry.key.mapping) {
+                        } else if prior.is_some() && !keep.keeps(&entry.key.mapping) {
                             debug!(type = %t.name, "delete of a record whose content was not kept; not sent");
                         }
                         continue;
@@ -827,6 +848,7 @@ fn resolve(
         prepared.push(Prepared {
             key: entry.key,
             json: out.json,
+            image: out.image,
             fingerprint: out.fingerprint,
             cobi_key: out.cobi_key,
             prior,
@@ -866,7 +888,7 @@ fn dead_letter_writes(
                 status: KeyStatus::DeadLettered,
                 fingerprint,
                 // Keep what Cobi last accepted, for a later soft delete.
-                last_sent: prior.and_then(|p| p.last_sent),
+                delete_image: prior.and_then(|p| p.delete_image),
             },
         ),
     ]

@@ -1110,22 +1110,22 @@ impl Replicator {
                              to mark them deleted, or re-sync with `cobi-sync snapshot`");
                     }
                     OnTruncate::SoftDelete => {
-                        let store = self.store.clone();
                         let (ty, id) = (t.mapping.ty, t.mapping.id.clone());
-                        let keys = tokio::task::spawn_blocking(move || store.keys_of(ty, &id))
-                            .await
-                            .map_err(|e| SessionError::Transient(e.to_string()))?
-                            .map_err(|e| SessionError::Transient(e.to_string()))?;
-                        let n = keys.len();
-                        warn!(table = %name, records = n, "TRUNCATE on a mapped table: sending soft deletes for every record sent before");
-                        for (sk, st) in keys {
-                            if st.status == KeyStatus::Accepted {
-                                let key = StateKey {
-                                    ty,
-                                    mapping: self.tables[i].mapping.id.clone(),
-                                    source_key: sk,
-                                };
-                                self.push(SinkItem::Delete { key, basis: None }).await?;
+                        warn!(table = %name, "TRUNCATE on a mapped table: sending soft deletes for every record sent before");
+                        let mut keys =
+                            crate::state::stream_keys(self.store.clone(), ty, id.clone());
+                        while let Some(chunk) = keys.recv().await {
+                            let chunk =
+                                chunk.map_err(|e| SessionError::Transient(e.to_string()))?;
+                            for (sk, status) in chunk {
+                                if status == KeyStatus::Accepted {
+                                    let key = StateKey {
+                                        ty,
+                                        mapping: id.clone(),
+                                        source_key: sk,
+                                    };
+                                    self.push(SinkItem::Delete { key, basis: None }).await?;
+                                }
                             }
                         }
                     }
