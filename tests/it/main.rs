@@ -16,5 +16,6 @@ mod poll;
 mod replication;
 mod sink;
 mod snapshot;
+mod state;
 mod tls;
 mod types;

@@ -411,6 +411,11 @@ impl Replicator {
             return Err(SourceError::Config(errors.join("\n")));
         }
         setup::check_tables(client, &tables).await?;
+        for t in &tables {
+            // FULL identity: deletes carry the old row, no image is kept.
+            let full = t.table.as_ref().is_some_and(|i| i.replica_identity == 'f');
+            self.sink.images().identity_resolved(&t.mapping.id, full);
+        }
         let rs = &self.settings.source.replication;
         setup::ensure_publication(client, &rs.publication, &tables).await?;
         let known = replication_checkpoint(self.store.as_ref())
@@ -953,21 +958,7 @@ impl Replicator {
                     if !self.snapshot_allows(table, &key, xid) {
                         continue;
                     }
-                    let basis = if !old_is_key_only {
-                        match &*compiled {
-                            Ok(c) => {
-                                let row: Vec<Value> = old_v
-                                    .iter()
-                                    .map(|v| v.clone().unwrap_or(Value::Null))
-                                    .collect();
-                                let m = c.map_row(&row);
-                                m.problems.is_empty().then_some(m.record)
-                            }
-                            Err(_) => None,
-                        }
-                    } else {
-                        None
-                    };
+                    let basis = delete_basis(&compiled, old_v, old_is_key_only);
                     let sk = source_key(key.iter());
                     self.push(SinkItem::Delete {
                         key: state_key(sk),
@@ -986,9 +977,12 @@ impl Replicator {
                                 && self.snapshot_allows(table, &old_key, xid)
                             {
                                 let sk = source_key(old_key.iter());
+                                // Under REPLICA IDENTITY FULL the old row
+                                // is whole: the delete needs nothing stored.
+                                let basis = delete_basis(&compiled, old_v, old_is_key_only);
                                 self.push(SinkItem::Delete {
                                     key: state_key(sk),
-                                    basis: None,
+                                    basis,
                                 })
                                 .await?;
                             }
@@ -1283,6 +1277,23 @@ impl Replicator {
 }
 
 /// The key values of a stored position, typed like the table's rows.
+/// The record a soft delete re-sends, from a whole old row (`None` when
+/// the old tuple holds the key only or does not map cleanly: the sink then
+/// uses the state store's delete image).
+fn delete_basis(
+    compiled: &Result<CompiledMapping, String>,
+    old: &[Option<Value>],
+    key_only: bool,
+) -> Option<Record> {
+    let c = compiled.as_ref().ok().filter(|_| !key_only)?;
+    let row: Vec<Value> = old
+        .iter()
+        .map(|v| v.clone().unwrap_or(Value::Null))
+        .collect();
+    let m = c.map_row(&row);
+    m.problems.is_empty().then_some(m.record)
+}
+
 fn position_values(t: &SourceTable, p: &Position) -> Vec<Value> {
     t.key
         .iter()
