@@ -1,5 +1,6 @@
 //! Helpers of the end-to-end benchmark (`benches/e2e.rs`).
 
+pub mod partner;
 pub mod proc;
 pub mod purchase;
 pub mod python;
