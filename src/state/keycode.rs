@@ -5,17 +5,22 @@
 //! (36 characters of text) and integers; stored as text they would be most
 //! of a slot. A key code stores each part in its smallest exact form:
 //!
-//! - a canonical lower-case hyphenated UUID → 16 bytes;
-//! - a canonical unsigned integer (`0`, `42`, not `007`) → a LEB128 varint;
-//! - anything else → its length (varint) and UTF-8 bytes.
+//! - a canonical lower-case hyphenated UUID → its 16 bytes;
+//! - a canonical unsigned integer (`0`, `42`, not `007`) → the number of
+//!   its big-endian bytes, then those bytes (`0` is `[0]`);
+//! - anything else → its UTF-8 bytes, each `0x00` written `0x00 0xFF`,
+//!   ended by `0x00`.
 //!
 //! Layout: one header byte, `0`/`1`/`2` for a single part of that kind
 //! followed by its payload, or `3` followed by the number of parts (varint)
 //! and each part as `[kind][payload]`. A key containing `\` (an escaped `|`
 //! or a NULL part) is always one text part, so splitting on `|` is exact.
 //!
-//! The code of a key is a function of the key: two keys are equal exactly
-//! when their codes are, so lookups compare codes without decoding.
+//! The code of a key is a function of the key, and codes sort like their
+//! keys within a kind: UUIDs as PostgreSQL orders them, integers
+//! numerically, text bytewise. So two keys are equal exactly when their
+//! codes are (lookups compare codes without decoding), and a table read in
+//! key order (a snapshot) fills the pages of [`super::ranges`] in order.
 
 const UUID: u8 = 0;
 const INT: u8 = 1;
@@ -91,17 +96,24 @@ pub fn canonical_u64(s: &str) -> Option<u64> {
 
 /// Appends `[kind][payload]` of one part.
 fn put_part(part: &str, out: &mut Vec<u8>) {
-    let at = out.len();
-    out.push(TEXT);
     if let Some(u) = canonical_uuid(part) {
-        out[at] = UUID;
+        out.push(UUID);
         out.extend_from_slice(&u);
     } else if let Some(n) = canonical_u64(part) {
-        out[at] = INT;
-        put_varint(n, out);
+        out.push(INT);
+        let bytes = n.to_be_bytes();
+        let skip = (n.leading_zeros() / 8) as usize;
+        out.push((8 - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
     } else {
-        put_varint(part.len() as u64, out);
-        out.extend_from_slice(part.as_bytes());
+        out.push(TEXT);
+        for &b in part.as_bytes() {
+            out.push(b);
+            if b == 0 {
+                out.push(0xFF);
+            }
+        }
+        out.push(0);
     }
 }
 
@@ -130,11 +142,19 @@ pub fn code(source_key: &str) -> Vec<u8> {
 fn part_len(kind: u8, b: &[u8]) -> Option<usize> {
     match kind {
         UUID => (b.len() >= 16).then_some(16),
-        INT => get_varint(b).map(|(_, n)| n),
+        INT => {
+            let n = usize::from(*b.first()?);
+            (n <= 8 && b.len() > n).then_some(1 + n)
+        }
         TEXT => {
-            let (len, n) = get_varint(b)?;
-            let end = n.checked_add(usize::try_from(len).ok()?)?;
-            (b.len() >= end).then_some(end)
+            let mut i = 0;
+            loop {
+                match *b.get(i)? {
+                    0 if b.get(i + 1) == Some(&0xFF) => i += 2,
+                    0 => return Some(i + 1),
+                    _ => i += 1,
+                }
+            }
         }
         _ => None,
     }
@@ -162,10 +182,24 @@ fn decode_part(kind: u8, b: &[u8], out: &mut String) -> Option<usize> {
             let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
             out.push_str(u.hyphenated().encode_lower(&mut buf));
         }
-        INT => out.push_str(itoa::Buffer::new().format(get_varint(b)?.0)),
+        INT => {
+            let mut be = [0u8; 8];
+            be[8 - (n - 1)..].copy_from_slice(&b[1..n]);
+            let v = u64::from_be_bytes(be);
+            // Only the shortest form is a code (one code per key).
+            if (8 - (v.leading_zeros() / 8) as usize) != n - 1 {
+                return None;
+            }
+            out.push_str(itoa::Buffer::new().format(v));
+        }
         _ => {
-            let (_, h) = get_varint(b)?;
-            out.push_str(std::str::from_utf8(&b[h..n]).ok()?);
+            let mut text = Vec::with_capacity(n - 1);
+            let mut i = 0;
+            while i < n - 1 {
+                text.push(b[i]);
+                i += if b[i] == 0 { 2 } else { 1 };
+            }
+            out.push_str(std::str::from_utf8(&text).ok()?);
         }
     }
     Some(n)
@@ -200,16 +234,17 @@ mod tests {
         for (key, code_len) in [
             ("550e8400-e29b-41d4-a716-446655440000", 17),
             ("0", 2),
-            ("42", 2),
-            ("1000000", 4),
-            ("18446744073709551615", 11),
+            ("42", 3),
+            ("1000000", 5),
+            ("18446744073709551615", 10),
             ("007", 5),
             ("-1", 4),
             ("", 2),
             ("CUST-0001", 11),
+            ("nul\0inside", 13),
             // Upper-case UUIDs are not canonical: kept as text.
             ("550E8400-E29B-41D4-A716-446655440000", 38),
-            ("550e8400-e29b-41d4-a716-446655440000|7", 1 + 1 + 17 + 2),
+            ("550e8400-e29b-41d4-a716-446655440000|7", 1 + 1 + 17 + 3),
             ("a|b", 1 + 1 + 3 + 3),
             ("a\\|b|c", 8),
             ("\\N|1", 6),
@@ -245,7 +280,9 @@ mod tests {
             assert_eq!(decode(&c[..cut]), None, "cut at {cut}");
         }
         assert_eq!(len(&[9, 1, 2]), None);
-        assert_eq!(decode(&[TEXT, 1, 0xff]), None);
+        assert_eq!(decode(&[TEXT, 0xff, 0]), None, "not UTF-8");
+        assert_eq!(decode(&[INT, 2, 0, 7]), None, "not the shortest form");
+        assert_eq!(decode(&[INT, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9]), None);
     }
 
     proptest! {
@@ -261,6 +298,26 @@ mod tests {
                 prop_assert_eq!(back.as_deref(), Some(k));
             }
             prop_assert_eq!(a == b, code(&a) == code(&b));
+        }
+
+        #[test]
+        fn codes_sort_like_their_keys(
+            a in "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+            b in "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+            x in any::<u64>(),
+            y in any::<u64>(),
+            s in "\\PC{0,12}",
+            t in "\\PC{0,12}",
+        ) {
+            prop_assert_eq!(a.cmp(&b), code(&a).cmp(&code(&b)));
+            prop_assert_eq!(x.cmp(&y), code(&x.to_string()).cmp(&code(&y.to_string())));
+            // Text (not UUID- or integer-shaped) sorts bytewise.
+            if canonical_uuid(&s).is_none() && canonical_u64(&s).is_none()
+                && canonical_uuid(&t).is_none() && canonical_u64(&t).is_none()
+                && !s.contains(['|', '\\']) && !t.contains(['|', '\\'])
+            {
+                prop_assert_eq!(s.as_bytes().cmp(t.as_bytes()), code(&s).cmp(&code(&t)));
+            }
         }
     }
 }

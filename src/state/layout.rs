@@ -3,12 +3,12 @@
 //!
 //! A key's form depends on its source key only: a canonical unsigned
 //! integer lives in an integer page ([`super::pages`]), anything else in a
-//! hashed page ([`super::hashed`]). Keys never move between forms, so no
+//! range page ([`super::ranges`]). Keys never move between forms, so no
 //! write order between forms matters for crash safety.
 //!
-//! [`Dirs`] is the in-memory directory of hashed pages: per mapping, the
-//! sorted starts of its pages (8 bytes a page, read once per mapping by a
-//! scan). Readers hold it shared while they look a page up and read it;
+//! [`Dirs`] is the in-memory directory of range pages: per mapping, the
+//! sorted starts of its pages (a key code, ~20 bytes, per page of ~40
+//! keys; read once per mapping by a scan). Readers hold it shared while they look a page up and read it;
 //! a split is published under it exclusively (upper pieces, then the
 //! lower page, then the new starts), so a reader never routes a key to a
 //! page that no longer holds it.
@@ -23,9 +23,9 @@ use std::collections::BTreeSet;
 use rustc_hash::FxHashMap;
 use sled::IVec;
 
-use super::hashed::{self, Change, Hasher};
 use super::keycode;
 use super::pages::{self, Page};
+use super::ranges::{self, Change};
 use super::{decode_fixed, KeyState, KeyStatus, StateError, FIXED_BYTES};
 use crate::model::record::Record;
 use crate::model::schema::schema;
@@ -56,10 +56,10 @@ fn decode_page(v: &[u8]) -> Result<Page, StateError> {
     Page::decode(v).ok_or_else(damaged)
 }
 
-/// The hashed-page starts of each mapping read so far.
+/// The range-page starts of each mapping read so far.
 #[derive(Default)]
 pub struct Dirs {
-    map: FxHashMap<Vec<u8>, BTreeSet<u64>>,
+    map: FxHashMap<Vec<u8>, BTreeSet<Vec<u8>>>,
 }
 
 impl Dirs {
@@ -71,29 +71,36 @@ impl Dirs {
     /// Reads a mapping's page starts from the tree.
     pub fn load(&mut self, tree: &sled::Tree, prefix: &[u8]) -> Result<(), StateError> {
         let mut mark = prefix.to_vec();
-        mark.push(hashed::MARK);
+        mark.push(ranges::MARK);
         let mut starts = BTreeSet::new();
         for item in tree.scan_prefix(&mark) {
             let (k, _) = item.map_err(err("scan"))?;
-            starts.insert(hashed::start_of_key(prefix.len(), &k).ok_or_else(damaged)?);
+            starts.insert(
+                ranges::start_of_key(prefix.len(), &k)
+                    .ok_or_else(damaged)?
+                    .to_vec(),
+            );
         }
         self.map.insert(prefix.to_vec(), starts);
         Ok(())
     }
 
-    /// The page covering hash `h` as `(start, last hash covered)`, if the
-    /// mapping has hashed pages.
-    pub fn page_for(&self, prefix: &[u8], h: u64) -> Option<(u64, u64)> {
+    /// The page whose range holds `code`, as `(start, next page's start)`,
+    /// if the mapping has range pages.
+    pub fn page_for(&self, prefix: &[u8], code: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+        use std::ops::Bound::{Excluded, Unbounded};
         let starts = self.map.get(prefix)?;
-        let start = *starts.range(..=h).next_back()?;
-        let end = h
-            .checked_add(1)
-            .and_then(|n| starts.range(n..).next())
-            .map_or(u64::MAX, |next| next - 1);
-        Some((start, end))
+        let start = starts
+            .range::<[u8], _>((Unbounded, std::ops::Bound::Included(code)))
+            .next_back()?;
+        let next = starts
+            .range::<[u8], _>((Excluded(code), Unbounded))
+            .next()
+            .map(Vec::as_slice);
+        Some((start.as_slice(), next))
     }
 
-    fn add(&mut self, prefix: &[u8], start: u64) {
+    fn add(&mut self, prefix: &[u8], start: Vec<u8>) {
         self.map.entry(prefix.to_vec()).or_default().insert(start);
     }
 
@@ -116,16 +123,16 @@ enum Place {
         slot: u8,
     },
     /// `known`: the page is in the directory (else the mapping has no
-    /// hashed page yet and `start` is 0).
-    Hashed {
+    /// range page yet and `start` is empty).
+    Range {
         key: Vec<u8>,
         code: Vec<u8>,
-        start: u64,
+        start: Vec<u8>,
         known: bool,
     },
 }
 
-fn place(dirs: &Dirs, hash: Hasher, prefix: &[u8], source_key: &str) -> Place {
+fn place(dirs: &Dirs, prefix: &[u8], source_key: &str) -> Place {
     match pages::locate(source_key) {
         Some((page, slot)) => Place::Int {
             key: pages::page_key(prefix, page),
@@ -133,10 +140,10 @@ fn place(dirs: &Dirs, hash: Hasher, prefix: &[u8], source_key: &str) -> Place {
         },
         None => {
             let code = keycode::code(source_key);
-            let page = dirs.page_for(prefix, hash(&code));
-            let start = page.map_or(0, |p| p.0);
-            Place::Hashed {
-                key: hashed::page_key(prefix, start),
+            let page = dirs.page_for(prefix, &code);
+            let start = page.map_or_else(Vec::new, |p| p.0.to_vec());
+            Place::Range {
+                key: ranges::page_key(prefix, &start),
                 code,
                 start,
                 known: page.is_some(),
@@ -149,26 +156,24 @@ fn place(dirs: &Dirs, hash: Hasher, prefix: &[u8], source_key: &str) -> Place {
 pub struct Reader<'a> {
     tree: &'a sled::Tree,
     dirs: &'a Dirs,
-    hash: Hasher,
     ints: FxHashMap<Vec<u8>, Option<Page>>,
-    hashed: FxHashMap<Vec<u8>, Option<IVec>>,
+    ranges: FxHashMap<Vec<u8>, Option<IVec>>,
 }
 
 impl<'a> Reader<'a> {
     /// A reader over `tree` (every prefix read must be loaded in `dirs`).
-    pub fn new(tree: &'a sled::Tree, dirs: &'a Dirs, hash: Hasher) -> Self {
+    pub fn new(tree: &'a sled::Tree, dirs: &'a Dirs) -> Self {
         Reader {
             tree,
             dirs,
-            hash,
             ints: FxHashMap::default(),
-            hashed: FxHashMap::default(),
+            ranges: FxHashMap::default(),
         }
     }
 
     /// The state of `source_key` under a mapping prefix.
     pub fn get(&mut self, prefix: &[u8], source_key: &str) -> Result<Option<KeyState>, StateError> {
-        match place(self.dirs, self.hash, prefix, source_key) {
+        match place(self.dirs, prefix, source_key) {
             Place::Int { key, slot } => {
                 let page = match self.ints.entry(key) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -182,13 +187,13 @@ impl<'a> Reader<'a> {
                 };
                 Ok(page.as_ref().and_then(|p| p.get(slot)))
             }
-            Place::Hashed {
+            Place::Range {
                 key, code, known, ..
             } => {
                 if !known {
                     return Ok(None);
                 }
-                let page = match self.hashed.entry(key) {
+                let page = match self.ranges.entry(key) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(e) => {
                         let v = self.tree.get(e.key()).map_err(err("read"))?;
@@ -197,7 +202,7 @@ impl<'a> Reader<'a> {
                 };
                 match page {
                     None => Ok(None),
-                    Some(p) => Ok(hashed::find(p, &code)
+                    Some(p) => Ok(ranges::find(p, &code)
                         .ok_or_else(damaged)?
                         .map(|s| s.state())),
                 }
@@ -209,24 +214,25 @@ impl<'a> Reader<'a> {
 /// A group of key writes, turned into page writes by [`Writer::write`].
 pub struct Writer<'a> {
     tree: &'a sled::Tree,
-    hash: Hasher,
     ints: FxHashMap<Vec<u8>, (Page, bool)>,
-    /// Page key → (prefix, start, changes).
-    hashed: FxHashMap<Vec<u8>, (Vec<u8>, u64, Vec<Change>)>,
+    /// Page key → the page's changes.
+    ranges: FxHashMap<Vec<u8>, PageChanges>,
 }
+
+/// The writes to one range page: `(mapping prefix, page start, changes)`.
+type PageChanges = (Vec<u8>, Vec<u8>, Vec<Change>);
 
 /// Pages split by a write: `(prefix, pieces)`, the first piece at the old
 /// page's start.
-type Splits = Vec<(Vec<u8>, Vec<(u64, Vec<u8>)>)>;
+type Splits = Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)>;
 
 impl<'a> Writer<'a> {
     /// A writer over `tree`.
-    pub fn new(tree: &'a sled::Tree, hash: Hasher) -> Self {
+    pub fn new(tree: &'a sled::Tree) -> Self {
         Writer {
             tree,
-            hash,
             ints: FxHashMap::default(),
-            hashed: FxHashMap::default(),
+            ranges: FxHashMap::default(),
         }
     }
 
@@ -239,7 +245,7 @@ impl<'a> Writer<'a> {
         source_key: &str,
         state: Option<&KeyState>,
     ) -> Result<(), StateError> {
-        match place(dirs, self.hash, prefix, source_key) {
+        match place(dirs, prefix, source_key) {
             Place::Int { key, slot } => {
                 let page = match self.ints.entry(key) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -259,10 +265,10 @@ impl<'a> Writer<'a> {
                     None => page.1 |= page.0.clear(slot),
                 }
             }
-            Place::Hashed {
+            Place::Range {
                 key, code, start, ..
             } => {
-                self.hashed
+                self.ranges
                     .entry(key)
                     .or_insert_with(|| (prefix.to_vec(), start, Vec::new()))
                     .2
@@ -272,42 +278,38 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
-    /// Writes every changed page: hashed pages that keep their size, then
+    /// Writes every changed page: range pages that keep their size, then
     /// split ones (under `dirs` exclusively, see the module doc), then
-    /// integer pages. An empty integer page is removed; hashed pages never
+    /// integer pages. An empty integer page is removed; range pages never
     /// are.
     pub fn write(self, dirs: &parking_lot::RwLock<Dirs>) -> Result<(), StateError> {
-        let Writer {
-            tree,
-            hash,
-            ints,
-            hashed,
-        } = self;
-        let mut hashed: Vec<_> = hashed.into_iter().collect();
-        hashed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let Writer { tree, ints, ranges } = self;
+        let mut changed: Vec<_> = ranges.into_iter().collect();
+        changed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut splits: Splits = Vec::new();
-        let mut created: Vec<(Vec<u8>, u64)> = Vec::new();
+        let mut created: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         {
             let d = dirs.read();
-            for (key, (prefix, start, changes)) in hashed {
-                let page = d.page_for(&prefix, start).filter(|p| p.0 == start);
+            for (key, (prefix, start, changes)) in changed {
+                let page = d
+                    .page_for(&prefix, &start)
+                    .filter(|p| p.0 == start.as_slice());
                 if page.is_none() {
-                    created.push((prefix.clone(), start));
+                    created.push((prefix.clone(), start.clone()));
                 }
-                let end = page.map_or(u64::MAX, |p| p.1);
+                let end = page.and_then(|p| p.1);
                 let old = tree.get(&key).map_err(err("read"))?;
-                let new = hashed::rebuild(
-                    old.as_deref().unwrap_or(&hashed::empty()),
+                let new = ranges::rebuild(
+                    old.as_deref().unwrap_or(&ranges::empty()),
                     &changes,
-                    start,
+                    &start,
                     end,
-                    hash,
                 )
                 .ok_or_else(damaged)?;
-                if new.len() <= hashed::MAX_BYTES {
+                if new.len() <= ranges::MAX_BYTES {
                     tree.insert(key, new).map_err(err("write"))?;
                 } else {
-                    let pieces = hashed::split(new, start, hash).ok_or_else(damaged)?;
+                    let pieces = ranges::split(new, &start).ok_or_else(damaged)?;
                     splits.push((prefix, pieces));
                 }
             }
@@ -320,14 +322,14 @@ impl<'a> Writer<'a> {
             for (prefix, pieces) in splits {
                 // Upper pieces first, the page at the old start last.
                 for (start, bytes) in pieces.iter().skip(1) {
-                    tree.insert(hashed::page_key(&prefix, *start), bytes.as_slice())
+                    tree.insert(ranges::page_key(&prefix, start), bytes.as_slice())
                         .map_err(err("write"))?;
                 }
                 let (start, bytes) = &pieces[0];
-                tree.insert(hashed::page_key(&prefix, *start), bytes.as_slice())
+                tree.insert(ranges::page_key(&prefix, start), bytes.as_slice())
                     .map_err(err("write"))?;
-                for (start, _) in &pieces {
-                    d.add(&prefix, *start);
+                for (start, _) in pieces {
+                    d.add(&prefix, start);
                 }
             }
         }
@@ -349,40 +351,42 @@ impl<'a> Writer<'a> {
 }
 
 /// Every key of a mapping with its status, page by page (see
-/// [`super::StateStore::scan_keys`]). Hashed pages come first in the
-/// tree; each is read with the start of the next one, and only its slots
-/// in that range count (a leftover of an interrupted split is skipped).
+/// [`super::StateStore::scan_keys`]). Range pages come first in the tree,
+/// in order; each is read with the start of the next one, and only its
+/// slots in that range count (a leftover of an interrupted split is
+/// skipped).
 pub fn scan(
     tree: &sled::Tree,
-    hash: Hasher,
     prefix: &[u8],
     visit: &mut dyn FnMut(String, KeyStatus),
 ) -> Result<(), StateError> {
-    let mut pending: Option<(u64, IVec)> = None;
-    let flush = |p: Option<(u64, IVec)>, end: u64, visit: &mut dyn FnMut(String, KeyStatus)| {
-        if let Some((start, bytes)) = p {
-            for s in hashed::slots(&bytes).ok_or_else(damaged)? {
-                let h = hash(s.code);
-                if h >= start && h <= end {
-                    visit(keycode::decode(s.code).ok_or_else(damaged)?, s.status);
+    let mut pending: Option<(IVec, IVec)> = None;
+    let flush =
+        |p: Option<(IVec, IVec)>, end: Option<&[u8]>, visit: &mut dyn FnMut(String, KeyStatus)| {
+            if let Some((key, bytes)) = p {
+                let start = ranges::start_of_key(prefix.len(), &key).ok_or_else(damaged)?;
+                for s in ranges::slots(&bytes).ok_or_else(damaged)? {
+                    if ranges::in_range(s.code, start, end) {
+                        visit(keycode::decode(s.code).ok_or_else(damaged)?, s.status);
+                    }
                 }
             }
-        }
-        Ok::<(), StateError>(())
-    };
+            Ok::<(), StateError>(())
+        };
     for item in tree.scan_prefix(prefix) {
         let (k, v) = item.map_err(err("scan"))?;
-        if let Some(start) = hashed::start_of_key(prefix.len(), &k) {
-            let prev = pending.replace((start, v));
-            flush(prev, start.saturating_sub(1), visit)?;
+        if let Some(start) = ranges::start_of_key(prefix.len(), &k) {
+            let start = start.to_vec();
+            let prev = pending.replace((k, v));
+            flush(prev, Some(&start), visit)?;
         } else if let Some(page) = pages::page_of_key(prefix.len(), &k) {
-            flush(pending.take(), u64::MAX, visit)?;
+            flush(pending.take(), None, visit)?;
             for (slot, status) in decode_page(&v)?.statuses() {
                 visit(pages::source_key(page, slot), status);
             }
         }
     }
-    flush(pending.take(), u64::MAX, visit)
+    flush(pending.take(), None, visit)
 }
 
 /// The marker of the current layout in the `meta` tree.
@@ -402,7 +406,6 @@ pub fn migrate(
     tree: &sled::Tree,
     meta: &sled::Tree,
     dirs: &parking_lot::RwLock<Dirs>,
-    hash: Hasher,
 ) -> Result<usize, StateError> {
     if meta.get(LAYOUT_KEY).map_err(err("read"))?.is_some() {
         return Ok(0);
@@ -420,8 +423,11 @@ pub fn migrate(
         let mut group: Vec<(IVec, IVec)> = Vec::new();
         for item in range {
             let (k, v) = item.map_err(err("scan"))?;
-            let is_page = matches!(k.get(PREFIX), Some(&hashed::MARK) | Some(&pages::PAGE_MARK))
-                && k.len() == PREFIX + 9;
+            let is_page = match k.get(PREFIX) {
+                Some(&ranges::MARK) => true,
+                Some(&pages::PAGE_MARK) => k.len() == PREFIX + 9,
+                _ => false,
+            };
             if !is_page {
                 group.push((k, v));
                 if group.len() == MIGRATE_GROUP {
@@ -432,7 +438,7 @@ pub fn migrate(
         let Some(last) = group.last().map(|(k, _)| k.clone()) else {
             break;
         };
-        let mut w = Writer::new(tree, hash);
+        let mut w = Writer::new(tree);
         for (k, v) in &group {
             let (Some(prefix), Some(sk)) = (k.get(..PREFIX), super::StateKey::source_key_of(k))
             else {

@@ -9,7 +9,7 @@
 //!   status and fingerprint of the last version accepted (or
 //!   dead-lettered), and a compact delete image ([`image`]) where soft
 //!   deletes need one. The sled store keeps them in pages of neighbouring
-//!   keys, whatever the key's type ([`pages`] for integers, [`hashed`] for
+//!   keys, whatever the key's type ([`pages`] for integers, [`ranges`] for
 //!   the rest);
 //! - dead letters ([`DeadLetter`]) under the same key;
 //! - checkpoints ([`Checkpoint`]): the replication position with per-table
@@ -25,12 +25,12 @@
 //! [`StateStore::scan_keys`] (statuses only) or, from async code,
 //! [`stream_keys`].
 
-mod hashed;
 pub mod image;
 mod keycode;
 mod layout;
 mod memory;
 mod pages;
+mod ranges;
 mod sled_store;
 
 use std::collections::BTreeMap;

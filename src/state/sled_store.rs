@@ -7,7 +7,7 @@
 //! written last (see [`StateStore::apply`] below).
 //!
 //! Memory: sled's page cache is bounded ([`CACHE_BYTES`]); key states are
-//! ~26 bytes each for UUID keys and ~10 for integers, so the cache holds
+//! ~27 bytes each for UUID keys and ~9 for integers, so the cache holds
 //! the pages of a million UUID-keyed records. Beyond that, pages are read
 //! from the log (the OS page cache) as needed and RSS stays flat.
 
@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::hashed::{self, Hasher};
 use super::layout::{self, err, Dirs, Reader, Writer};
 use super::{
     Checkpoint, DeadLetter, KeyState, KeyStatus, StateError, StateKey, StateStore, TypeStats, Write,
@@ -53,9 +52,8 @@ pub struct SledStore {
     /// Serialises [`StateStore::apply`] (pages are read, changed and
     /// written back, so two applies must not interleave).
     apply_lock: Mutex<()>,
-    /// Hashed-page directories (see [`super::layout`]).
+    /// Range-page directories (see [`super::layout`]).
     dirs: parking_lot::RwLock<Dirs>,
-    hash: Hasher,
 }
 
 impl SledStore {
@@ -64,19 +62,9 @@ impl SledStore {
     /// or ask it through its HTTP endpoint. A store of the first layout is
     /// converted on the way.
     pub fn open(dir: &Path) -> Result<SledStore, StateError> {
-        Self::open_with(dir, hashed::xxh3)
-    }
-
-    /// [`SledStore::open`] with another page hasher (tests of collisions).
-    #[cfg(test)]
-    pub(crate) fn open_with_hasher(dir: &Path, hash: Hasher) -> Result<SledStore, StateError> {
-        Self::open_with(dir, hash)
-    }
-
-    fn open_with(dir: &Path, hash: Hasher) -> Result<SledStore, StateError> {
         let trees = Self::open_trees(dir)?;
         let dirs = parking_lot::RwLock::new(Dirs::default());
-        let converted = layout::migrate(&trees.keys, &trees.meta, &dirs, hash)?;
+        let converted = layout::migrate(&trees.keys, &trees.meta, &dirs)?;
         if converted > 0 {
             tracing::info!(entries = converted, dir = %dir.display(), "state store converted to key pages");
         }
@@ -85,7 +73,6 @@ impl SledStore {
             trees: RwLock::new(Some(Arc::new(trees))),
             apply_lock: Mutex::new(()),
             dirs,
-            hash,
         })
     }
 
@@ -190,9 +177,9 @@ impl SledStore {
             .expect("remove");
     }
 
-    /// Hashed pages of a mapping, for tests.
+    /// Range pages of a mapping, for tests.
     #[cfg(test)]
-    pub(crate) fn hashed_pages(&self, ty: TypeId, mapping: &str) -> usize {
+    pub(crate) fn range_pages(&self, ty: TypeId, mapping: &str) -> usize {
         let prefix = StateKey::mapping_prefix(ty, mapping);
         let tree = self.t().expect("open").keys.clone();
         self.load_dirs(&tree, std::iter::once(prefix.as_slice()))
@@ -247,7 +234,7 @@ impl StateStore for SledStore {
         let prefixes = prefixes_of(keys.iter().copied());
         self.load_dirs(&tr.keys, prefixes.iter().map(|p| p.0.as_slice()))?;
         let dirs = self.dirs.read();
-        let mut reader = Reader::new(&tr.keys, &dirs, self.hash);
+        let mut reader = Reader::new(&tr.keys, &dirs);
         keys.iter()
             .map(|k| reader.get(prefix_of(&prefixes, k), &k.source_key))
             .collect()
@@ -260,12 +247,7 @@ impl StateStore for SledStore {
         visit: &mut dyn FnMut(String, KeyStatus),
     ) -> Result<(), StateError> {
         let tr = self.t()?;
-        layout::scan(
-            &tr.keys,
-            self.hash,
-            &StateKey::mapping_prefix(ty, mapping),
-            visit,
-        )
+        layout::scan(&tr.keys, &StateKey::mapping_prefix(ty, mapping), visit)
     }
 
     fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
@@ -394,7 +376,7 @@ impl SledStore {
         // one 20 000-record epoch, against ~10 MiB for plain inserts.)
         // Key pages are written after the dead letters and before the
         // checkpoints.
-        let mut writer = Writer::new(&tr.keys, self.hash);
+        let mut writer = Writer::new(&tr.keys);
         let mut checkpoints = Vec::new();
         {
             let dirs = self.dirs.read();

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use super::*;
-use super::{hashed, keycode};
+use super::{keycode, ranges};
 use crate::mapping::value::oid;
 
 fn key(ty: &str, sk: &str) -> StateKey {
@@ -419,25 +419,61 @@ fn sled_store_key_forms_and_reopen() {
 }
 
 #[test]
-fn colliding_hashes_lose_nothing() {
-    // Every key code hashes to the same value (one page that cannot be
-    // split), then to one of two values: keys are told apart by their
-    // codes, and splits cut only between different hashes.
-    let same: hashed::Hasher = |_| 0x5555;
-    let two: hashed::Hasher = |c| u64::from(c[c.len() - 1] & 1) << 40;
-    for (name, h) in [("same", same), ("two", two)] {
-        let dir = tempfile::tempdir().unwrap();
-        let before = {
-            let s = SledStore::open_with_hasher(dir.path(), h).unwrap();
-            key_forms_contract(&s);
-            s.flush().unwrap();
-            sorted_states(&s)
-        };
-        let s = SledStore::open_with_hasher(dir.path(), h).unwrap();
-        assert_eq!(sorted_states(&s), before, "{name}");
-        let k = key("transactions", "1");
-        let pages = s.hashed_pages(k.ty, &k.mapping);
-        assert_eq!(pages, if name == "same" { 1 } else { 2 }, "{name}");
+fn keys_with_long_common_prefixes_lose_nothing() {
+    // Synthetic UUIDs (twelve zero bytes, then a counter) and text keys
+    // that differ only at their end: pages still split between keys.
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    let keys: Vec<StateKey> = (0..3000u64)
+        .flat_map(|n| {
+            [
+                key("transactions", &format!("00000000-0000-0000-0000-{n:012x}")),
+                key(
+                    "transactions",
+                    &format!("CUSTOMER-ACCOUNT-REFERENCE-{n:08}"),
+                ),
+            ]
+        })
+        .collect();
+    for chunk in keys.chunks(1000) {
+        let writes: Vec<Write> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Write::Key(k.clone(), accepted(i as u64, None)))
+            .collect();
+        s.apply(&writes).unwrap();
+    }
+    let refs: Vec<&StateKey> = keys.iter().collect();
+    let got = s.get_keys(&refs).unwrap();
+    assert!(got.iter().all(Option::is_some));
+    let k = &keys[0];
+    assert!(s.range_pages(k.ty, &k.mapping) > 100);
+    assert_eq!(s.keys_of(k.ty, &k.mapping).unwrap().len(), 6000);
+}
+
+#[test]
+fn a_snapshot_in_key_order_appends_pages() {
+    // Sorted UUID keys (a table read in key order) fill pages in order:
+    // each epoch writes about as many pages as its keys fill, and a
+    // lookup of the next epoch's (new) keys reads one page.
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    let mut all: Vec<String> = (0..20_000u64).map(uuid_key).collect();
+    all.sort();
+    for chunk in all.chunks(5000) {
+        let before = s.entries_in_keys_tree().unwrap();
+        let writes: Vec<Write> = chunk
+            .iter()
+            .map(|u| Write::Key(key("transactions", u), accepted(1, None)))
+            .collect();
+        s.apply(&writes).unwrap();
+        let added = s.entries_in_keys_tree().unwrap() - before;
+        // ~27 bytes a key, pages of ~TARGET_BYTES.
+        let fill = 5000 * 27 / ranges::TARGET_BYTES;
+        assert!(
+            (fill - 5..=fill + 5).contains(&added),
+            "{added} pages for {fill}"
+        );
     }
 }
 
@@ -479,12 +515,12 @@ fn sled_store_pages_uuid_keys_and_splits_them_as_they_grow() {
         }
         let entries = s.entries_in_keys_tree().unwrap();
         assert!(
-            (20_000 * 26 / hashed::MAX_BYTES..=20_000 * 26 * 2 / (hashed::TARGET_BYTES / 2))
+            (20_000 * 27 / ranges::MAX_BYTES..=20_000 * 27 / (ranges::TARGET_BYTES / 2))
                 .contains(&entries),
             "{entries} pages"
         );
         for (pk, v) in s.keys_tree().iter().map(Result::unwrap) {
-            assert!(v.len() <= hashed::MAX_BYTES, "{pk:?}: {} bytes", v.len());
+            assert!(v.len() <= ranges::MAX_BYTES, "{pk:?}: {} bytes", v.len());
         }
         s.flush().unwrap();
     }
@@ -555,7 +591,7 @@ fn concurrent_applies_to_one_page_lose_nothing() {
         .iter()
         .filter(|(sk, _)| sk.len() < 4)
         .all(|(_, st)| st.fingerprint == 49));
-    assert!(s.hashed_pages(k.ty, &k.mapping) > 1);
+    assert!(s.range_pages(k.ty, &k.mapping) > 1);
 }
 
 #[test]
@@ -564,43 +600,42 @@ fn after_a_crash_mid_split_the_new_pages_win_and_damage_is_named() {
     let s = SledStore::open(dir.path()).unwrap();
     let k = |n: u64| key("transactions", &uuid_key(n));
     let prefix = StateKey::mapping_prefix(k(0).ty, &k(0).mapping);
-    // One hashed page at 0 holding 20 keys (fingerprint 1).
+    // One range page (start: empty) holding 20 keys (fingerprint 1).
     s.apply(
         &(0..20)
             .map(|n| Write::Key(k(n), accepted(1, None)))
             .collect::<Vec<_>>(),
     )
     .unwrap();
-    assert_eq!(s.hashed_pages(k(0).ty, &k(0).mapping), 1);
+    assert_eq!(s.range_pages(k(0).ty, &k(0).mapping), 1);
     let whole = s
         .keys_tree()
-        .get(hashed::page_key(&prefix, 0))
+        .get(ranges::page_key(&prefix, &[]))
         .unwrap()
         .unwrap();
-    // A split cut it at the median hash and wrote the upper piece (with
+    // A split cut it at the median code and wrote the upper piece (with
     // newer states: fingerprint 2) — then the process died before the
-    // lower page was rewritten: the old whole page is still at 0.
-    let mut hashes: Vec<(u64, u64)> = (0..20)
-        .map(|n| (hashed::xxh3(&keycode::code(&uuid_key(n))), n))
-        .collect();
-    hashes.sort();
-    let cut = hashes[10].0;
-    let upper: Vec<hashed::Change> = hashes[10..]
+    // lower page was rewritten: the old whole page is still at the start.
+    let mut codes: Vec<(Vec<u8>, u64)> =
+        (0..20).map(|n| (keycode::code(&uuid_key(n)), n)).collect();
+    codes.sort();
+    let cut = codes[10].0.clone();
+    let upper: Vec<ranges::Change> = codes[10..]
         .iter()
-        .map(|&(_, n)| (keycode::code(&uuid_key(n)), Some(accepted(2, None))))
+        .map(|(c, _)| (c.clone(), Some(accepted(2, None))))
         .collect();
-    let piece = hashed::rebuild(&hashed::empty(), &upper, cut, u64::MAX, hashed::xxh3).unwrap();
+    let piece = ranges::rebuild(&ranges::empty(), &upper, &cut, None).unwrap();
     s.keys_tree()
-        .insert(hashed::page_key(&prefix, cut), piece)
+        .insert(ranges::page_key(&prefix, &cut), piece)
         .unwrap();
     s.keys_tree()
-        .insert(hashed::page_key(&prefix, 0), whole)
+        .insert(ranges::page_key(&prefix, &[]), whole)
         .unwrap();
     s.flush().unwrap();
     drop(s);
     let s = SledStore::open(dir.path()).unwrap();
     let want = |n: u64| {
-        if hashes[10..].iter().any(|h| h.1 == n) {
+        if codes[10..].iter().any(|c| c.1 == n) {
             2
         } else {
             1
@@ -620,20 +655,20 @@ fn after_a_crash_mid_split_the_new_pages_win_and_damage_is_named() {
         "the old page's copies are not listed twice"
     );
     // The next write to the lower page drops the leftovers.
-    s.apply(&[Write::Key(k(hashes[0].1), accepted(3, None))])
+    s.apply(&[Write::Key(k(codes[0].1), accepted(3, None))])
         .unwrap();
     let lower = s
         .keys_tree()
-        .get(hashed::page_key(&prefix, 0))
+        .get(ranges::page_key(&prefix, &[]))
         .unwrap()
         .unwrap();
-    assert_eq!(hashed::slots(&lower).unwrap().len(), 10);
+    assert_eq!(ranges::slots(&lower).unwrap().len(), 10);
 
     // A damaged page is an error that says what to do, never "no state".
     s.keys_tree()
-        .insert(hashed::page_key(&prefix, cut), &b"\x01garbage"[..])
+        .insert(ranges::page_key(&prefix, &cut), &b"\x01garbage"[..])
         .unwrap();
-    let e = s.get_key(&k(hashes[15].1)).unwrap_err().to_string();
+    let e = s.get_key(&k(codes[15].1)).unwrap_err().to_string();
     assert!(
         e.contains("damaged") && e.contains("cobi-sync snapshot"),
         "{e}"
@@ -641,7 +676,7 @@ fn after_a_crash_mid_split_the_new_pages_win_and_damage_is_named() {
     let e = s.keys_of(k(0).ty, &k(0).mapping).unwrap_err().to_string();
     assert!(e.contains("damaged"), "{e}");
     let e = s
-        .apply(&[Write::Key(k(hashes[15].1), accepted(4, None))])
+        .apply(&[Write::Key(k(codes[15].1), accepted(4, None))])
         .unwrap_err()
         .to_string();
     assert!(e.contains("damaged"), "{e}");
@@ -707,7 +742,7 @@ fn a_store_of_the_first_layout_is_converted_once() {
     assert!(st70.delete_image.is_some());
     // No entry of the first layout is left: only pages.
     for (k, _) in s.keys_tree().iter().map(Result::unwrap) {
-        assert_eq!(k.len(), 18, "{k:?}");
+        assert!(matches!(k[9], 0xFE | 0xFF), "{k:?}");
     }
     assert_eq!(sorted_states(&s).len(), 3);
 }

@@ -1,17 +1,19 @@
-//! Hashed pages: how [`super::SledStore`] keeps the states of keys that
-//! are not integers (UUIDs, text, composite keys).
+//! Range pages: how [`super::SledStore`] keeps the states of keys that are
+//! not integers (UUIDs, text, composite keys).
 //!
 //! A UUID-keyed table gets the same treatment as an integer-keyed one: a
-//! few hundred bytes to a few KiB of neighbouring states per sled entry,
-//! not one entry per record. Neighbours are by hash: a key's place is the
-//! xxh3 hash of its [`super::keycode`] code, and a mapping's hash space
-//! `0..=u64::MAX` is cut into ranges, one page each. A page's sled key is
-//! `[type][mapping hash][0xFE][start, 8 bytes big-endian]`; it covers the
-//! hashes from its start up to the next page's start. A mapping starts
-//! with one page at 0; a page whose bytes pass [`MAX_BYTES`] after a write
-//! is cut into pieces of about [`TARGET_BYTES`] at hash boundaries
-//! ([`split`]), so pages stay small whatever the table's size. Keys whose
-//! hashes collide always share a page (and are told apart by their codes).
+//! KiB or two of neighbouring states per sled entry, not one entry per
+//! record. Neighbours are by key: a mapping's keys are ordered by their
+//! [`super::keycode`] codes (UUIDs in PostgreSQL's order, integers
+//! numerically, text bytewise) and cut into ranges, one page each. A
+//! page's sled key is `[type][mapping hash][0xFE][start code]`; it holds
+//! the keys from its start up to the next page's start. A mapping starts
+//! with one page whose start is empty (before every code); a page whose
+//! bytes pass [`MAX_BYTES`] after a write is cut into pieces of about
+//! [`TARGET_BYTES`] ([`split`]), so pages stay small whatever the table's
+//! size. A snapshot reads a table in key order, so it appends to the last
+//! page and its splits, like integer pages; random keys (a UUID insert
+//! burst) touch one page each.
 //!
 //! Encoding: `[1]` then slots, each `[key code][status][fingerprint: u64
 //! BE][varint image length + 1, or 0][image]`, in no particular order.
@@ -19,17 +21,19 @@
 //! Crash safety. A split writes the new upper pieces first and rewrites
 //! the lower page last. A crash between leaves the old page whole next to
 //! the new pieces: the copies it still holds of keys above its range are
-//! never consulted (a key is looked up in the page covering its hash) and
-//! are dropped by the next rewrite ([`rebuild`] keeps only slots in the
-//! page's range) and skipped by scans. Pages are never removed, so such a
-//! leftover can never come back into range.
+//! never consulted (a key is looked up in the page whose range holds it)
+//! and are dropped by the next rewrite ([`rebuild`] keeps only slots in
+//! the page's range) and skipped by scans. Pages are never removed, so
+//! such a leftover can never come back into range.
+
+use std::cmp::Ordering;
 
 use rustc_hash::FxHashMap;
 
 use super::keycode::{self, get_varint, put_varint};
 use super::{decode_fixed, encode_fixed, KeyState, KeyStatus, FIXED_BYTES};
 
-/// Marks a hashed page key after the mapping prefix (never in UTF-8, and
+/// Marks a range page key after the mapping prefix (never in UTF-8, and
 /// below [`super::pages::PAGE_MARK`]).
 pub const MARK: u8 = 0xFE;
 
@@ -42,30 +46,19 @@ pub const MAX_BYTES: usize = 2048;
 /// Pieces of a split page are about this large.
 pub const TARGET_BYTES: usize = MAX_BYTES / 2;
 
-/// The hash that places a key code (xxh3; tests substitute colliding ones).
-pub type Hasher = fn(&[u8]) -> u64;
-
-/// The product's hasher.
-pub fn xxh3(code: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(code)
-}
-
 /// The page key of the page starting at `start` under a mapping prefix.
-pub fn page_key(prefix: &[u8], start: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(prefix.len() + 9);
+pub fn page_key(prefix: &[u8], start: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 1 + start.len());
     k.extend_from_slice(prefix);
     k.push(MARK);
-    k.extend_from_slice(&start.to_be_bytes());
+    k.extend_from_slice(start);
     k
 }
 
-/// The start of a hashed page key (`None` if it is not one).
-pub fn start_of_key(prefix_len: usize, key: &[u8]) -> Option<u64> {
+/// The start of a range page key (`None` if it is not one).
+pub fn start_of_key(prefix_len: usize, key: &[u8]) -> Option<&[u8]> {
     let rest = key.get(prefix_len..)?;
-    if rest.len() != 9 || rest[0] != MARK {
-        return None;
-    }
-    Some(u64::from_be_bytes(rest[1..].try_into().ok()?))
+    (rest.first() == Some(&MARK)).then(|| &rest[1..])
 }
 
 /// An empty page.
@@ -169,10 +162,15 @@ pub fn put_slot(code: &[u8], state: &KeyState, out: &mut Vec<u8>) {
 /// One write to a page: a key code and its new state (`None`: removed).
 pub type Change = (Vec<u8>, Option<KeyState>);
 
-/// The page after `changes` (later changes of a key win): the old slots
-/// whose hash is in `lo..=hi` and whose key is not changed, then the
-/// changed keys that are present. `None` if `old` is not a page.
-pub fn rebuild(old: &[u8], changes: &[Change], lo: u64, hi: u64, hash: Hasher) -> Option<Vec<u8>> {
+/// Whether `code` is in the range `[lo, hi)` (`hi = None`: unbounded).
+pub fn in_range(code: &[u8], lo: &[u8], hi: Option<&[u8]>) -> bool {
+    code >= lo && hi.is_none_or(|hi| code < hi)
+}
+
+/// The page after `changes` (later changes of a key win): the old slots in
+/// `[lo, hi)` whose key is not changed, then the changed keys that are
+/// present. `None` if `old` is not a page.
+pub fn rebuild(old: &[u8], changes: &[Change], lo: &[u8], hi: Option<&[u8]>) -> Option<Vec<u8>> {
     let mut last: FxHashMap<&[u8], usize> =
         FxHashMap::with_capacity_and_hasher(changes.len(), Default::default());
     for (i, (code, _)) in changes.iter().enumerate() {
@@ -195,12 +193,8 @@ pub fn rebuild(old: &[u8], changes: &[Change], lo: u64, hi: u64, hash: Hasher) -
     while !rest.is_empty() {
         let s = slot_at(rest)?;
         rest = &rest[s.bytes.len()..];
-        if last.contains_key(s.code) {
-            continue;
-        }
-        let h = hash(s.code);
-        if h < lo || h > hi {
-            continue; // a leftover of an interrupted split
+        if last.contains_key(s.code) || !in_range(s.code, lo, hi) {
+            continue; // replaced, or a leftover of an interrupted split
         }
         out.extend_from_slice(s.bytes);
     }
@@ -214,29 +208,28 @@ pub fn rebuild(old: &[u8], changes: &[Change], lo: u64, hi: u64, hash: Hasher) -
     Some(out)
 }
 
-/// Cuts a page starting at `start` into pieces of about [`TARGET_BYTES`]
-/// (never between two slots of one hash): `(start, bytes)` in order, the
-/// first piece starting at `start`. A page at most [`MAX_BYTES`] is
-/// returned whole.
-pub fn split(page: Vec<u8>, start: u64, hash: Hasher) -> Option<Vec<(u64, Vec<u8>)>> {
+/// Cuts a page starting at `start` into pieces of about [`TARGET_BYTES`]:
+/// `(start, bytes)` in order, the first piece starting at `start`, each
+/// other at its lowest code. A page at most [`MAX_BYTES`] is returned
+/// whole.
+pub fn split(page: Vec<u8>, start: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     if page.len() <= MAX_BYTES {
-        return Some(vec![(start, page)]);
+        return Some(vec![(start.to_vec(), page)]);
     }
-    let mut hashed: Vec<(u64, &[u8])> = slots(&page)?
-        .into_iter()
-        .map(|s| (hash(s.code), s.bytes))
-        .collect();
-    hashed.sort_by_key(|(h, _)| *h);
-    let mut pieces: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut sorted = slots(&page)?;
+    sorted.sort_by(|a, b| a.code.cmp(b.code));
+    let mut pieces: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     let mut cur: Vec<u8> = Vec::with_capacity(TARGET_BYTES + 64);
     cur.push(VERSION);
-    let mut cur_start = start;
-    for (i, (h, bytes)) in hashed.iter().enumerate() {
-        if cur.len() >= TARGET_BYTES && i > 0 && hashed[i - 1].0 != *h {
-            pieces.push((cur_start, std::mem::replace(&mut cur, vec![VERSION])));
-            cur_start = *h;
+    let mut cur_start = start.to_vec();
+    for s in &sorted {
+        if cur.len() >= TARGET_BYTES && s.code.cmp(&cur_start) == Ordering::Greater {
+            pieces.push((
+                std::mem::replace(&mut cur_start, s.code.to_vec()),
+                std::mem::replace(&mut cur, vec![VERSION]),
+            ));
         }
-        cur.extend_from_slice(bytes);
+        cur.extend_from_slice(s.bytes);
     }
     pieces.push((cur_start, cur));
     Some(pieces)
@@ -255,14 +248,20 @@ mod tests {
     }
 
     fn code(n: u64) -> Vec<u8> {
-        keycode::code(&uuid::Uuid::from_u64_pair(n, n).to_string())
+        keycode::code(
+            &uuid::Uuid::from_u64_pair(n.wrapping_mul(0x9e37_79b9_7f4a_7c15), n).to_string(),
+        )
     }
 
     #[test]
     fn page_keys_sort_between_first_layout_entries_and_integer_pages() {
         let prefix = [3u8, 1, 2, 3, 4, 5, 6, 7, 8];
-        let k = page_key(&prefix, 77);
-        assert_eq!(start_of_key(prefix.len(), &k), Some(77));
+        let k = page_key(&prefix, &code(77));
+        assert_eq!(start_of_key(prefix.len(), &k), Some(code(77).as_slice()));
+        assert_eq!(
+            start_of_key(prefix.len(), &page_key(&prefix, &[])),
+            Some(&[][..])
+        );
         assert_eq!(
             start_of_key(prefix.len(), &super::super::pages::page_key(&prefix, 77)),
             None
@@ -270,8 +269,11 @@ mod tests {
         assert!(k < super::super::pages::page_key(&prefix, 0));
         let mut per_key = prefix.to_vec();
         per_key.extend_from_slice("zzzz".as_bytes());
-        assert!(k > per_key);
-        assert!(page_key(&prefix, 1) < page_key(&prefix, 256));
+        assert!(page_key(&prefix, &[]) > per_key);
+        assert_eq!(
+            page_key(&prefix, &code(1)).cmp(&page_key(&prefix, &code(2))),
+            code(1).cmp(&code(2))
+        );
     }
 
     #[test]
@@ -281,7 +283,7 @@ mod tests {
             (code(2), Some(st(2, Some(b"img")))),
             (code(3), Some(st(3, None))),
         ];
-        let p = rebuild(&empty(), &changes, 0, u64::MAX, xxh3).unwrap();
+        let p = rebuild(&empty(), &changes, &[], None).unwrap();
         assert_eq!(
             find(&p, &code(2)).unwrap().unwrap().state(),
             st(2, Some(b"img"))
@@ -295,9 +297,8 @@ mod tests {
                 (code(4), Some(st(4, None))),
                 (code(4), Some(st(40, None))),
             ],
-            0,
-            u64::MAX,
-            xxh3,
+            &[],
+            None,
         )
         .unwrap();
         let got: Vec<(Vec<u8>, KeyState)> = slots(&p)
@@ -318,34 +319,35 @@ mod tests {
     #[test]
     fn a_rewrite_drops_slots_outside_the_range() {
         let changes: Vec<Change> = (0..20).map(|n| (code(n), Some(st(n, None)))).collect();
-        let p = rebuild(&empty(), &changes, 0, u64::MAX, xxh3).unwrap();
-        let mid = 1u64 << 63;
-        let low = rebuild(&p, &[], 0, mid - 1, xxh3).unwrap();
-        let high = rebuild(&p, &[], mid, u64::MAX, xxh3).unwrap();
+        let p = rebuild(&empty(), &changes, &[], None).unwrap();
+        let mut codes: Vec<Vec<u8>> = (0..20).map(code).collect();
+        codes.sort();
+        let mid = codes[10].clone();
+        let low = rebuild(&p, &[], &[], Some(&mid)).unwrap();
+        let high = rebuild(&p, &[], &mid, None).unwrap();
         let n = |p: &[u8]| slots(p).unwrap().len();
-        assert_eq!(n(&low) + n(&high), 20);
-        assert!(slots(&low).unwrap().iter().all(|s| xxh3(s.code) < mid));
+        assert_eq!((n(&low), n(&high)), (10, 10));
+        assert!(slots(&low).unwrap().iter().all(|s| s.code < mid.as_slice()));
     }
 
     #[test]
-    fn oversized_pages_split_at_hash_boundaries() {
+    fn oversized_pages_split_into_ordered_ranges() {
         let changes: Vec<Change> = (0..400).map(|n| (code(n), Some(st(n, None)))).collect();
-        let p = rebuild(&empty(), &changes, 0, u64::MAX, xxh3).unwrap();
+        let p = rebuild(&empty(), &changes, &[], None).unwrap();
         assert!(p.len() > 4 * MAX_BYTES);
-        let pieces = split(p, 0, xxh3).unwrap();
-        assert!(pieces.len() >= 4, "{}", pieces.len());
-        assert_eq!(pieces[0].0, 0);
+        let pieces = split(p, &[]).unwrap();
+        assert!(pieces.len() >= 8, "{}", pieces.len());
+        assert!(pieces[0].0.is_empty());
         let mut total = 0;
         for (i, (start, bytes)) in pieces.iter().enumerate() {
-            let end = pieces.get(i + 1).map_or(u64::MAX, |p| p.0 - 1);
+            let end = pieces.get(i + 1).map(|p| p.0.as_slice());
             assert!(
                 bytes.len() <= TARGET_BYTES + 64,
                 "piece {i}: {}",
                 bytes.len()
             );
             for s in slots(bytes).unwrap() {
-                let h = xxh3(s.code);
-                assert!(h >= *start && h <= end, "piece {i}");
+                assert!(in_range(s.code, start, end), "piece {i}");
                 total += 1;
             }
         }
@@ -353,40 +355,36 @@ mod tests {
     }
 
     #[test]
-    fn colliding_hashes_stay_in_one_page() {
-        // Every key hashes to 7: the page cannot be cut, it grows instead.
-        let same: Hasher = |_| 7;
-        let changes: Vec<Change> = (0..300).map(|n| (code(n), Some(st(n, None)))).collect();
-        let p = rebuild(&empty(), &changes, 0, u64::MAX, same).unwrap();
-        let pieces = split(p, 0, same).unwrap();
-        assert_eq!(pieces.len(), 1);
-        assert_eq!(slots(&pieces[0].1).unwrap().len(), 300);
-        for n in [0, 150, 299] {
-            assert_eq!(
-                find(&pieces[0].1, &code(n)).unwrap().unwrap().fingerprint,
-                n
-            );
+    fn keys_with_long_common_prefixes_split_like_any_others() {
+        // Synthetic UUIDs with twelve leading zero bytes, and long text
+        // keys that differ only at the end.
+        for key in [
+            |n: u64| format!("00000000-0000-0000-0000-{n:012x}"),
+            |n: u64| format!("CUSTOMER-ACCOUNT-REFERENCE-{n:08}"),
+        ] {
+            let changes: Vec<Change> = (0..300)
+                .map(|n| (keycode::code(&key(n)), Some(st(n, None))))
+                .collect();
+            let p = rebuild(&empty(), &changes, &[], None).unwrap();
+            let pieces = split(p, &[]).unwrap();
+            assert!(pieces.len() > 4, "{}", pieces.len());
+            // In order: each piece holds consecutive keys.
+            let firsts: Vec<String> = pieces[1..]
+                .iter()
+                .map(|p| keycode::decode(&p.0).unwrap())
+                .collect();
+            let mut sorted = firsts.clone();
+            sorted.sort();
+            assert_eq!(firsts, sorted);
         }
-        // Two hashes: cut between them only.
-        let two: Hasher = |c| u64::from(c[c.len() - 1] % 2) * 1000;
-        let p = rebuild(&empty(), &changes, 0, u64::MAX, two).unwrap();
-        let pieces = split(p, 0, two).unwrap();
-        assert_eq!(pieces.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 1000]);
     }
 
     #[test]
     fn damaged_pages_are_refused() {
-        let p = rebuild(
-            &empty(),
-            &[(code(1), Some(st(1, Some(b"xy"))))],
-            0,
-            u64::MAX,
-            xxh3,
-        )
-        .unwrap();
+        let p = rebuild(&empty(), &[(code(1), Some(st(1, Some(b"xy"))))], &[], None).unwrap();
         for cut in 2..p.len() {
             assert_eq!(slots(&p[..cut]), None, "cut at {cut}");
-            assert!(rebuild(&p[..cut], &[], 0, u64::MAX, xxh3).is_none());
+            assert!(rebuild(&p[..cut], &[], &[], None).is_none());
         }
         let mut bad = p.clone();
         bad[0] = 9;
