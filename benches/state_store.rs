@@ -29,6 +29,17 @@ use cobi_sync::state::{
 
 const EPOCH: u64 = 10_000;
 
+/// The daemon's allocator and its tuning (src/main.rs).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: Option<&'static std::ffi::c_char> = Some(unsafe {
+    // SAFETY: the first byte of a static NUL-terminated string.
+    &*c"narenas:1,oversize_threshold:1048576,dirty_decay_ms:300,muzzy_decay_ms:0".as_ptr()
+});
+
 fn cpu_secs() -> f64 {
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };

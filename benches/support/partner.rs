@@ -329,6 +329,48 @@ async fn wait_types(
     }
 }
 
+/// `perf record` of a daemon while a phase runs, when
+/// `COBI_BENCH_PERF_DIR` is set (`<dir>/<name>.perf`; read it with `perf
+/// report -i`). Stopped (and written) when dropped.
+pub struct Profile(Option<Proc>);
+
+impl Profile {
+    pub fn attach(env: &Env, d: &Proc, name: &str) -> Profile {
+        let Ok(dir) = std::env::var("COBI_BENCH_PERF_DIR") else {
+            return Profile(None);
+        };
+        let _ = std::fs::create_dir_all(&dir);
+        let mut cmd = Command::new("perf");
+        cmd.args([
+            "record",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "999",
+            "--call-graph",
+            "dwarf,16384",
+            "-o",
+        ])
+        .arg(Path::new(&dir).join(format!("{name}.perf")))
+        .arg("-p")
+        .arg(d.pid().to_string());
+        match Proc::spawn("perf record", cmd, &env.path(&format!("{name}-perf.log"))) {
+            Ok(p) => Profile(Some(p)),
+            Err(e) => {
+                eprintln!("  ! perf record not started: {e:#}");
+                Profile(None)
+            }
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(mut p) = self.0.take() {
+            unsafe { libc::kill(p.pid(), libc::SIGINT) };
+            let _ = p.wait(Duration::from_secs(120)).await;
+        }
+    }
+}
+
 /// Counts ERROR lines of a log.
 fn errors_in(log: &Path) -> usize {
     std::fs::read_to_string(log)
@@ -466,6 +508,7 @@ pub async fn phase_burst(
         .with_context(|| format!("creating slot {r}"))?;
     }
     let before = synced.mock.accepted("transactions").await?;
+    let perf = Profile::attach(env, &d, "partner-burst");
     let cpu0 = d.cpu_secs_now().unwrap_or(f64::NAN);
     let t0 = Instant::now();
     let mut from = s.transactions + 1;
@@ -493,6 +536,7 @@ pub async fn phase_burst(
     let secs = (done - t0).as_secs_f64();
     d.sample_now();
     let cpu = d.cpu_secs_now().unwrap_or(f64::NAN) - cpu0;
+    perf.stop().await;
     let e = d.term(Duration::from_secs(30)).await;
     let mut row = Row::measured(
         &format!("partner: streaming burst, {per_tx}-row transactions → mock-api"),

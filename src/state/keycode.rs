@@ -119,6 +119,12 @@ fn put_part(part: &str, out: &mut Vec<u8>) {
 
 /// Appends the code of `source_key`.
 pub fn encode(source_key: &str, out: &mut Vec<u8>) {
+    // The common case first: one UUID (which holds neither `|` nor `\`).
+    if let Some(u) = canonical_uuid(source_key) {
+        out.push(UUID);
+        out.extend_from_slice(&u);
+        return;
+    }
     let multi = !source_key.contains('\\') && source_key.contains('|');
     if !multi {
         put_part(source_key, out);

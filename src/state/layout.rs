@@ -18,8 +18,6 @@
 //! `[status][fingerprint][last-sent JSON]`) is converted once, when a
 //! store without a layout marker is opened ([`migrate`]).
 
-use std::collections::BTreeSet;
-
 use rustc_hash::FxHashMap;
 use sled::IVec;
 
@@ -56,10 +54,10 @@ fn decode_page(v: &[u8]) -> Result<Page, StateError> {
     Page::decode(v).ok_or_else(damaged)
 }
 
-/// The range-page starts of each mapping read so far.
+/// The range-page starts of each mapping read so far, sorted.
 #[derive(Default)]
 pub struct Dirs {
-    map: FxHashMap<Vec<u8>, BTreeSet<Vec<u8>>>,
+    map: FxHashMap<Vec<u8>, Vec<Box<[u8]>>>,
 }
 
 impl Dirs {
@@ -72,15 +70,14 @@ impl Dirs {
     pub fn load(&mut self, tree: &sled::Tree, prefix: &[u8]) -> Result<(), StateError> {
         let mut mark = prefix.to_vec();
         mark.push(ranges::MARK);
-        let mut starts = BTreeSet::new();
+        let mut starts = Vec::new();
         for item in tree.scan_prefix(&mark) {
             let (k, _) = item.map_err(err("scan"))?;
-            starts.insert(
-                ranges::start_of_key(prefix.len(), &k)
-                    .ok_or_else(damaged)?
-                    .to_vec(),
-            );
+            starts.push(Box::from(
+                ranges::start_of_key(prefix.len(), &k).ok_or_else(damaged)?,
+            ));
         }
+        // The tree returns them in order.
         self.map.insert(prefix.to_vec(), starts);
         Ok(())
     }
@@ -88,20 +85,37 @@ impl Dirs {
     /// The page whose range holds `code`, as `(start, next page's start)`,
     /// if the mapping has range pages.
     pub fn page_for(&self, prefix: &[u8], code: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
-        use std::ops::Bound::{Excluded, Unbounded};
         let starts = self.map.get(prefix)?;
-        let start = starts
-            .range::<[u8], _>((Unbounded, std::ops::Bound::Included(code)))
-            .next_back()?;
-        let next = starts
-            .range::<[u8], _>((Excluded(code), Unbounded))
-            .next()
-            .map(Vec::as_slice);
-        Some((start.as_slice(), next))
+        // The first start above `code`; the page is the one before it.
+        let i = starts.partition_point(|s| &**s <= code);
+        let start = starts.get(i.checked_sub(1)?)?;
+        Some((start, starts.get(i).map(|s| &**s)))
     }
 
-    fn add(&mut self, prefix: &[u8], start: Vec<u8>) {
-        self.map.entry(prefix.to_vec()).or_default().insert(start);
+    /// Adds page starts to a mapping's directory (one merge per call).
+    fn add(&mut self, prefix: &[u8], mut new: Vec<Vec<u8>>) {
+        let starts = self.map.entry(prefix.to_vec()).or_default();
+        new.sort_unstable();
+        new.dedup();
+        new.retain(|n| {
+            starts
+                .binary_search_by(|s| (**s).cmp(n.as_slice()))
+                .is_err()
+        });
+        if new.is_empty() {
+            return;
+        }
+        let old = std::mem::take(starts);
+        let mut merged = Vec::with_capacity(old.len() + new.len());
+        let mut new = new.into_iter().map(Vec::into_boxed_slice).peekable();
+        for s in old {
+            while new.peek().is_some_and(|n| *n < s) {
+                merged.extend(new.next());
+            }
+            merged.push(s);
+        }
+        merged.extend(new);
+        *starts = merged;
     }
 
     /// Forgets every directory (after a failed write: reread from disk).
@@ -112,42 +126,63 @@ impl Dirs {
     /// Pages in a mapping's directory.
     #[cfg(test)]
     pub fn pages(&self, prefix: &[u8]) -> usize {
-        self.map.get(prefix).map_or(0, BTreeSet::len)
+        self.map.get(prefix).map_or(0, Vec::len)
     }
 }
 
 /// Where a key lives.
-enum Place {
+enum Place<'m> {
     Int {
         key: Vec<u8>,
         slot: u8,
     },
-    /// `known`: the page is in the directory (else the mapping has no
-    /// range page yet and `start` is empty).
+    /// The key's range page (`None`: the mapping has no range page yet),
+    /// and its code.
     Range {
-        key: Vec<u8>,
+        page: Option<&'m RangeOf>,
         code: Vec<u8>,
-        start: Vec<u8>,
-        known: bool,
     },
 }
 
-fn place(dirs: &Dirs, prefix: &[u8], source_key: &str) -> Place {
-    match pages::locate(source_key) {
-        Some((page, slot)) => Place::Int {
-            key: pages::page_key(prefix, page),
-            slot,
-        },
-        None => {
-            let code = keycode::code(source_key);
-            let page = dirs.page_for(prefix, &code);
-            let start = page.map_or_else(Vec::new, |p| p.0.to_vec());
-            Place::Range {
-                key: ranges::page_key(prefix, &start),
-                code,
-                start,
-                known: page.is_some(),
-            }
+/// A range page located in the directory.
+pub struct RangeOf {
+    prefix: Vec<u8>,
+    start: Vec<u8>,
+    next: Option<Vec<u8>>,
+    /// Its sled key.
+    key: Vec<u8>,
+}
+
+/// Locates keys, remembering the last range page found: keys read in key
+/// order (a snapshot's) mostly fall in the page of the key before.
+#[derive(Default)]
+struct Locator {
+    last: Option<RangeOf>,
+}
+
+impl Locator {
+    fn place(&mut self, dirs: &Dirs, prefix: &[u8], source_key: &str) -> Place<'_> {
+        if let Some((page, slot)) = pages::locate(source_key) {
+            return Place::Int {
+                key: pages::page_key(prefix, page),
+                slot,
+            };
+        }
+        let code = keycode::code(source_key);
+        let hit = self.last.as_ref().is_some_and(|l| {
+            l.prefix == prefix && ranges::in_range(&code, &l.start, l.next.as_deref())
+        });
+        if !hit {
+            self.last = dirs.page_for(prefix, &code).map(|(start, next)| RangeOf {
+                prefix: prefix.to_vec(),
+                start: start.to_vec(),
+                next: next.map(<[u8]>::to_vec),
+                key: ranges::page_key(prefix, start),
+            });
+        }
+        Place::Range {
+            page: self.last.as_ref(),
+            code,
         }
     }
 }
@@ -156,6 +191,7 @@ fn place(dirs: &Dirs, prefix: &[u8], source_key: &str) -> Place {
 pub struct Reader<'a> {
     tree: &'a sled::Tree,
     dirs: &'a Dirs,
+    locator: Locator,
     ints: FxHashMap<Vec<u8>, Option<Page>>,
     ranges: FxHashMap<Vec<u8>, Option<IVec>>,
 }
@@ -166,6 +202,7 @@ impl<'a> Reader<'a> {
         Reader {
             tree,
             dirs,
+            locator: Locator::default(),
             ints: FxHashMap::default(),
             ranges: FxHashMap::default(),
         }
@@ -173,7 +210,7 @@ impl<'a> Reader<'a> {
 
     /// The state of `source_key` under a mapping prefix.
     pub fn get(&mut self, prefix: &[u8], source_key: &str) -> Result<Option<KeyState>, StateError> {
-        match place(self.dirs, prefix, source_key) {
+        match self.locator.place(self.dirs, prefix, source_key) {
             Place::Int { key, slot } => {
                 let page = match self.ints.entry(key) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -187,20 +224,19 @@ impl<'a> Reader<'a> {
                 };
                 Ok(page.as_ref().and_then(|p| p.get(slot)))
             }
+            Place::Range { page: None, .. } => Ok(None),
             Place::Range {
-                key, code, known, ..
+                page: Some(r),
+                code,
             } => {
-                if !known {
-                    return Ok(None);
-                }
-                let page = match self.ranges.entry(key) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        let v = self.tree.get(e.key()).map_err(err("read"))?;
-                        e.insert(v)
+                let bytes = match self.ranges.get(&r.key) {
+                    Some(v) => v,
+                    None => {
+                        let v = self.tree.get(&r.key).map_err(err("read"))?;
+                        self.ranges.entry(r.key.clone()).or_insert(v)
                     }
                 };
-                match page {
+                match bytes {
                     None => Ok(None),
                     Some(p) => Ok(ranges::find(p, &code)
                         .ok_or_else(damaged)?
@@ -214,6 +250,7 @@ impl<'a> Reader<'a> {
 /// A group of key writes, turned into page writes by [`Writer::write`].
 pub struct Writer<'a> {
     tree: &'a sled::Tree,
+    locator: Locator,
     ints: FxHashMap<Vec<u8>, (Page, bool)>,
     /// Page key → the page's changes.
     ranges: FxHashMap<Vec<u8>, PageChanges>,
@@ -231,6 +268,7 @@ impl<'a> Writer<'a> {
     pub fn new(tree: &'a sled::Tree) -> Self {
         Writer {
             tree,
+            locator: Locator::default(),
             ints: FxHashMap::default(),
             ranges: FxHashMap::default(),
         }
@@ -245,7 +283,7 @@ impl<'a> Writer<'a> {
         source_key: &str,
         state: Option<&KeyState>,
     ) -> Result<(), StateError> {
-        match place(dirs, prefix, source_key) {
+        match self.locator.place(dirs, prefix, source_key) {
             Place::Int { key, slot } => {
                 let page = match self.ints.entry(key) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -265,14 +303,22 @@ impl<'a> Writer<'a> {
                     None => page.1 |= page.0.clear(slot),
                 }
             }
-            Place::Range {
-                key, code, start, ..
-            } => {
-                self.ranges
-                    .entry(key)
-                    .or_insert_with(|| (prefix.to_vec(), start, Vec::new()))
-                    .2
-                    .push((code, state.cloned()));
+            Place::Range { page, code } => {
+                let group = match page {
+                    // Most keys of a group share a few pages: no copies then.
+                    Some(r) if self.ranges.contains_key(&r.key) => {
+                        self.ranges.get_mut(&r.key).expect("present")
+                    }
+                    Some(r) => self
+                        .ranges
+                        .entry(r.key.clone())
+                        .or_insert_with(|| (prefix.to_vec(), r.start.clone(), Vec::new())),
+                    None => self
+                        .ranges
+                        .entry(ranges::page_key(prefix, &[]))
+                        .or_insert_with(|| (prefix.to_vec(), Vec::new(), Vec::new())),
+                };
+                group.2.push((code, state.cloned()));
             }
         }
         Ok(())
@@ -283,7 +329,9 @@ impl<'a> Writer<'a> {
     /// integer pages. An empty integer page is removed; range pages never
     /// are.
     pub fn write(self, dirs: &parking_lot::RwLock<Dirs>) -> Result<(), StateError> {
-        let Writer { tree, ints, ranges } = self;
+        let Writer {
+            tree, ints, ranges, ..
+        } = self;
         let mut changed: Vec<_> = ranges.into_iter().collect();
         changed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut splits: Splits = Vec::new();
@@ -316,8 +364,9 @@ impl<'a> Writer<'a> {
         }
         if !splits.is_empty() || !created.is_empty() {
             let mut d = dirs.write();
+            let mut starts: FxHashMap<Vec<u8>, Vec<Vec<u8>>> = FxHashMap::default();
             for (prefix, start) in created {
-                d.add(&prefix, start);
+                starts.entry(prefix).or_default().push(start);
             }
             for (prefix, pieces) in splits {
                 // Upper pieces first, the page at the old start last.
@@ -328,9 +377,13 @@ impl<'a> Writer<'a> {
                 let (start, bytes) = &pieces[0];
                 tree.insert(ranges::page_key(&prefix, start), bytes.as_slice())
                     .map_err(err("write"))?;
-                for (start, _) in pieces {
-                    d.add(&prefix, start);
-                }
+                starts
+                    .entry(prefix)
+                    .or_default()
+                    .extend(pieces.into_iter().map(|p| p.0));
+            }
+            for (prefix, new) in starts {
+                d.add(&prefix, new);
             }
         }
         let mut ints: Vec<_> = ints
