@@ -10,6 +10,7 @@
 //! | COPY binary / text → /dev/null | the read ceiling (tokio-postgres `copy_out`, in process, median of 3) |
 //! | mock-api ingest | the in-process mock taking 5000-record bodies from 2 tasks |
 //! | cobi-sync snapshot | `cobi-sync snapshot` (poll mode, release binary) → `cobi-sync mock-api` in its own process; wall time, peak RSS (`VmHWM` every 10 ms) |
+//! | cobi-sync run, poll mode, first read | `cobi-sync run` in poll mode from an empty state on the same table (no index on its cursor `modified_at`), until the mock holds every row; daemon CPU per row |
 //! | Python peer snapshot | `support/peer_snapshot.py` (psycopg2 server-side cursor → JSON → POST 5000) → the same kind of mock |
 //! | pg_recvlogical | drains a pgoutput slot over N inserted rows to /dev/null (`--endpos`; median of 3 slots over the same changes) |
 //! | cobi-sync replication drain | `cobi-sync run` (stopped while the N rows are inserted) started on the filled slot, until the mock holds N |
@@ -801,6 +802,14 @@ async fn integer_dataset(env: &Env) -> Result<support::partner::Outcome> {
         .await
         .unwrap_or_else(|e| Row::failed("cobi-sync snapshot → mock-api", format!("{e:#}")));
 
+    eprintln!("[4b/8] cobi-sync run in poll mode, first read of {n} rows");
+    let mut poll_first = phase_poll_first_read(env, "bench", n)
+        .await
+        .unwrap_or_else(|e| Row::failed(POLL_FIRST_READ, format!("{e:#}")));
+    if let (Some(a), Some(b)) = (poll_first.rate(), snap.rate()) {
+        poll_first.ratios.push((a / b, "cobi-sync snapshot".into()));
+    }
+
     eprintln!("[5/8] Python peer snapshot");
     let py_snap = median_run(opts.runs, || phase_python_snapshot(env, "bench", n))
         .await
@@ -1036,7 +1045,15 @@ async fn integer_dataset(env: &Env) -> Result<support::partner::Outcome> {
     if let (Some(a), Some(b)) = (copy_psql.rate(), copy_bin.rate()) {
         copy_psql.ratios.push((a / b, "COPY binary".into()));
     }
-    let mut all = vec![copy_bin, copy_txt, copy_psql, mock_row, mock_proc_row, snap];
+    let mut all = vec![
+        copy_bin,
+        copy_txt,
+        copy_psql,
+        mock_row,
+        mock_proc_row,
+        snap,
+        poll_first,
+    ];
     all.extend(big);
     all.extend([py_snap, recv_row, drain_row, py_cdc_row]);
     Ok(support::partner::Outcome {
@@ -1372,6 +1389,38 @@ async fn phase_snapshot(env: &Env, db: &str, n: u64, name: &str) -> Result<Row> 
     }
     drop(mock);
     Ok(row)
+}
+
+const POLL_FIRST_READ: &str = "cobi-sync run, poll mode, first read → mock-api";
+
+/// `cobi-sync run` in poll mode from an empty state on the same table as
+/// the snapshot (its cursor has no index): see `support::poll_first_read`.
+async fn phase_poll_first_read(env: &Env, db: &str, n: u64) -> Result<Row> {
+    let mock = MockProc::start(env, "poll-first-mock")?;
+    let cfg = env.config(
+        "poll-first",
+        db,
+        &mock.url,
+        "poll",
+        "initial",
+        "cobi_unused",
+        "1s",
+    )?;
+    let text = std::fs::read_to_string(&cfg)?.replace(
+        "[api]",
+        "[source.poll]\nschedule = \"0 0 0 1 1 *\"\n\n[api]",
+    );
+    std::fs::write(&cfg, text)?;
+    let log = env.path("poll-first.log");
+    support::poll_first_read::measure(
+        POLL_FIRST_READ,
+        env.daemon_cmd(&cfg, &["run"]),
+        &log,
+        n,
+        Duration::from_secs(300 + n / 2_000),
+        || mock.accepted("transactions"),
+    )
+    .await
 }
 
 async fn phase_python_snapshot(env: &Env, db: &str, n: u64) -> Result<Row> {

@@ -5,8 +5,10 @@
 //!
 //! It changes nothing: the publication and slot are only inspected (the
 //! daemon creates them at start when it can), and the API key is proven
-//! with `POST /v1/data/shops {"records": []}` (401/403 = rejected; any
-//! other answer = reachable and accepted).
+//! with `POST /v1/data/shops {"records": []}`: only the API's own envelope
+//! answer (its 400 for an empty batch) means reachable and accepted;
+//! 401/403 is a rejected key; a redirect (never followed), 404, 405, 5xx or
+//! an HTML page is a problem line ([`probe_verdict`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use crate::mapping::engine::MapContext;
 use crate::model::schema::schema;
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
-use crate::sink::client::ApiClient;
+use crate::sink::client::{ApiClient, ProbeAnswer};
 use crate::source::pg;
 use crate::source::reader::{SetupError, SourceTable};
 use crate::source::replication::setup;
@@ -157,6 +159,7 @@ pub async fn check(settings: &Settings, origin: &str) -> Vec<Line> {
     for w in &settings.source.url.warnings {
         out.push(Line::warn("configuration", w.clone()));
     }
+    out.push(tls_line(&settings.source.url));
     if !crate::daemon::has_state(&settings.state.dir) {
         out.push(Line::ok(
             "state dir",
@@ -166,6 +169,77 @@ pub async fn check(settings: &Settings, origin: &str) -> Vec<Line> {
     database_checks(settings, &mut out).await;
     out.push(api_check(settings).await);
     out
+}
+
+/// The database connection's TLS: `disable`, `allow` and `prefer` to a
+/// host on the network are a warning (nothing verified: readable and
+/// impersonable on the path), with `verify-full` recommended.
+pub fn tls_line(url: &PgUrl) -> Line {
+    let name = "database TLS";
+    let mode = url.sslmode.as_str();
+    if url.is_local() {
+        Line::ok(
+            name,
+            format!("sslmode={mode} to a local server ({})", url.host),
+        )
+    } else if url.sslmode.is_unprotected() {
+        Line::warn(
+            name,
+            format!(
+                "sslmode={mode} to {}: the connection may be unencrypted, and the server is not \
+                 verified; add ?sslmode=verify-full to source.url (sslrootcert=/path/ca.pem for a \
+                 private CA)",
+                url.host
+            ),
+        )
+    } else {
+        Line::ok(name, format!("sslmode={mode}"))
+    }
+}
+
+/// `max_slot_wal_keep_size` (PostgreSQL 13+): `-1` lets a stopped or
+/// removed cobi-sync's slot keep WAL until the disk fills.
+pub fn wal_keep_line(value: &str) -> Line {
+    let name = "max_slot_wal_keep_size";
+    if value.trim() == "-1" {
+        Line::warn(
+            name,
+            "is -1 (unlimited): a stopped or removed cobi-sync's slot keeps WAL until the disk \
+             fills; set a bound, e.g. ALTER SYSTEM SET max_slot_wal_keep_size = '50GB'; SELECT \
+             pg_reload_conf(); (past it the slot is invalidated and cobi-sync re-syncs), and run \
+             `cobi-sync teardown` before removing cobi-sync",
+        )
+    } else {
+        Line::ok(name, format!("{value}: WAL kept for slots is bounded"))
+    }
+}
+
+/// The statements that replace a superuser connection (README's
+/// least-privilege role), for the mapped tables.
+fn least_privilege_sql(settings: &Settings, replication: bool) -> String {
+    let tables: Vec<String> = settings.mappings.iter().map(|m| m.source.sql()).collect();
+    let mut schemas: Vec<String> = settings
+        .mappings
+        .iter()
+        .filter_map(|m| m.source.sql().split_once('.').map(|(s, _)| s.to_string()))
+        .collect();
+    schemas.sort();
+    schemas.dedup();
+    let mut sql = format!(
+        "CREATE ROLE cobi_sync LOGIN{} PASSWORD '…';",
+        if replication { " REPLICATION" } else { "" }
+    );
+    for s in &schemas {
+        sql.push_str(&format!(" GRANT USAGE ON SCHEMA {s} TO cobi_sync;"));
+    }
+    if !tables.is_empty() {
+        sql.push_str(&format!(
+            " GRANT SELECT ON {} TO cobi_sync;",
+            tables.join(", ")
+        ));
+    }
+    sql.push_str(" then use cobi_sync in source.url");
+    sql
 }
 
 async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
@@ -236,6 +310,10 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
             }
             Err(e) => out.push(query_failed("wal_level", &e, url)),
         }
+        match client.query_one("SHOW max_slot_wal_keep_size", &[]).await {
+            Ok(r) => out.push(wal_keep_line(&r.get::<_, String>(0))),
+            Err(e) => out.push(query_failed("max_slot_wal_keep_size", &e, url)),
+        }
     }
     // Role attributes.
     let role = client
@@ -251,10 +329,7 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
                 out.push(Line::fail(
                     "least privilege",
                     format!("connected as superuser {user}, which cobi-sync does not need"),
-                    format!(
-                        "create a dedicated role: CREATE ROLE cobi_sync LOGIN{} PASSWORD '…'; GRANT SELECT ON <mapped tables> TO cobi_sync; and use it in source.url",
-                        if replication { " REPLICATION" } else { "" }
-                    ),
+                    least_privilege_sql(settings, replication),
                 ));
             } else if replication && !repl {
                 out.push(Line::fail(
@@ -309,14 +384,6 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
                         )),
                     }
                 }
-                if let (Some(c), Some(info)) = (&t.mapping.cursor, &t.table) {
-                    if info.column(c).is_some_and(|col| !col.not_null) {
-                        out.push(Line::warn(
-                            name.clone(),
-                            format!("cursor column `{c}` is nullable: rows where it is NULL are never polled"),
-                        ));
-                    }
-                }
                 if problems.is_empty() {
                     out.push(Line::ok(
                         name,
@@ -347,7 +414,9 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
             )),
         }
     }
+    timezone_check(settings, &client, out).await;
     if !replication {
+        crate::source::poll::checks::poll_checks(settings, &client, &tables, out).await;
         return;
     }
     // Replica identity vs deletes.
@@ -375,6 +444,56 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
     }
     publication_check(settings, &client, &tables, out).await;
     slot_check(settings, &client, out).await;
+}
+
+/// `timestamp without time zone` values are read in `source.timezone`;
+/// writers' sessions stamp them in the server's `TimeZone` unless they set
+/// their own. A difference shifts every such value.
+async fn timezone_check(settings: &Settings, client: &Client, out: &mut Vec<Line>) {
+    let ours = settings.source.timezone.name();
+    // Zones with different names can be the same rules (UTC, Etc/UTC).
+    let same_rules = |server: String| async move {
+        server == ours
+            || client
+                .query_one(
+                    "SELECT bool_and((t AT TIME ZONE $1) = (t AT TIME ZONE $2)) FROM \
+                     generate_series(now() - interval '3 years', now() + interval '3 years', \
+                     interval '1 hour') t",
+                    &[&server, &ours],
+                )
+                .await
+                .is_ok_and(|r| r.get::<_, Option<bool>>(0) == Some(true))
+    };
+    match pg::server_timezone(&settings.source).await {
+        Ok(server) if same_rules(server.clone()).await => out.push(Line::ok(
+            "time zone",
+            format!(
+                "source.timezone ({ours}) keeps the same time as the server's TimeZone ({server})"
+            ),
+        )),
+        Ok(server) => out.push(Line::warn(
+            "time zone",
+            format!(
+                "source.timezone is {ours} but the server's TimeZone is {server}: `timestamp` \
+                 values written with now() in the server's zone are read as {ours}; set \
+                 source.timezone = \"{server}\" unless your applications write {ours} wall clock"
+            ),
+        )),
+        Err(e) => out.push(Line::warn(
+            "time zone",
+            format!("could not read the server's TimeZone: {}", e.message),
+        )),
+    }
+}
+
+/// A check line (for [`crate::source::poll::checks`]).
+pub fn line_ok(name: impl Into<String>, detail: impl Into<String>) -> Line {
+    Line::ok(name, detail)
+}
+
+/// A warning line (for [`crate::source::poll::checks`]).
+pub fn line_warn(name: impl Into<String>, detail: impl Into<String>) -> Line {
+    Line::warn(name, detail)
 }
 
 async fn publication_check(
@@ -614,11 +733,19 @@ fn slot_verdict(slot: &str, r: &SlotRow, max_slot_lag: u64) -> Line {
 async fn api_check(settings: &Settings) -> Line {
     let name = "cobi api key";
     if let Err(e) = settings.api.key.load() {
-        return Line::fail(
-            name,
-            e.to_string(),
-            format!("provide the key ({})", settings.api.key.describe()),
-        );
+        let fix = match &e {
+            config::secret::SecretError::NoKey { .. } => {
+                "put the key where the message says".into()
+            }
+            config::secret::SecretError::File { error, .. }
+                if error.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                "run check as root (sudo cobi-sync check), or make the file readable by this user"
+                    .into()
+            }
+            _ => format!("fix the key in {}", settings.api.key.describe()),
+        };
+        return Line::fail(name, e.to_string(), fix);
     }
     let client = match ApiClient::new(
         &settings.api,
@@ -627,30 +754,74 @@ async fn api_check(settings: &Settings) -> Line {
         tokio_util::sync::CancellationToken::new(),
     ) {
         Ok(c) => c,
-        Err(e) => return Line::fail(name, e.to_string(), "check api settings"),
+        Err(e) => return Line::fail(name, e, "check the [api] settings"),
     };
     let shops = schema().type_id("shops").expect("shops exists");
     match client.probe(shops).await {
-        Ok(401) | Ok(403) => Line::fail(
-            name,
-            format!(
-                "{} rejected the key from {}",
-                settings.api.base_url,
-                settings.api.key.describe()
-            ),
-            "put the key Cobi gave you in that place (support@hellocobi.com issues keys)",
-        ),
-        Ok(status) => Line::ok(
-            name,
-            format!(
-                "{} reachable, key accepted (HTTP {status} to an empty batch)",
-                settings.api.base_url
-            ),
+        Ok(answer) => probe_verdict(
+            &settings.api.base_url,
+            &settings.api.key.describe(),
+            &answer,
         ),
         Err(e) => Line::fail(
             name,
             format!("cannot reach {}: {e}", settings.api.base_url),
-            "check api.base_url, DNS, proxies and firewalls",
+            "check api.base_url, DNS, proxies (HTTPS_PROXY / NO_PROXY), api.ca_file and firewalls",
+        ),
+    }
+}
+
+/// Whether `body` is the Cobi API's own answer to a batch: a JSON object
+/// with a `batches` array (SPEC.md §1's response envelope).
+fn is_api_envelope(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("batches").map(serde_json::Value::is_array))
+        .unwrap_or(false)
+}
+
+/// The verdict on the API's answer to an empty batch. Only the API's own
+/// envelope (its 400 refusing an empty batch, or a 200/207 envelope) proves
+/// "reachable, key accepted"; 401/403 is a rejected key; a redirect, a
+/// 404/405, a 5xx, or any answer without the envelope (an HTML page from a
+/// proxy or a login portal) is a problem naming what came back.
+pub fn probe_verdict(base_url: &str, key_source: &str, a: &ProbeAnswer) -> Line {
+    let name = "cobi api key";
+    let status = a.status;
+    let ct = a.content_type.as_deref().unwrap_or("no content type");
+    match status {
+        401 | 403 => Line::fail(
+            name,
+            format!("{base_url} rejected the key from {key_source} (HTTP {status})"),
+            "put the key Cobi gave you in that place (support@hellocobi.com issues keys)",
+        ),
+        300..=399 => Line::fail(
+            name,
+            format!(
+                "{base_url} answered a redirect (HTTP {status} to {}); cobi-sync never follows \
+                 redirects",
+                a.location.as_deref().unwrap_or("no Location")
+            ),
+            "set api.base_url to the API's own address (https://api.hellocobi.com), not a \
+             proxy or portal in front of it",
+        ),
+        200 | 207 | 400 if is_api_envelope(&a.body) => Line::ok(
+            name,
+            format!("{base_url} reachable, key accepted (HTTP {status} to an empty batch)"),
+        ),
+        500..=599 => Line::fail(
+            name,
+            format!("{base_url} answered HTTP {status} (server error) to an empty batch"),
+            "the API or a proxy in front of it is failing: try again later, check api.base_url",
+        ),
+        _ => Line::fail(
+            name,
+            format!(
+                "{base_url} answered HTTP {status} ({ct}) without the Cobi API's JSON envelope: \
+                 this is not the Cobi Data API"
+            ),
+            "check api.base_url (https://api.hellocobi.com) and any proxy or captive portal \
+             in between",
         ),
     }
 }
@@ -658,6 +829,127 @@ async fn api_check(settings: &Settings) -> Line {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_warns_for_unprotected_modes_to_network_hosts() {
+        let cases = [
+            ("postgres://u@db.internal/x?sslmode=disable", "warn"),
+            ("postgres://u@db.internal/x?sslmode=allow", "warn"),
+            ("postgres://u@db.internal/x", "warn"),
+            ("postgres://u@10.1.2.3/x?sslmode=prefer", "warn"),
+            ("postgres://u@db.internal/x?sslmode=require", "ok"),
+            ("postgres://u@db.internal/x?sslmode=verify-full", "ok"),
+            ("postgres://u@localhost/x?sslmode=disable", "ok"),
+            ("postgres://u@127.0.0.1/x", "ok"),
+            ("postgres://u@[::1]/x", "ok"),
+            ("postgres://u@/x?host=/run/postgresql", "ok"),
+        ];
+        for (url, want) in cases {
+            let l = tls_line(&PgUrl::parse(url).unwrap());
+            let got = match &l.verdict {
+                Verdict::Ok(_) => "ok",
+                Verdict::Warn(d) => {
+                    assert!(d.contains("verify-full"), "{d}");
+                    "warn"
+                }
+                Verdict::Fail(..) => "fail",
+            };
+            assert_eq!(got, want, "{url}: {l:?}");
+        }
+        let allow = PgUrl::parse("postgres://u@db/x?sslmode=allow").unwrap();
+        assert!(
+            allow
+                .warnings
+                .iter()
+                .any(|w| w.contains("sslmode=allow is handled as prefer")),
+            "{:?}",
+            allow.warnings
+        );
+    }
+
+    #[test]
+    fn unbounded_wal_for_slots_is_a_warning() {
+        assert!(
+            matches!(wal_keep_line("-1").verdict, Verdict::Warn(ref d) if d.contains("max_slot_wal_keep_size = '50GB'") && d.contains("teardown"))
+        );
+        assert!(matches!(wal_keep_line("50GB").verdict, Verdict::Ok(_)));
+    }
+
+    #[test]
+    fn only_the_api_envelope_proves_the_key() {
+        let envelope = r#"{"request_id":"r","type":"shops","batches":[{"batch":0,"status":400,"data":{"status":"error","error":"records must not be empty"}}]}"#;
+        let answer = |status: u16, ct: &str, location: Option<&str>, body: &str| ProbeAnswer {
+            status,
+            content_type: Some(ct.into()),
+            location: location.map(str::to_string),
+            body: bytes::Bytes::from(body.to_string()),
+        };
+        let json = "application/json";
+        let html = "text/html";
+        // (answer, passes, a word the detail must hold)
+        let cases = [
+            (
+                answer(400, json, None, envelope),
+                true,
+                "HTTP 400 to an empty batch",
+            ),
+            (answer(200, json, None, envelope), true, "key accepted"),
+            (
+                answer(401, json, None, r#"{"error":"Unauthorized"}"#),
+                false,
+                "rejected the key",
+            ),
+            (answer(403, json, None, "{}"), false, "rejected the key"),
+            (
+                answer(404, json, None, r#"{"error":"Not Found"}"#),
+                false,
+                "HTTP 404",
+            ),
+            (
+                answer(405, "text/plain", None, "Method Not Allowed"),
+                false,
+                "HTTP 405",
+            ),
+            (
+                answer(502, html, None, "<html>Bad Gateway</html>"),
+                false,
+                "HTTP 502",
+            ),
+            (answer(500, json, None, envelope), false, "server error"),
+            (
+                answer(301, html, Some("https://login.example/"), ""),
+                false,
+                "https://login.example/",
+            ),
+            (answer(307, html, None, ""), false, "redirect"),
+            (
+                answer(200, html, None, "<html>Sign in</html>"),
+                false,
+                "text/html",
+            ),
+            (
+                answer(400, json, None, r#"{"error":"bad"}"#),
+                false,
+                "envelope",
+            ),
+        ];
+        for (a, passes, word) in cases {
+            let l = probe_verdict("https://api.example", "file /etc/cobi-sync/api-key", &a);
+            let detail = match &l.verdict {
+                Verdict::Ok(d) => {
+                    assert!(passes, "HTTP {} must be a problem, got ok: {d}", a.status);
+                    d.clone()
+                }
+                Verdict::Fail(d, fix) => {
+                    assert!(!passes, "HTTP {} must pass: {d}", a.status);
+                    assert!(!fix.is_empty());
+                    d.clone()
+                }
+                Verdict::Warn(d) => panic!("no warnings here: {d}"),
+            };
+            assert!(detail.contains(word), "HTTP {}: {detail}", a.status);
+        }
+    }
 
     fn row() -> SlotRow {
         SlotRow {

@@ -50,6 +50,13 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Drop this configuration's replication slot and publication (before
+    /// removing cobi-sync, so it pins no WAL). Refuses while the daemon runs.
+    Teardown {
+        /// Do not ask for confirmation (scripts).
+        #[arg(long)]
+        yes: bool,
+    },
     /// State of the running daemon, or of the state dir when it is stopped.
     Status {
         /// Machine-readable output.
@@ -70,7 +77,7 @@ pub enum Command {
 /// `dlq` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DlqAction {
-    /// List dead letters.
+    /// List dead letters, with a count per type and reason.
     List {
         /// Only this type.
         #[arg(long = "type", value_name = "TYPE")]
@@ -78,18 +85,35 @@ pub enum DlqAction {
         /// JSON array (with the records).
         #[arg(long)]
         json: bool,
+        /// Show at most this many rows (the summary counts them all).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
     },
     /// Re-send dead letters in dependency order.
     Replay {
         /// Only this type.
         #[arg(long = "type", value_name = "TYPE")]
         ty: Option<String>,
+        /// The report is JSON (it always is; accepted for scripts).
+        #[arg(long)]
+        json: bool,
+        /// Give up waiting for the running daemon's answer after this long
+        /// (the replay itself goes on there).
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
     },
-    /// Drop dead letters.
+    /// Drop dead letters. Without --type, asks for confirmation on a
+    /// terminal; scripts pass --yes.
     Purge {
         /// Only this type.
         #[arg(long = "type", value_name = "TYPE")]
         ty: Option<String>,
+        /// The report is JSON (it always is; accepted for scripts).
+        #[arg(long)]
+        json: bool,
+        /// Purge every type without asking.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -184,6 +208,7 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::Check => crate::check::run(&cli.config).await,
         Command::Validate => cmd_validate(&cli.config),
         Command::Snapshot { types, force } => cmd_snapshot(&cli.config, &types, force).await,
+        Command::Teardown { yes } => crate::ops::teardown::run(&cli.config, yes).await,
         Command::Status { json } => cmd_status(&cli.config, json).await,
         Command::Dlq { action } => cmd_dlq(&cli.config, action).await,
         Command::MockApi(args) => cmd_mock_api(args).await,
@@ -198,15 +223,31 @@ async fn dispatch(cli: Cli) -> u8 {
 async fn cmd_run(path: &std::path::Path) -> Result<(), u8> {
     let settings = load(path)?;
     logging::init(&settings.log);
-    daemon::run(settings).await.map_err(|e| {
-        eprintln!("cobi-sync: {e}");
-        e.exit_code()
-    })
+    daemon::run_from(settings, Some(path.to_path_buf()))
+        .await
+        .map_err(|e| {
+            // Through the log (journald priority, JSON), not bare stderr.
+            error!("cobi-sync stopped: {e}");
+            e.exit_code()
+        })
+}
+
+/// Exit 1 before anything is sent when no API key can be found: a command
+/// run from a shell must say so, not retry forever.
+fn require_key(settings: &Settings) -> Result<(), u8> {
+    match settings.api.key.load() {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            eprintln!("cobi-sync: {e}");
+            Err(1)
+        }
+    }
 }
 
 async fn cmd_snapshot(path: &std::path::Path, types: &[String], force: bool) -> Result<(), u8> {
     let settings = load(path)?;
     logging::init(&settings.log);
+    require_key(&settings)?;
     let mut ids = Vec::new();
     for t in types {
         let id = resolve_type(t)?;
@@ -287,17 +328,40 @@ fn fail(e: &DaemonError) -> u8 {
 /// How long `status` waits for the running daemon's answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The running daemon's endpoint, if it answers, and a client for it whose
-/// requests time out after [`STATUS_TIMEOUT`].
+/// The running daemon's endpoint, if cobi-sync answers there (its
+/// `/healthz` names it: another exporter on the port is not taken for the
+/// daemon), and a client for it whose requests time out after
+/// [`STATUS_TIMEOUT`].
 async fn daemon_url(settings: &Settings) -> Option<(reqwest::Client, String)> {
     let addr = settings.http.listen?;
     let base = format!("http://{addr}");
     let client = reqwest::Client::builder()
         .timeout(STATUS_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .ok()?;
-    client.get(format!("{base}/healthz")).send().await.ok()?;
-    Some((client, base))
+    let resp = client.get(format!("{base}/healthz")).send().await.ok()?;
+    let status = resp.status();
+    match resp.json::<crate::ops::http::Identity>().await {
+        Ok(id) if id.service == crate::ops::http::SERVICE => Some((client, base)),
+        _ => {
+            eprintln!(
+                "warning: http.listen {addr} answers (HTTP {status}) but not as cobi-sync \
+                 (another service uses that port?); reading the state dir instead"
+            );
+            None
+        }
+    }
+}
+
+/// The `Authorization` value for the daemon's protected endpoints.
+fn bearer(settings: &Settings) -> Result<String, u8> {
+    crate::ops::token::read(&settings.state.dir)
+        .map(|t| format!("Bearer {t}"))
+        .map_err(|e| {
+            eprintln!("cobi-sync: {e}");
+            1
+        })
 }
 
 async fn cmd_status(path: &std::path::Path, json: bool) -> Result<(), u8> {
@@ -343,18 +407,66 @@ async fn cmd_status(path: &std::path::Path, json: bool) -> Result<(), u8> {
     Ok(())
 }
 
+/// Asks before purging every type: on a terminal, a typed `yes`; elsewhere
+/// (scripts) only `--yes` allows it.
+fn confirm_purge_all(settings: &Settings) -> Result<(), u8> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        eprintln!(
+            "dlq purge without --type drops every dead letter; pass --yes to do it from a script"
+        );
+        return Err(2);
+    }
+    print!(
+        "Drop every dead letter of {} (they hold records the API rejected)? Type yes: ",
+        settings.state.dir.display()
+    );
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut answer);
+    if answer.trim() == "yes" {
+        Ok(())
+    } else {
+        eprintln!("nothing purged");
+        Err(1)
+    }
+}
+
 async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
     let settings = load(path)?;
     let ty_name = match &action {
-        DlqAction::List { ty, .. } | DlqAction::Replay { ty } | DlqAction::Purge { ty } => {
+        DlqAction::List { ty, .. } | DlqAction::Replay { ty, .. } | DlqAction::Purge { ty, .. } => {
             ty.clone()
         }
     };
     let ty = ty_name.as_deref().map(resolve_type).transpose()?;
+    // Purging every type asks first (when there is anything to purge).
+    let must_confirm = matches!(
+        &action,
+        DlqAction::Purge {
+            ty: None,
+            yes: false,
+            ..
+        }
+    );
     let query = ty_name.map(|t| format!("?type={t}")).unwrap_or_default();
     if let Some((_, base)) = daemon_url(&settings).await {
-        // No timeout: a replay waits for the API's verdict on every letter.
-        let client = reqwest::Client::new();
+        let auth = bearer(&settings)?;
+        if must_confirm {
+            confirm_purge_all(&settings)?;
+        }
+        let timeout = match &action {
+            DlqAction::Replay { timeout, .. } => *timeout,
+            _ => Duration::from_secs(60),
+        };
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| {
+                eprintln!("cannot build an HTTP client: {e}");
+                1
+            })?;
         let (req, what) = match &action {
             DlqAction::List { .. } => (client.get(format!("{base}/dlq{query}")), "list"),
             DlqAction::Replay { .. } => {
@@ -362,21 +474,37 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
             }
             DlqAction::Purge { .. } => (client.post(format!("{base}/dlq/purge{query}")), "purge"),
         };
-        let resp = req.send().await.map_err(|e| {
-            eprintln!("dlq {what} through {base} failed: {e}");
-            1
-        })?;
+        let resp = req
+            .header(reqwest::header::AUTHORIZATION, auth)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    eprintln!(
+                        "dlq {what}: no answer from {base} within {}; the daemon goes on with \
+                         it — see `cobi-sync dlq list` and the logs",
+                        humantime::format_duration(timeout)
+                    );
+                } else {
+                    eprintln!("dlq {what} through {base} failed: {e}");
+                }
+                1
+            })?;
         if !resp.status().is_success() {
-            eprintln!("dlq {what}: {}", resp.text().await.unwrap_or_default());
+            eprintln!(
+                "dlq {what}: HTTP {}: {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default().trim_end()
+            );
             return Err(1);
         }
         match action {
-            DlqAction::List { json, .. } => {
+            DlqAction::List { json, limit, .. } => {
                 let rows: Vec<dlq::DeadLetterRow> = resp.json().await.map_err(|e| {
                     eprintln!("unexpected answer: {e}");
                     1
                 })?;
-                print_rows(&rows, json);
+                print_rows(&rows, json, limit);
             }
             DlqAction::Replay { .. } => {
                 let text = resp.text().await.unwrap_or_default();
@@ -396,7 +524,7 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
     let Some(store) = daemon::open_existing_store(&settings).map_err(|e| fail(&e))? else {
         eprintln!("{}", daemon::no_state_message(&settings));
         match action {
-            DlqAction::List { json, .. } => print_rows(&[], json),
+            DlqAction::List { json, .. } => print_rows(&[], json, None),
             DlqAction::Purge { .. } => println!("{{\"purged\":0}}"),
             DlqAction::Replay { .. } => {
                 println!("{{\"replayed\":0,\"skipped\":0,\"still_dead\":0}}")
@@ -404,13 +532,16 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
         }
         return Ok(());
     };
+    if must_confirm {
+        confirm_purge_all(&settings)?;
+    }
     match action {
-        DlqAction::List { json, .. } => {
+        DlqAction::List { json, limit, .. } => {
             let rows = dlq::list(store.as_ref(), ty).map_err(|e| {
                 eprintln!("{e}");
                 1
             })?;
-            print_rows(&rows, json);
+            print_rows(&rows, json, limit);
         }
         DlqAction::Purge { .. } => {
             let n = dlq::purge(store.as_ref(), ty).map_err(|e| {
@@ -421,8 +552,17 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
         }
         DlqAction::Replay { .. } => {
             logging::init(&settings.log);
+            if store
+                .dead_letters(ty)
+                .map(|v| v.is_empty())
+                .unwrap_or(false)
+            {
+                println!("{{\"replayed\":0,\"skipped\":0,\"still_dead\":0}}");
+                return Ok(());
+            }
+            require_key(&settings)?;
             let pipeline = Pipeline::start(&settings, store.clone()).map_err(|e| fail(&e))?;
-            let report = dlq::replay(store.as_ref(), &pipeline.sink, ty)
+            let report = dlq::replay(store.clone(), &pipeline.sink, ty)
                 .await
                 .map_err(|e| {
                     eprintln!("dlq replay: {e}");
@@ -442,14 +582,25 @@ async fn cmd_dlq(path: &std::path::Path, action: DlqAction) -> Result<(), u8> {
     Ok(())
 }
 
-fn print_rows(rows: &[dlq::DeadLetterRow], json: bool) {
+/// Prints dead letters: JSON, or the per-type-and-reason summary and the
+/// table (at most `limit` rows; the summary counts all).
+fn print_rows(rows: &[dlq::DeadLetterRow], json: bool, limit: Option<usize>) {
+    let shown = &rows[..limit.unwrap_or(usize::MAX).min(rows.len())];
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(rows).expect("serialisable")
+            serde_json::to_string_pretty(shown).expect("serialisable")
         );
     } else {
-        print!("{}", dlq::render(rows));
+        print!("{}", dlq::summary(rows));
+        print!("{}", dlq::render(shown));
+        if shown.len() < rows.len() {
+            println!(
+                "({} of {} dead letters shown; --limit N shows more)",
+                shown.len(),
+                rows.len()
+            );
+        }
     }
 }
 

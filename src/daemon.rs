@@ -22,7 +22,7 @@ use crate::config::{Mode, Settings};
 use crate::ops::health::Health;
 use crate::ops::http::{self, AppState};
 use crate::ops::metrics::Metrics;
-use crate::ops::systemd;
+use crate::ops::{systemd, token};
 use crate::sink::client::ApiClient;
 use crate::sink::{self, SinkConfig, SinkHandle};
 use crate::source::poll::PollSource;
@@ -76,7 +76,8 @@ pub struct Pipeline {
     pub client: Arc<ApiClient>,
     /// Where sources send records.
     pub sink: SinkHandle,
-    sink_task: tokio::task::JoinHandle<()>,
+    /// `None` once the daemon saw it end.
+    sink_task: Option<tokio::task::JoinHandle<()>>,
     hard_stop: CancellationToken,
 }
 
@@ -93,7 +94,7 @@ impl Pipeline {
                 metrics.clone(),
                 hard_stop.clone(),
             )
-            .map_err(|e| DaemonError::Runtime(format!("cannot build the HTTP client: {e}")))?,
+            .map_err(DaemonError::Config)?,
         );
         let cfg = SinkConfig {
             max_records: settings.batch.max_records,
@@ -116,7 +117,7 @@ impl Pipeline {
             health,
             client,
             sink,
-            sink_task,
+            sink_task: Some(sink_task),
             hard_stop,
         })
     }
@@ -126,11 +127,14 @@ impl Pipeline {
     pub async fn drain(self, grace: Duration) {
         let Pipeline {
             sink,
-            mut sink_task,
+            sink_task,
             hard_stop,
             ..
         } = self;
         drop(sink);
+        let Some(mut sink_task) = sink_task else {
+            return;
+        };
         tokio::select! {
             _ = &mut sink_task => {}
             _ = tokio::time::sleep(grace) => {
@@ -189,8 +193,17 @@ pub fn check_secret_permissions(settings: &Settings) {
     }
 }
 
-/// `cobi-sync run`.
+/// `cobi-sync run` without a configuration file to re-read on SIGHUP.
 pub async fn run(settings: Settings) -> Result<(), DaemonError> {
+    run_from(settings, None).await
+}
+
+/// `cobi-sync run`: `config_path` is re-read on SIGHUP (see
+/// [`crate::ops::reload`]).
+pub async fn run_from(
+    settings: Settings,
+    config_path: Option<std::path::PathBuf>,
+) -> Result<(), DaemonError> {
     info!(
         version = env!("CARGO_PKG_VERSION"),
         mode = settings.source.mode.as_str(),
@@ -205,24 +218,36 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     }
     check_secret_permissions(&settings);
     let store = open_store(&settings)?;
-    let pipeline = Pipeline::start(&settings, store.clone())?;
+    let mut pipeline = Pipeline::start(&settings, store.clone())?;
     let read_stop = CancellationToken::new();
     let http_stop = CancellationToken::new();
+    let mut current = settings.clone();
     let settings = Arc::new(settings);
     let http_task = match settings.http.listen {
         Some(addr) => {
+            let token = token::create(&settings.state.dir).map_err(|e| {
+                DaemonError::Runtime(format!(
+                    "state.dir: cannot write the endpoint token {}: {e}",
+                    token::path(&settings.state.dir).display()
+                ))
+            })?;
             let state = AppState {
                 settings: settings.clone(),
                 store: store.clone(),
                 health: pipeline.health.clone(),
                 metrics: pipeline.metrics.clone(),
                 sink: pipeline.sink.clone(),
+                token: Some(token.into()),
             };
-            let task = http::serve(addr, state, http_stop.clone()).await.map_err(|e| {
-                DaemonError::Config(format!(
-                    "http.listen: cannot listen on {addr}: {e} (another process uses it? set http.listen to a free port, or \"\" to disable)"
-                ))
-            })?;
+            let task = http::serve(addr, state, http_stop.clone())
+                .await
+                .map_err(|e| {
+                    // Exit 1, not 2: the port may be free after a restart.
+                    DaemonError::Runtime(format!(
+                        "http.listen: cannot listen on {addr}: {e} (another process uses it? set \
+                     http.listen to a free port, or \"\" to disable)"
+                    ))
+                })?;
             info!(%addr, "http endpoint listening (/healthz /readyz /metrics /status)");
             Some(task)
         }
@@ -249,58 +274,55 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             }
         })
     };
+    let mut sink_task = pipeline.sink_task.take().expect("the sink runs");
+    let probe_task = tokio::spawn(reach_api(
+        pipeline.client.clone(),
+        pipeline.health.clone(),
+        (settings.api.initial_backoff, settings.api.max_backoff),
+        read_stop.clone(),
+    ));
 
     systemd::ready(&format!("{} mode: starting", settings.source.mode.as_str()));
-    let watchdog = systemd::watchdog_interval().map(|iv| {
-        let health = pipeline.health.clone();
-        let mode = settings.source.mode;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(iv / 2);
-            let mut n = 0u64;
-            loop {
-                tick.tick().await;
-                systemd::ping();
-                n += 1;
-                if n % 20 == 1 {
-                    let r = health.report();
-                    systemd::status(&format!(
-                        "{} mode: {}",
-                        mode.as_str(),
-                        if r.ready {
-                            "ready".to_string()
-                        } else {
-                            r.reasons.join("; ")
-                        }
-                    ));
-                }
-            }
-        })
-    });
-
-    let mut sigterm =
-        signal(SignalKind::terminate()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
-    let mut sigint =
-        signal(SignalKind::interrupt()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
-    let mut outcome = Ok(());
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM received; shutting down"),
-        _ = sigint.recv() => info!("SIGINT received; shutting down"),
-        r = &mut source_task => {
-            outcome = match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => {
-                    let e = DaemonError::from(e);
-                    match &e {
-                        DaemonError::Runtime(m) => error!(error = %m, "source stopped"),
-                        DaemonError::Config(m) => {
-                            error!(error = %m, "the configuration does not match the database")
-                        }
+    let mode = settings.source.mode;
+    let mut signals = Signals::install()?;
+    let mut pings = 0u64;
+    let health = pipeline.health.clone();
+    let client = pipeline.client.clone();
+    let ended = supervise(
+        &mut source_task,
+        &mut sink_task,
+        &mut signals,
+        || crate::ops::reload::on_sighup(config_path.as_deref(), &mut current, &client),
+        systemd::watchdog_interval().map(|iv| iv / 2),
+        || {
+            systemd::ping();
+            pings += 1;
+            if pings % 20 == 1 {
+                let r = health.report();
+                systemd::status(&format!(
+                    "{} mode: {}",
+                    mode.as_str(),
+                    if r.ready {
+                        "ready".to_string()
+                    } else {
+                        r.reasons.join("; ")
                     }
-                    Err(e)
-                }
-                Err(e) => Err(DaemonError::Runtime(format!("source task failed: {e}"))),
-            };
+                ));
+            }
+        },
+    )
+    .await;
+    let sink_ended = matches!(ended, Ended::Sink(_));
+    let outcome = outcome_of(ended);
+    match &outcome {
+        Ok(()) => {}
+        Err(DaemonError::Config(m)) => {
+            error!(error = %m, "the configuration does not match the database")
         }
+        Err(DaemonError::Runtime(m)) => error!(error = %m, "stopping: a task of the daemon ended"),
+    }
+    if !sink_ended {
+        pipeline.sink_task = Some(sink_task);
     }
     systemd::stopping();
     // One deadline for the source and the endpoint: a source blocked on a
@@ -312,17 +334,148 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     if !source_task.is_finished() {
         stop_within(source_task, deadline, "source").await;
     }
+    probe_task.abort();
     http_stop.cancel();
     if let Some(t) = http_task {
         stop_within(t, deadline, "http endpoint").await;
-    }
-    if let Some(w) = watchdog {
-        w.abort();
     }
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     pipeline.drain(left.max(MIN_DRAIN)).await;
     info!("cobi-sync stopped");
     outcome
+}
+
+/// The signals the daemon handles.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers (from now on SIGHUP no longer kills the process).
+    pub fn install() -> Result<Signals, DaemonError> {
+        let one = |k| signal(k).map_err(|e| DaemonError::Runtime(format!("signal handler: {e}")));
+        Ok(Signals {
+            term: one(SignalKind::terminate())?,
+            int: one(SignalKind::interrupt())?,
+            hup: one(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// The daemon's main loop: waits until a stop is requested or the source
+/// or sink task ends, whichever comes first; re-reads the configuration on
+/// each SIGHUP (`on_hup`); and calls `on_tick` every `tick` (the systemd
+/// watchdog ping) — from this loop only, so the pings stop when a task
+/// has ended.
+pub async fn supervise(
+    source: &mut tokio::task::JoinHandle<Result<(), SourceError>>,
+    sink: &mut tokio::task::JoinHandle<()>,
+    signals: &mut Signals,
+    mut on_hup: impl FnMut(),
+    tick: Option<Duration>,
+    mut on_tick: impl FnMut(),
+) -> Ended {
+    let mut ticker = tick.map(tokio::time::interval);
+    loop {
+        tokio::select! {
+            _ = signals.term.recv() => return Ended::Signal("SIGTERM"),
+            _ = signals.int.recv() => return Ended::Signal("SIGINT"),
+            _ = signals.hup.recv() => on_hup(),
+            r = &mut *source => return Ended::Source(r),
+            r = &mut *sink => return Ended::Sink(r),
+            _ = async { ticker.as_mut().expect("guarded").tick().await }, if ticker.is_some() => on_tick(),
+        }
+    }
+}
+
+/// Why the daemon's main loop ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// A stop was requested.
+    Signal(&'static str),
+    /// The source task ended.
+    Source(Result<Result<(), SourceError>, tokio::task::JoinError>),
+    /// The sink task ended.
+    Sink(Result<(), tokio::task::JoinError>),
+}
+
+/// The exit rule (DESIGN.md §2): only a requested stop is a success; any
+/// internal task that ends by itself — the sink, or the source in either
+/// mode, even without an error — is a failure (exit 1, so systemd
+/// restarts the daemon), except a mapping that does not match the database
+/// (exit 2: a restart cannot fix it).
+pub fn outcome_of(ended: Ended) -> Result<(), DaemonError> {
+    match ended {
+        Ended::Signal(name) => {
+            info!("{name} received; shutting down");
+            Ok(())
+        }
+        Ended::Source(Ok(Ok(()))) => Err(DaemonError::Runtime(
+            "the source stopped by itself (its sink is gone, or it lost its stop signal); \
+             exiting 1 so that systemd restarts cobi-sync"
+                .into(),
+        )),
+        Ended::Source(Ok(Err(e))) => Err(DaemonError::from(e)),
+        Ended::Source(Err(e)) => Err(DaemonError::Runtime(format!("the source task failed: {e}"))),
+        Ended::Sink(Ok(())) => Err(DaemonError::Runtime(
+            "the sink stopped by itself; exiting 1 so that systemd restarts cobi-sync \
+             (undelivered records are read again)"
+                .into(),
+        )),
+        Ended::Sink(Err(e)) => Err(DaemonError::Runtime(format!(
+            "the sink task failed: {e}; exiting 1 so that systemd restarts cobi-sync \
+             (undelivered records are read again)"
+        ))),
+    }
+}
+
+/// Proves the API once at start (the empty batch `check` sends), so that
+/// `/readyz` turns ready on a quiet source too and a wrong `api.base_url`
+/// or key shows at start: until the API answers with its envelope (or a
+/// delivery succeeds first), the API is "not reached yet", and each failed
+/// probe sets the API's last error. Retries with growing backoff; logs a
+/// WARN at the first failure and every 10th.
+async fn reach_api(
+    client: Arc<ApiClient>,
+    health: Arc<crate::ops::health::Health>,
+    (initial, max): (Duration, Duration),
+    stop: CancellationToken,
+) {
+    let shops = crate::model::schema::schema()
+        .type_id("shops")
+        .expect("shops exists");
+    let mut delay = initial;
+    for attempt in 0u64.. {
+        if health.report().api_ready {
+            return;
+        }
+        let problem = match client.probe(shops).await {
+            Ok(answer) => {
+                match crate::check::probe_verdict("the Cobi API", "the key source", &answer).verdict
+                {
+                    crate::check::Verdict::Ok(_) => {
+                        health.set_api(true, None);
+                        info!("cobi api reachable, key accepted");
+                        return;
+                    }
+                    crate::check::Verdict::Fail(d, fix) => format!("{d}; fix: {fix}"),
+                    crate::check::Verdict::Warn(d) => d,
+                }
+            }
+            Err(e) => e,
+        };
+        if attempt % 10 == 0 {
+            warn!(error = %problem, "cobi api not reached yet; retrying");
+        }
+        health.set_api(false, Some(problem));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => return,
+        }
+        delay = (delay * 2).min(max);
+    }
 }
 
 /// The least time the sink gets to deliver what it holds at shutdown, even
@@ -344,5 +497,127 @@ async fn stop_within<T>(
         );
         task.abort();
         let _ = task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The outcome when a real task ends the way `f` makes it end.
+    async fn ended_by<T: Send + 'static>(
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        tokio::spawn(f).await
+    }
+
+    #[tokio::test]
+    async fn only_a_requested_stop_exits_0() {
+        // A sink task that panics (killed), and one that returns by itself.
+        let panicked = ended_by(async { panic!("sink bug") }).await;
+        let returned = ended_by(async {}).await;
+        // A source that returns Ok without being asked (poll mode does when
+        // its sink is gone), one that fails, one that panics.
+        let quiet_source = ended_by(async { Ok::<(), SourceError>(()) }).await;
+        let failing = ended_by(async { Err(SourceError::Fatal("slot lost".into())) }).await;
+        let config = ended_by(async { Err(SourceError::Config("no column".into())) }).await;
+        let source_panic = ended_by(async {
+            panic!("source bug");
+            #[allow(unreachable_code)]
+            Ok::<(), SourceError>(())
+        })
+        .await;
+        let cases: Vec<(Ended, Option<u8>, &str)> = vec![
+            (Ended::Signal("SIGTERM"), None, ""),
+            (Ended::Signal("SIGINT"), None, ""),
+            (Ended::Sink(panicked), Some(1), "sink task failed"),
+            (Ended::Sink(returned), Some(1), "sink stopped by itself"),
+            (
+                Ended::Source(quiet_source),
+                Some(1),
+                "source stopped by itself",
+            ),
+            (Ended::Source(failing), Some(1), "slot lost"),
+            (Ended::Source(config), Some(2), "no column"),
+            (Ended::Source(source_panic), Some(1), "source task failed"),
+        ];
+        for (ended, code, word) in cases {
+            let what = format!("{ended:?}");
+            match outcome_of(ended) {
+                Ok(()) => assert_eq!(code, None, "{what} must not exit 0"),
+                Err(e) => {
+                    assert_eq!(Some(e.exit_code()), code, "{what}: {e}");
+                    assert!(e.to_string().contains(word), "{what}: {e}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod supervise_tests {
+    use super::*;
+
+    /// A sink task that dies while the source runs on ends the loop (and
+    /// the watchdog pings with it) as a failure.
+    #[tokio::test]
+    async fn a_dead_sink_ends_the_daemon_with_exit_1() {
+        let mut signals = Signals::install().unwrap();
+        let mut source = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok::<(), SourceError>(())
+        });
+        let mut sink = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            panic!("killed");
+        });
+        let mut pings = 0;
+        let ended = tokio::time::timeout(
+            Duration::from_secs(20),
+            supervise(
+                &mut source,
+                &mut sink,
+                &mut signals,
+                || {},
+                Some(Duration::from_millis(10)),
+                || pings += 1,
+            ),
+        )
+        .await
+        .expect("the loop must end when the sink dies");
+        assert!(matches!(ended, Ended::Sink(Err(_))), "{ended:?}");
+        assert!(pings >= 1, "the watchdog was fed while both ran");
+        assert_eq!(outcome_of(ended).unwrap_err().exit_code(), 1);
+        source.abort();
+    }
+
+    /// SIGHUP calls the reload and never ends the loop.
+    #[tokio::test]
+    async fn sighup_reloads_and_keeps_running() {
+        let mut signals = Signals::install().unwrap();
+        let mut source = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Ok::<(), SourceError>(())
+        });
+        let mut sink = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        });
+        tokio::spawn(async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            unsafe { libc::raise(libc::SIGHUP) };
+        });
+        let mut reloads = 0;
+        let ended = supervise(
+            &mut source,
+            &mut sink,
+            &mut signals,
+            || reloads += 1,
+            None,
+            || {},
+        )
+        .await;
+        assert_eq!(reloads, 1);
+        assert!(matches!(ended, Ended::Source(Ok(Ok(())))), "{ended:?}");
+        sink.abort();
     }
 }

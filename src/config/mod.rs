@@ -13,6 +13,12 @@ pub mod raw;
 pub mod secret;
 mod settings;
 
+/// The HTTP endpoint's default address: loopback, on a port outside
+/// 9090–9999 and 10000+, which the Prometheus project's default port
+/// allocations hand to exporters (postgres_exporter's 9187 runs on many
+/// database hosts), and clear of other common agents' ports.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7781";
+
 use std::fmt;
 use std::path::Path;
 
@@ -107,7 +113,9 @@ pub fn load(path: &Path) -> Result<Settings, ConfigErrors> {
             format!("cannot read: {e}"),
         )],
     })?;
-    load_str(&text, &origin)
+    let mut settings = load_str(&text, &origin)?;
+    settings.api.key.installed = Some(secret::installed_key_path(path));
+    Ok(settings)
 }
 
 /// Loads configuration text (TOML) with the environment overlay.

@@ -26,6 +26,13 @@ pub enum SslMode {
 }
 
 impl SslMode {
+    /// Whether the connection may run unencrypted or to an unverified
+    /// server (`disable`, `allow`, `prefer`): anyone on the path can read
+    /// or impersonate it.
+    pub fn is_unprotected(self) -> bool {
+        matches!(self, SslMode::Disable | SslMode::Prefer)
+    }
+
     fn parse(s: &str) -> Option<SslMode> {
         Some(match s {
             "disable" => SslMode::Disable,
@@ -134,6 +141,17 @@ impl fmt::Display for PgUrl {
 }
 
 impl PgUrl {
+    /// Whether the server is on this machine: a Unix socket, `localhost`
+    /// or a loopback address (where the network path needs no TLS).
+    pub fn is_local(&self) -> bool {
+        self.host.starts_with('/')
+            || self.host == "localhost"
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
     /// Parses a libpq URL. The error says what is wrong, never echoing a
     /// password.
     pub fn parse(text: &str) -> Result<PgUrl, String> {
@@ -183,6 +201,13 @@ impl PgUrl {
                 "password" => password = Some(Secret::new(v.to_string())),
                 "dbname" => dbname = v.to_string(),
                 "sslmode" => {
+                    if &*v == "allow" {
+                        warnings.push(
+                            "sslmode=allow is handled as prefer: TLS when the server offers it, \
+                             the certificate not verified; use sslmode=verify-full"
+                                .to_string(),
+                        );
+                    }
                     sslmode = SslMode::parse(&v).ok_or_else(|| {
                         format!(
                             "sslmode `{v}` is not one of disable, allow, prefer, require, \

@@ -32,7 +32,7 @@ pub struct RawConfig {
 }
 
 /// `[source]`
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawSource {
     /// libpq URL of the partner database.
@@ -47,6 +47,26 @@ pub struct RawSource {
     pub replication: RawReplication,
     /// `[source.poll]`
     pub poll: RawPoll,
+}
+
+/// Prints the URL without its password (a URL that does not parse is not
+/// printed at all: it could hold one anywhere).
+impl std::fmt::Debug for RawSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = match super::pgurl::PgUrl::parse(self.url.trim()) {
+            Ok(u) => u.to_string(),
+            Err(_) if self.url.is_empty() => String::new(),
+            Err(_) => "(not shown)".into(),
+        };
+        f.debug_struct("RawSource")
+            .field("url", &url)
+            .field("password_file", &self.password_file)
+            .field("mode", &self.mode)
+            .field("timezone", &self.timezone)
+            .field("replication", &self.replication)
+            .field("poll", &self.poll)
+            .finish()
+    }
 }
 
 impl Default for RawSource {
@@ -93,6 +113,8 @@ impl Default for RawReplication {
 pub struct RawPoll {
     /// 6-field cron expression.
     pub schedule: String,
+    /// IANA zone the schedules are read in.
+    pub schedule_timezone: String,
     /// Re-read window.
     pub lookback: String,
     /// Rows per query page.
@@ -103,6 +125,7 @@ impl Default for RawPoll {
     fn default() -> Self {
         RawPoll {
             schedule: "*/30 * * * * *".into(),
+            schedule_timezone: "UTC".into(),
             lookback: "2m".into(),
             page_size: 5000,
         }
@@ -131,6 +154,9 @@ pub struct RawApi {
     pub initial_backoff: String,
     /// Longest retry delay.
     pub max_backoff: String,
+    /// Extra CA certificates (PEM) trusted for the API, e.g. a
+    /// TLS-inspecting proxy's.
+    pub ca_file: Option<String>,
 }
 
 impl Default for RawApi {
@@ -145,6 +171,7 @@ impl Default for RawApi {
             requests_per_minute: 0,
             initial_backoff: "500ms".into(),
             max_backoff: "5m".into(),
+            ca_file: None,
         }
     }
 }
@@ -198,7 +225,7 @@ pub struct RawHttp {
 impl Default for RawHttp {
     fn default() -> Self {
         RawHttp {
-            listen: "127.0.0.1:9187".into(),
+            listen: crate::config::DEFAULT_LISTEN.into(),
         }
     }
 }
@@ -262,4 +289,29 @@ pub struct RawMapping {
     /// Cobi field → source spec. Kept as JSON values and parsed by hand so
     /// errors can name `mapping[i].fields.<field>`.
     pub fields: BTreeMap<String, serde_json::Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_prints_the_database_password() {
+        for url in [
+            "postgres://cobi_sync:s3cr3t-pw@db.internal:5432/shop",
+            "postgres://cobi_sync@db.internal/shop?password=s3cr3t-pw",
+            "not a url s3cr3t-pw",
+        ] {
+            let raw = RawConfig {
+                source: RawSource {
+                    url: url.into(),
+                    ..RawSource::default()
+                },
+                ..RawConfig::default()
+            };
+            let text = format!("{raw:?}");
+            assert!(!text.contains("s3cr3t-pw"), "{text}");
+            assert!(text.contains("RawSource"), "{text}");
+        }
+    }
 }

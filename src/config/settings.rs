@@ -98,6 +98,8 @@ pub struct ReplicationSettings {
 pub struct PollSettings {
     /// When to poll.
     pub schedule: cron::Schedule,
+    /// The zone `schedule` and `reconcile` are read in.
+    pub schedule_timezone: Tz,
     /// Re-read window.
     pub lookback: Duration,
     /// Rows per page.
@@ -121,6 +123,9 @@ pub struct ApiSettings {
     pub initial_backoff: Duration,
     /// Longest retry delay.
     pub max_backoff: Duration,
+    /// Extra CA certificates (PEM bundle) trusted for the API besides the
+    /// web PKI roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[batch]`
@@ -287,15 +292,77 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("`{s}` is not a size ({e})"))
 }
 
-/// Parses a 6-field cron expression (sec min hour dom month dow).
+/// Parses a 6-field cron expression (sec min hour dom month dow). The
+/// day of week is numbered as in standard cron: 0 or 7 = Sunday,
+/// 1 = Monday … 6 = Saturday (names `MON`…`SUN` work too); the `cron`
+/// crate counts 1 = Sunday, so numbers are translated.
 pub fn parse_cron(s: &str) -> Result<cron::Schedule, String> {
-    let n = s.split_whitespace().count();
+    let fields: Vec<&str> = s.split_whitespace().collect();
+    let n = fields.len();
     if n != 6 {
         return Err(format!(
             "`{s}` has {n} fields; write 6: second minute hour day-of-month month day-of-week"
         ));
     }
-    cron::Schedule::from_str(s).map_err(|e| format!("`{s}` is not a cron expression ({e})"))
+    let dow = cron_day_of_week(fields[5]).map_err(|e| format!("`{s}`: day of week {e}"))?;
+    let translated = format!("{} {dow}", fields[..5].join(" "));
+    cron::Schedule::from_str(&translated)
+        .map_err(|e| format!("`{s}` is not a cron expression ({e})"))
+}
+
+/// Standard cron day-of-week (0/7 = Sunday … 6 = Saturday, names, lists,
+/// ranges, steps) → the `cron` crate's numbering (1 = Sunday … 7 =
+/// Saturday), as an explicit list.
+fn cron_day_of_week(field: &str) -> Result<String, String> {
+    if field == "*" || field == "?" {
+        return Ok(field.to_string());
+    }
+    const NAMES: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
+    let day = |t: &str| -> Result<u32, String> {
+        if let Some(i) = NAMES.iter().position(|n| n.eq_ignore_ascii_case(t)) {
+            return Ok(i as u32);
+        }
+        match t.parse::<u32>() {
+            Ok(d) if d <= 7 => Ok(d),
+            _ => Err(format!(
+                "`{t}` is not a day: use 0-7 (0 and 7 = Sunday, 1 = Monday) or MON…SUN"
+            )),
+        }
+    };
+    let mut days = [false; 7];
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((r, st)) => (
+                r,
+                st.parse::<u32>()
+                    .ok()
+                    .filter(|&x| x > 0)
+                    .ok_or_else(|| format!("`{item}` has a bad step"))?,
+            ),
+            None => (item, 1),
+        };
+        let (lo, hi) = match range {
+            "*" => (0, 6),
+            r => match r.split_once('-') {
+                Some((a, b)) => (day(a)?, day(b)?),
+                None if step > 1 => (day(r)?, 6),
+                None => (day(r)?, day(r)?),
+            },
+        };
+        if lo > hi {
+            return Err(format!("`{item}` is a range that runs backwards"));
+        }
+        let mut d = lo;
+        while d <= hi {
+            days[(d % 7) as usize] = true;
+            d += step;
+        }
+    }
+    let list: Vec<String> = (0..7)
+        .filter(|&d| days[d])
+        .map(|d| (d + 1).to_string())
+        .collect();
+    Ok(list.join(","))
 }
 
 fn is_identifier(s: &str) -> bool {
@@ -408,6 +475,14 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
             None
         }
     };
+    let schedule_timezone = p.schedule_timezone.parse::<Tz>().unwrap_or_else(|_| {
+        err(
+            "source.poll.schedule_timezone",
+            format!("`{}` is not an IANA time zone", p.schedule_timezone),
+            "schedule_timezone = \"Europe/London\"",
+        );
+        Tz::UTC
+    });
     let lookback = parse_duration(&p.lookback).unwrap_or_else(|m| {
         err("source.poll.lookback", m, "lookback = \"2m\"");
         Duration::ZERO
@@ -481,6 +556,16 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
     );
     let max_backoff = dur("api.max_backoff", &a.max_backoff, "max_backoff = \"5m\"");
     let linger = dur("batch.linger", &raw.batch.linger, "linger = \"1s\"");
+    let ca_file = a.ca_file.as_deref().map(str::trim).map(PathBuf::from);
+    if let Some(p) = &ca_file {
+        if let Err(m) = crate::config::secret::check_ca_file(p) {
+            err(
+                "api.ca_file",
+                m,
+                "ca_file = \"/etc/ssl/certs/proxy-ca.pem\"",
+            );
+        }
+    }
     if initial_backoff > max_backoff {
         err(
             "api.initial_backoff",
@@ -554,7 +639,7 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
                         "`{}` is not an address:port (\"\" disables the endpoint)",
                         raw.http.listen
                     ),
-                    "listen = \"127.0.0.1:9187\"",
+                    "listen = \"127.0.0.1:7781\"",
                 );
                 None
             }
@@ -633,6 +718,7 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
             },
             poll: PollSettings {
                 schedule: schedule.expect("checked"),
+                schedule_timezone,
                 lookback,
                 page_size: p.page_size as u32,
             },
@@ -642,12 +728,14 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
             key: KeySource {
                 file: a.api_key_file.as_ref().map(PathBuf::from),
                 env: a.api_key_env.trim().to_string(),
+                installed: None,
             },
             timeout,
             concurrency: a.concurrency as usize,
             requests_per_minute: a.requests_per_minute as u32,
             initial_backoff,
             max_backoff,
+            ca_file,
         },
         batch: BatchSettings {
             max_records: raw.batch.max_records as usize,
@@ -862,6 +950,12 @@ fn validate_mapping(
                 continue;
             };
             match parse_field_spec(v, ty, f) {
+                Ok(FieldSpec::Const(c)) => {
+                    match crate::mapping::engine::check_constant(&c, ty, f) {
+                        Ok(()) => fields.push((f, FieldSpec::Const(c))),
+                        Err(msg) => err(key, msg, &format!("{name} = {{ column = \"src_col\" }}")),
+                    }
+                }
                 Ok(spec) => fields.push((f, spec)),
                 Err(msg) => err(key, msg, &format!("{name} = {{ column = \"src_col\" }}")),
             }
@@ -965,6 +1059,70 @@ region = { column = "country", transform = "upper" }
             Ok(_) => String::from("<valid>"),
             Err(e) => e.errors[0].to_string(),
         }
+    }
+
+    #[test]
+    fn cron_day_of_week_counts_like_standard_cron() {
+        use chrono::{Datelike, TimeZone};
+        // Wednesday 2024-01-03 00:00 UTC; the next matching day's weekday.
+        let start = chrono::Utc.with_ymd_and_hms(2024, 1, 3, 0, 0, 0).unwrap();
+        let cases = [
+            ("0 0 12 * * 1", vec!["Mon"]),
+            ("0 0 12 * * 0", vec!["Sun"]),
+            ("0 0 12 * * 7", vec!["Sun"]),
+            ("0 0 12 * * 1-5", vec!["Mon", "Tue", "Wed", "Thu", "Fri"]),
+            ("0 0 12 * * 5-7", vec!["Fri", "Sat", "Sun"]),
+            ("0 0 12 * * 6,0", vec!["Sat", "Sun"]),
+            (
+                "0 0 12 * * MON-FRI",
+                vec!["Mon", "Tue", "Wed", "Thu", "Fri"],
+            ),
+            ("0 0 12 * * */2", vec!["Sun", "Tue", "Thu", "Sat"]),
+            (
+                "0 0 12 * * *",
+                vec!["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"],
+            ),
+        ];
+        for (expr, want) in cases {
+            let s = super::parse_cron(expr).unwrap();
+            let mut got: Vec<String> = s
+                .after(&start)
+                .take(7)
+                .map(|t| t.weekday().to_string())
+                .collect();
+            got.sort();
+            got.dedup();
+            let mut want: Vec<String> = want.iter().map(|d| d.to_string()).collect();
+            want.sort();
+            assert_eq!(got, want, "{expr}");
+        }
+        assert!(super::parse_cron("0 0 12 * * 8")
+            .unwrap_err()
+            .contains("0-7"));
+    }
+
+    #[test]
+    fn constants_that_can_never_be_valid_are_refused() {
+        let with = |field: &str| base(&SHOPS.replace("region =", &format!("{field}\nregion =")));
+        let cases = [
+            (
+                "created = { value = 5 }",
+                "mapping[0].fields.created: a integer value cannot become field `created`",
+            ),
+            (
+                "created = { value = \"soon\" }",
+                "mapping[0].fields.created",
+            ),
+        ];
+        for (field, want) in &cases {
+            let got = first_error(&with(field));
+            assert!(got.starts_with(want), "{field}: {got}");
+        }
+        // A valid constant still passes.
+        assert_eq!(
+            first_error(&with("created = { value = \"2024-01-02T03:04:05Z\" }")),
+            "<valid>"
+        );
     }
 
     #[test]
@@ -1098,6 +1256,6 @@ region = { column = "country", transform = "upper" }
         assert_eq!(s.source.replication.max_slot_lag, 4 << 30);
         assert_eq!(&*s.mappings[0].id, "shops/public.merchant");
         assert_eq!(s.mappings[0].columns(), ["id", "trade_name", "country"]);
-        assert_eq!(s.http.listen.unwrap().port(), 9187);
+        assert_eq!(s.http.listen.unwrap().port(), 7781);
     }
 }

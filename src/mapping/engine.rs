@@ -213,6 +213,27 @@ fn static_transform(t: &Transform, st: SType) -> Result<SType, String> {
     })
 }
 
+/// Whether a constant (`{ value = … }`) can ever be a valid value of
+/// `def`: its type fits the field, it converts, and the result passes the
+/// field's local validation. The message says why not.
+pub fn check_constant(v: &Value, ty: TypeId, field: FieldId) -> Result<(), String> {
+    let def = &schema().ty(ty).fields[field as usize];
+    if v.is_null() {
+        return Ok(());
+    }
+    static_target(&SType::of_value(v), def)?;
+    let json = to_json(v.clone(), def, Tz::UTC)?;
+    let mut record = Record::new(ty);
+    record.set(field, json);
+    match crate::model::validate::validate(&record)
+        .into_iter()
+        .find(|p| p.field == def.name)
+    {
+        Some(p) => Err(format!("the constant {}", p.reason)),
+        None => Ok(()),
+    }
+}
+
 fn static_target(st: &SType, def: &FieldDef) -> Result<(), String> {
     use SType::*;
     if matches!(st, Any) {
@@ -360,6 +381,19 @@ impl CompiledMapping {
                 ),
                 FieldSpec::Const(_) => (Vec::new(), Vec::new(), None),
             };
+            // A list of references holds UUIDs: integer ids need uuid5.
+            if def.format == Some(Format::CommaSeparatedList)
+                && def.reference.is_some()
+                && matches!(&st, SType::Array(e) if matches!(**e, SType::Int | SType::Numeric))
+                && !transforms.iter().any(|t| matches!(t, Transform::Uuid5(_)))
+            {
+                errors.push(format!(
+                    "fields.{}: the elements are integers but must be UUIDs of the referenced \
+                     records; derive them with transform = [\"uuid5:<type>\", \"csv\"]",
+                    def.name
+                ));
+                continue;
+            }
             let mut failed = false;
             for tr in &transforms {
                 match static_transform(tr, st.clone()) {

@@ -71,9 +71,11 @@ pub fn format_naive(micros: i64) -> Option<String> {
     ))
 }
 
-/// Reads a wall-clock time in `tz` and returns UTC microseconds. In a DST
-/// overlap the earlier instant is taken; a time inside a DST gap is moved
-/// forward by the gap, as PostgreSQL does.
+/// Reads a wall-clock time in `tz` and returns UTC microseconds, exactly
+/// as PostgreSQL's `AT TIME ZONE` does: a time in the repeated hour of a
+/// fall-back takes the offset in force just after the transition (standard
+/// time, the later instant); a time inside a spring-forward gap takes the
+/// offset in force just before it (so it moves forward by the gap).
 pub fn naive_to_utc(micros: i64, tz: Tz) -> Option<i64> {
     if micros == i64::MAX || micros == i64::MIN {
         return Some(micros);
@@ -83,7 +85,7 @@ pub fn naive_to_utc(micros: i64, tz: Tz) -> Option<i64> {
     let naive = DateTime::from_timestamp(secs, sub * 1000)?.naive_utc();
     let local = match tz.from_local_datetime(&naive) {
         LocalResult::Single(t) => t,
-        LocalResult::Ambiguous(a, _) => a,
+        LocalResult::Ambiguous(_, later) => later,
         LocalResult::None => {
             // Inside a spring-forward gap: shift by one hour like PostgreSQL.
             let shifted = naive + chrono::Duration::hours(1);
@@ -328,6 +330,57 @@ mod tests {
         let utc = date_to_utc(d, tz).unwrap();
         assert_eq!(format_rfc3339(utc).unwrap(), "2024-01-14T23:00:00.000000Z");
         assert_eq!(utc_to_date(utc, tz), Some(d));
+    }
+
+    /// Expected values are PostgreSQL 15's own answers to
+    /// `'<wall>'::timestamp AT TIME ZONE '<zone>'`.
+    #[test]
+    fn wall_clock_converts_like_postgresql_around_transitions() {
+        let cases = [
+            // Fall-back: the repeated hour is read as standard time.
+            (
+                "America/New_York",
+                "2024-11-03 01:30:00",
+                "2024-11-03T06:30:00.000000Z",
+            ),
+            (
+                "America/New_York",
+                "2024-11-03 00:59:59",
+                "2024-11-03T04:59:59.000000Z",
+            ),
+            (
+                "America/New_York",
+                "2024-11-03 02:00:00",
+                "2024-11-03T07:00:00.000000Z",
+            ),
+            (
+                "Europe/Berlin",
+                "2024-10-27 02:30:00",
+                "2024-10-27T01:30:00.000000Z",
+            ),
+            // Spring-forward gap: the offset before the transition.
+            (
+                "America/New_York",
+                "2024-03-10 02:30:00",
+                "2024-03-10T07:30:00.000000Z",
+            ),
+            (
+                "Europe/Berlin",
+                "2024-03-31 02:30:00",
+                "2024-03-31T01:30:00.000000Z",
+            ),
+            // Ordinary times.
+            (
+                "America/New_York",
+                "2024-07-01 12:00:00",
+                "2024-07-01T16:00:00.000000Z",
+            ),
+        ];
+        for (zone, wall, want) in cases {
+            let tz: Tz = zone.parse().unwrap();
+            let utc = naive_to_utc(parse_pg_timestamp(wall).unwrap(), tz).unwrap();
+            assert_eq!(format_rfc3339(utc).unwrap(), want, "{zone} {wall}");
+        }
     }
 
     #[test]

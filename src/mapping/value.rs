@@ -156,6 +156,16 @@ impl Value {
     }
 }
 
+/// A `real` (float4) as the `f64` of its shortest decimal form — the digits
+/// PostgreSQL prints (`0.1`, not `0.10000000149011612`).
+pub fn widen_f32(x: f32) -> f64 {
+    if x.is_finite() {
+        format!("{x:e}").parse().unwrap_or(x as f64)
+    } else {
+        x as f64
+    }
+}
+
 /// Formats a float the way PostgreSQL's shortest-exact output does
 /// (`1.5`, `NaN`, `Infinity`, `-Infinity`).
 pub fn format_float(f: f64) -> String {

@@ -6,18 +6,22 @@
 //!   schema) takes `{"records": [...]}` with 1..=5000 records and needs
 //!   `Authorization: Bearer <key>` (401 with the documented body
 //!   otherwise; an empty batch is a 400, so any answer but 401/403 proves
-//!   the key). Each record is parsed into a [`Record`](crate::model::Record)
-//!   (unknown fields rejected), checked with
-//!   [`validate`](crate::model::validate::validate), and its validated
-//!   references (`Reference::{To, ByField}` with `validated`) must name a
-//!   key stored by an *earlier* request; a soft-deleted parent still
-//!   counts. The answer is the SPEC.md envelope: 200 when every record is
-//!   accepted, 207 when some fail, 400 when all do; `error` names each
-//!   failing record by its Cobi key (or `#<index>`) and the reason.
-//! - Accepted records are upserted by [`cobi_key`](crate::model::Record::cobi_key):
-//!   the latest version per key is kept. Re-sending a record whose content
-//!   equals the stored one is counted as a duplicate (at-least-once
-//!   delivery shows up here).
+//!   the key). Each record is read as it was sent (unknown or repeated
+//!   fields rejected, numbers kept as their exact text) and judged by the
+//!   mock's *own* validation (`check.rs`: schema.json's types, formats,
+//!   required/nullable, enums and bounds — independent of the product's
+//!   `model::validate`, so that the two cannot share a bug); its validated
+//!   references must name a key stored by an *earlier* request; a
+//!   soft-deleted parent still counts. The answer is the SPEC.md envelope:
+//!   200 when every record is accepted, 207 when some fail, 400 when all
+//!   do; `error` names each failing record by its Cobi key (or `#<index>`)
+//!   and the reason — or, with `--opaque-errors`, only how many failed.
+//! - Accepted records are upserted by their Cobi key (key fields joined by
+//!   `|`, the natural key when an optional key is absent) and stored
+//!   exactly as received: what tests read back is what the client sent,
+//!   every digit included. Re-sending a record whose content equals the
+//!   stored one (whitespace, field order and number spelling aside) is
+//!   counted as a duplicate (at-least-once delivery shows up here).
 //! - `POST /user-interactions` takes one object, validated the same way
 //!   (`student_id` → customers, `item_id` → the type `item_type` names);
 //!   201 with the object and a generated `id`, or 400 `{"error", "message"}`.
@@ -35,16 +39,15 @@
 //! - Unknown type: 404; a body that is not `{"records": [...]}`, empty, or
 //!   over 5000 records: 400 with the envelope; bodies over 64 MiB: 413.
 //!
-//! Records are stored as canonical JSON (schema field order; a record that
-//! arrives in that form, as the daemon sends it, is stored as it came),
-//! each type behind its own lock that is held only to look parents up or
-//! to apply. Parsing and validation run outside any lock, on the tokio
-//! worker serving the connection (a 5000-record body takes a few
-//! milliseconds). `benches/mock_ingest.rs` measures about a million records
-//! per second on two cores, client included.
+//! Each type's records sit behind their own lock that is held only to
+//! look parents up or to apply. Parsing and validation run outside any
+//! lock, on the tokio worker serving the connection (a 5000-record body
+//! takes a few milliseconds). `benches/mock_ingest.rs` measures the
+//! records per second it ingests over real HTTP, client included.
 
-mod canonical;
+mod check;
 mod faults;
+mod keys;
 mod parse;
 mod server;
 mod store;
@@ -200,6 +203,21 @@ impl MockServer {
             .records_json(id)
             .iter()
             .map(|r| serde_json::from_slice(r).expect("stored records are JSON"))
+            .collect()
+    }
+
+    /// The stored records of a type exactly as they were received (JSON
+    /// object texts, numbers with every digit they were sent with), in the
+    /// order of [`MockServer::records`].
+    pub fn records_text(&self, ty: &str) -> Vec<String> {
+        let Some(id) = schema().type_id(ty) else {
+            return Vec::new();
+        };
+        self.shared
+            .store
+            .records_json(id)
+            .iter()
+            .map(|r| String::from_utf8(r.to_vec()).expect("stored records are UTF-8"))
             .collect()
     }
 

@@ -321,7 +321,10 @@ fn single(shared: &Shared, ty: TypeId, body: &[u8]) -> Resp {
     // The echo: the stored object plus a generated `id`.
     let mut echo = accepted.json.to_vec();
     echo.pop(); // '}'
-    if echo.len() > 1 {
+    while echo.last().is_some_and(u8::is_ascii_whitespace) {
+        echo.pop();
+    }
+    if echo.last() != Some(&b'{') {
         echo.push(b',');
     }
     echo.extend_from_slice(br#""id":""#);

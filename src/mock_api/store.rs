@@ -1,34 +1,33 @@
-//! What the mock API holds: the latest record per key and type, the
-//! interactions, and the counters behind `/_mock/stats`.
+//! What the mock API holds: the latest record per key and type, exactly as
+//! it was received, the interactions, and the counters behind
+//! `/_mock/stats`.
 //!
-//! A request is judged in two phases. [`Store::check`] parses nothing
-//! itself: it validates the parsed records with [`validate`] and then
-//! checks their validated references against the store *as it is before
-//! the request is applied* (no type references itself, so a parent can
-//! never come from the same request). [`Store::apply`] then upserts the
-//! accepted records under the type's write lock. Each type has its own
-//! lock, so requests of different types never wait for each other and
-//! reference checks only take read locks on the parent types.
+//! A request is judged in two phases. [`Store::check`] validates the
+//! parsed records with the mock's own rules ([`validate`]) and then checks
+//! their validated references against the store *as it is before the
+//! request is applied* (no type references itself, so a parent can never
+//! come from the same request). [`Store::apply`] then upserts the accepted
+//! records under the type's write lock. Each type has its own lock, so
+//! requests of different types never wait for each other and reference
+//! checks only take read locks on the parent types.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 use xxhash_rust::xxh3::Xxh3DefaultBuilder;
 
-use crate::mock_api::canonical::{key_of, write_record, Key};
+use crate::mock_api::check::{by_field, describe, validate, Problem};
+use crate::mock_api::keys::{key_of, parent_refs, same_content, Key};
 use crate::mock_api::parse::Parsed;
-use crate::model::record::{Json, Record};
-use crate::model::schema::{schema, FieldId, Reference, TypeId};
-use crate::model::validate::{describe, validate, Problem};
+use crate::model::schema::{schema, TypeId};
 
 /// A record that passed every check, ready to be stored.
 #[derive(Debug)]
 pub(crate) struct Candidate {
-    /// The record (its key is read when it is stored).
-    pub record: Record,
-    /// The record as canonical JSON (fields in schema order).
+    /// The record's key (`None` for interactions).
+    pub key: Option<Key>,
+    /// The record's JSON text as it was received.
     pub json: Box<[u8]>,
 }
 
@@ -56,7 +55,7 @@ pub(crate) struct Checked {
 
 #[derive(Default)]
 struct TypeStore {
-    /// Latest canonical JSON per key.
+    /// Latest received JSON per key.
     by_key: HashMap<Key, Box<[u8]>, Xxh3DefaultBuilder>,
     /// Every accepted record of a type without a key (interactions).
     unkeyed: Vec<Box<[u8]>>,
@@ -71,43 +70,13 @@ pub(crate) struct Store {
     reference_failures: AtomicU64,
 }
 
-/// A validated reference of a record: the parent type and the key.
-struct ParentRef<'r> {
-    field: FieldId,
-    ty: TypeId,
-    key: &'r str,
-}
-
-/// The validated references a record makes (null/absent ones are fine
-/// and not listed; wrong types were already reported by validation).
-fn parent_refs(record: &Record) -> impl Iterator<Item = ParentRef<'_>> {
-    let t = schema().ty(record.ty);
-    t.fields.iter().enumerate().filter_map(move |(i, def)| {
-        let field = i as FieldId;
-        let parent = match def.reference.as_ref()? {
-            Reference::To {
-                ty,
-                validated: true,
-            } => *ty,
-            Reference::ByField {
-                field: by,
-                targets,
-                validated: true,
-            } => {
-                let d = record.get(*by)?.as_str()?;
-                targets.iter().find(|(v, _)| v == d)?.1
-            }
-            _ => return None,
-        };
-        match record.get(field)? {
-            Json::Str(key) => Some(ParentRef {
-                field,
-                ty: parent,
-                key,
-            }),
-            _ => None,
-        }
-    })
+/// A record that passed validation, before its references are checked.
+struct Valid<'a> {
+    index: usize,
+    key: Option<String>,
+    /// Validated references: (field name, parent type, parent key).
+    parents: Vec<(&'static str, TypeId, std::borrow::Cow<'a, str>)>,
+    span: std::ops::Range<usize>,
 }
 
 impl Store {
@@ -121,16 +90,16 @@ impl Store {
         }
     }
 
-    /// Judges parsed records of type `ty`: parse problems, schema
+    /// Judges parsed records of type `ty`: parse problems, the mock's
     /// validation, then validated references against what is stored now.
     /// `body` is the request body the records were parsed from.
     pub fn check(&self, ty: TypeId, parsed: Vec<Parsed>, body: &[u8]) -> Checked {
+        let t = schema().ty(ty);
         let mut out = Checked::default();
         // Phase 1: shape (no locks).
-        let mut valid: Vec<(usize, Record, Option<std::ops::Range<usize>>)> =
-            Vec::with_capacity(parsed.len());
+        let mut valid: Vec<Valid> = Vec::with_capacity(parsed.len());
         for (index, p) in parsed.into_iter().enumerate() {
-            let Some(record) = p.record else {
+            let Some(fields) = &p.fields else {
                 out.failures.push(Failure {
                     index,
                     label: format!("#{index}"),
@@ -139,20 +108,29 @@ impl Store {
                 });
                 continue;
             };
-            let mut problems = p.problems;
-            let extra: Vec<Problem> = validate(&record)
+            let values = by_field(t, fields);
+            let key = key_of(t, &values).map(|k| k.into_owned());
+            let mut problems = p.problems.clone();
+            let extra: Vec<Problem> = validate(t, &values)
                 .into_iter()
-                // A field already reported as unparseable is not also
+                // A field already reported as unreadable is not also
                 // "missing".
                 .filter(|v| !problems.iter().any(|b| b.field == v.field))
                 .collect();
             problems.extend(extra);
+            let label = key.clone().unwrap_or_else(|| format!("#{index}"));
             if problems.is_empty() {
-                valid.push((index, record, p.canonical));
+                let parents = parent_refs(t, &values);
+                valid.push(Valid {
+                    index,
+                    key,
+                    parents,
+                    span: p.span,
+                });
             } else {
                 out.failures.push(Failure {
                     index,
-                    label: label(&record, index),
+                    label,
                     reason: describe(&problems),
                     reference: false,
                 });
@@ -160,52 +138,37 @@ impl Store {
         }
 
         // Phase 2: references, one parent type (one read lock) at a time.
-        let mut parents: Vec<TypeId> = valid
+        let mut parent_types: Vec<TypeId> = valid
             .iter()
-            .flat_map(|(_, r, _)| parent_refs(r).map(|p| p.ty))
+            .flat_map(|v| v.parents.iter().map(|p| p.1))
             .collect();
-        parents.sort_unstable();
-        parents.dedup();
-        let mut missing: Vec<Vec<Problem>> = vec![Vec::new(); valid.len()];
-        let t = schema().ty(ty);
-        for parent in parents {
+        parent_types.sort_unstable();
+        parent_types.dedup();
+        let mut missing: Vec<Vec<String>> = vec![Vec::new(); valid.len()];
+        for parent in parent_types {
             let store = self.types[parent as usize].read();
-            for (i, (_, record, _)) in valid.iter().enumerate() {
-                for r in parent_refs(record).filter(|r| r.ty == parent) {
-                    if !store.by_key.contains_key(r.key.as_bytes()) {
-                        missing[i].push(Problem {
-                            field: t.fields[r.field as usize].name.clone(),
-                            reason: format!(
-                                "references unknown {} {}",
-                                schema().ty(parent).name,
-                                r.key
-                            ),
-                        });
+            for (i, v) in valid.iter().enumerate() {
+                for (field, _, key) in v.parents.iter().filter(|p| p.1 == parent) {
+                    if !store.by_key.contains_key(key.as_bytes()) {
+                        missing[i].push(format!(
+                            "{field} references unknown {} {key}",
+                            schema().ty(parent).name
+                        ));
                     }
                 }
             }
         }
-        let mut buf = Vec::with_capacity(1024);
-        for ((index, record, canonical), missing) in valid.into_iter().zip(missing) {
+        for (v, missing) in valid.into_iter().zip(missing) {
             if missing.is_empty() {
-                let json = match canonical {
-                    Some(range) => body[range].into(),
-                    None => {
-                        buf.clear();
-                        write_record(&record, &mut buf);
-                        buf.as_slice().into()
-                    }
-                };
-                out.accepted.push(Candidate { json, record });
+                out.accepted.push(Candidate {
+                    key: v.key.as_deref().map(Key::from),
+                    json: body[v.span].into(),
+                });
             } else {
                 out.failures.push(Failure {
-                    index,
-                    label: label(&record, index),
-                    reason: missing
-                        .iter()
-                        .map(|p| format!("{} {}", p.field, p.reason))
-                        .collect::<Vec<_>>()
-                        .join("; "),
+                    index: v.index,
+                    label: v.key.unwrap_or_else(|| format!("#{}", v.index)),
+                    reason: missing.join("; "),
                     reference: true,
                 });
             }
@@ -225,30 +188,28 @@ impl Store {
         let store = &mut *guard;
         store.rejected += failures.len() as u64;
         store.accepted += accepted.len() as u64;
-        // Records and replaced versions are freed after the lock is released.
-        let mut records = Vec::with_capacity(accepted.len());
+        // Replaced versions are freed after the lock is released.
         let mut replaced = Vec::new();
-        for Candidate { record, json } in accepted {
-            match key_of(&record) {
+        for Candidate { key, json } in accepted {
+            match key {
                 None => store.unkeyed.push(json),
                 Some(key) => match store.by_key.get_mut(key.as_bytes()) {
                     Some(old) => {
-                        if *old == json {
+                        if *old == json || same_content(ty, old, &json) {
                             store.duplicates += 1;
                         }
                         replaced.push(std::mem::replace(old, json));
                     }
                     None => {
-                        store.by_key.insert(Key::from(&*key), json);
+                        store.by_key.insert(key, json);
                     }
                 },
             }
-            records.push(record);
         }
         drop(guard);
     }
 
-    /// The stored records of a type as canonical JSON: sorted by key, or in
+    /// The stored records of a type as received: sorted by key, or in
     /// arrival order for types without a key.
     pub fn records_json(&self, ty: TypeId) -> Vec<Box<[u8]>> {
         let store = self.types[ty as usize].read();
@@ -290,11 +251,6 @@ impl Store {
         }
         self.reference_failures.store(0, Ordering::Relaxed);
     }
-}
-
-/// How a failing record is named: its Cobi key, or `#<index>`.
-fn label(record: &Record, index: usize) -> String {
-    key_of(record).map_or_else(|| format!("#{index}"), Cow::into_owned)
 }
 
 /// A snapshot of the store's counters.
@@ -353,6 +309,20 @@ mod tests {
         assert_eq!(c.stored["shops"], 1);
         store.reset();
         assert!(store.counters().stored.is_empty());
+    }
+
+    #[test]
+    fn records_are_stored_as_received() {
+        let store = Store::new();
+        let tx = schema().type_id("shops").unwrap();
+        let one = format!(r#"{{"shop_id":"{S1}", "region":"CA","name":"caf\u00e9"}}"#);
+        assert!(run(&store, "shops", &format!(r#"{{"records":[{one}]}}"#)).is_empty());
+        assert_eq!(&*store.records_json(tx)[0], one.as_bytes());
+        // The same content written differently is a duplicate.
+        let again = format!(r#"{{"name":"café","shop_id":"{S1}","region":"CA"}}"#);
+        assert!(run(&store, "shops", &format!(r#"{{"records":[{again}]}}"#)).is_empty());
+        assert_eq!(store.counters().duplicates["shops"], 1);
+        assert_eq!(&*store.records_json(tx)[0], again.as_bytes());
     }
 
     #[test]

@@ -229,25 +229,47 @@ impl Record {
     }
 
     /// Parses a JSON object into a record of `ty`. Unknown fields are an
-    /// error; numbers keep their exact text when they are not plain
-    /// integers.
+    /// error. Numbers keep their exact text (`12345678901234567890.1234567890`
+    /// stays that, never a float): integers that fit an `i64` and print the
+    /// same become [`Json::Int`], every other number [`Json::Num`] verbatim.
+    /// Dead-letter replay and soft deletes built from the last-sent copy
+    /// rely on this.
     pub fn from_json(ty: TypeId, text: &[u8]) -> Result<Record, String> {
-        let map: serde_json::Map<String, serde_json::Value> =
+        let map: std::collections::HashMap<String, &serde_json::value::RawValue> =
             serde_json::from_slice(text).map_err(|e| format!("not a JSON object: {e}"))?;
         let t = schema().ty(ty);
         let mut rec = Record::new(ty);
-        for (name, v) in map {
+        for (name, raw) in map {
             let f = t
                 .field(&name)
                 .ok_or_else(|| format!("unknown field `{name}` for type {}", t.name))?;
-            rec.set(f, Json::from_value(&v, t.fields[f as usize].ty)?);
+            let raw = raw.get();
+            let v = match raw.as_bytes().first() {
+                Some(b'-' | b'0'..=b'9') => Json::exact_number(raw),
+                _ => {
+                    let v: serde_json::Value =
+                        serde_json::from_str(raw).map_err(|e| format!("field `{name}`: {e}"))?;
+                    Json::from_value(&v, t.fields[f as usize].ty)?
+                }
+            };
+            rec.set(f, v);
         }
         Ok(rec)
     }
 }
 
 impl Json {
-    /// Converts a parsed JSON value (scalars only).
+    /// A JSON number token (already checked by the parser), kept exactly:
+    /// an `i64` when it is one printed canonically, else its text.
+    pub fn exact_number(token: &str) -> Json {
+        match token.parse::<i64>() {
+            Ok(i) if itoa::Buffer::new().format(i) == token => Json::Int(i),
+            _ => Json::Num(token.into()),
+        }
+    }
+
+    /// Converts a parsed JSON value (scalars only). Numbers here have been
+    /// through `f64`; [`Record::from_json`] keeps their text instead.
     pub fn from_value(v: &serde_json::Value, ty: FieldType) -> Result<Json, String> {
         Ok(match v {
             serde_json::Value::Null => Json::Null,
@@ -322,6 +344,44 @@ mod tests {
             text,
             r#"{"savings":0.1,"amount":12345678901234567890.123456789}"#
         );
+    }
+
+    /// Parsing keeps every number's text, so a record read back (dead
+    /// letter replay, a soft delete from the last-sent copy) is sent with
+    /// the digits it had.
+    #[test]
+    fn parsing_keeps_numbers_exactly() {
+        let s = schema();
+        let tx = s.type_id("transactions").unwrap();
+        let cases: &[(&str, Json)] = &[
+            (
+                "12345678901234567890.1234567890",
+                Json::Num("12345678901234567890.1234567890".into()),
+            ),
+            ("0.1", Json::Num("0.1".into())),
+            ("12.50", Json::Num("12.50".into())),
+            ("1e3", Json::Num("1e3".into())),
+            ("-0", Json::Num("-0".into())),
+            (
+                "18446744073709551615",
+                Json::Num("18446744073709551615".into()),
+            ),
+            ("9223372036854775807", Json::Int(i64::MAX)),
+            ("-42", Json::Int(-42)),
+            ("0", Json::Int(0)),
+        ];
+        for (text, want) in cases {
+            let json = format!(r#"{{"amount":{text},"region":"GB"}}"#);
+            let r = Record::from_json(tx, json.as_bytes()).unwrap();
+            assert_eq!(r.get_named("amount"), Some(want), "{text}");
+            assert_eq!(r.get_named("region"), Some(&Json::Str("GB".into())));
+            // Serialised again, byte for byte.
+            let back = String::from_utf8(r.to_json()).unwrap();
+            assert!(back.contains(&format!(":{text}")), "{text} -> {back}");
+        }
+        let e = Record::from_json(tx, br#"{"amount":[1]}"#).unwrap_err();
+        assert!(e.contains("arrays"), "{e}");
+        assert!(Record::from_json(tx, br#"{"amount":01}"#).is_err());
     }
 
     #[test]

@@ -116,6 +116,16 @@ fn check_value(def: &FieldDef, v: &Json) -> Option<String> {
                     .into(),
             );
         }
+        (Some(Format::CommaSeparatedList), Json::Str(s))
+            if def.reference.is_some()
+                && !s.is_empty()
+                && s.split(',').any(|e| uuid::Uuid::try_parse(e).is_err()) =>
+        {
+            return Some(
+                "must list UUIDs of the referenced records; derive them with                  transform = [\"uuid5:<type>\", \"csv\"]"
+                    .into(),
+            );
+        }
         (Some(Format::EpochIntegerOrIsoDateTime), Json::Int(i)) if *i <= 0 => {
             return Some("must be a positive integer epoch".into());
         }
@@ -183,6 +193,20 @@ mod tests {
             ("savings", Json::Int(0)),
             ("amount", Json::Num("12.50".into())),
         ]
+    }
+
+    #[test]
+    fn reference_lists_must_list_uuids() {
+        let offer = |list: &str| {
+            validate(&rec("offers", &[("allowed_branches", s(list))]))
+                .into_iter()
+                .find(|p| p.field == "allowed_branches")
+                .map(|p| p.reason)
+        };
+        assert!(offer("1,2,3").unwrap().starts_with("must list UUIDs"));
+        assert!(offer(&format!("{U1},7")).is_some());
+        assert_eq!(offer(&format!("{U1},{U2}")), None);
+        assert_eq!(offer(""), None);
     }
 
     #[test]

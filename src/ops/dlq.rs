@@ -1,9 +1,13 @@
 //! Dead-letter operations: list, replay, purge.
 //!
 //! Replay re-sends stored records through the normal sink, in dependency
-//! order (parents first), ignoring fingerprints; a record accepted now
-//! leaves the queue, one rejected again stays with its attempt count
-//! raised. A dead letter that cannot be re-sent — its type is unknown to
+//! order (parents first), as [`SinkItem::Replay`]: a replayed letter never
+//! replaces a change of the same key from the source, and it is sent only
+//! if, when its epoch is sent, the key is still dead-lettered with the
+//! letter's content — a newer version, a delete or an accept since wins
+//! (DESIGN.md §5). A record accepted now leaves the queue, one rejected
+//! again stays with its attempt count raised. Records are re-sent with
+//! their numbers exactly as stored. A dead letter that cannot be re-sent — its type is unknown to
 //! this version, or its record no longer parses — is skipped, counted and
 //! reported, and the others are replayed. Purge drops dead letters the
 //! operator has given up on.
@@ -13,7 +17,7 @@ use tracing::{trace, warn};
 
 use crate::model::record::Record;
 use crate::model::schema::{schema, TypeId};
-use crate::sink::{SinkHandle, SinkItem};
+use crate::sink::{Outbound, SinkHandle, SinkItem};
 use crate::state::{DeadLetter, StateError, StateStore, Write};
 
 /// One row of `dlq list`.
@@ -90,6 +94,29 @@ pub fn render(rows: &[DeadLetterRow]) -> String {
     out
 }
 
+/// A count of dead letters per type and reason, most frequent first; empty
+/// when there are none.
+pub fn summary(rows: &[DeadLetterRow]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut counts: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
+    for r in rows {
+        *counts
+            .entry((r.ty.as_str(), r.reason.as_str()))
+            .or_default() += 1;
+    }
+    let mut sorted: Vec<_> = counts.into_iter().collect();
+    sorted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut out = format!("{} dead letters by type and reason:\n", rows.len());
+    for ((ty, reason), n) in sorted {
+        let reason: String = reason.chars().take(120).collect();
+        out.push_str(&format!("{n:>8}  {ty:<18} {reason}\n"));
+    }
+    out.push('\n');
+    out
+}
+
 /// What a replay did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplayReport {
@@ -131,7 +158,11 @@ fn replay_items(mut letters: Vec<DeadLetter>) -> (Vec<SinkItem>, usize) {
             continue;
         };
         match Record::from_json(key.ty, d.record.as_bytes()) {
-            Ok(record) => items.push(SinkItem::upsert(key, &record, Vec::new(), true)),
+            Ok(record) => items.push(SinkItem::Replay {
+                key,
+                record: Outbound::new(&record, Vec::new()),
+                letter: xxhash_rust::xxh3::xxh3_64(d.record.as_bytes()),
+            }),
             Err(e) => {
                 skipped += 1;
                 warn!(type = %d.ty, mapping = %d.mapping, "dead letter skipped: its record no longer parses");
@@ -144,13 +175,17 @@ fn replay_items(mut letters: Vec<DeadLetter>) -> (Vec<SinkItem>, usize) {
 }
 
 /// Queues every dead letter of `ty` that can be re-sent and waits until
-/// the sink has a verdict on each.
+/// the sink has a verdict on each (or found it superseded). The letters
+/// are read on a blocking thread.
 pub async fn replay(
-    store: &dyn StateStore,
+    store: std::sync::Arc<dyn StateStore>,
     sink: &SinkHandle,
     ty: Option<TypeId>,
 ) -> Result<ReplayReport, String> {
-    let letters = store.dead_letters(ty).map_err(|e| e.to_string())?;
+    let letters = tokio::task::spawn_blocking(move || store.dead_letters(ty))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     let (mut items, skipped) = replay_items(letters);
     let n = items.len();
     for chunk in items.chunks_mut(1000) {
@@ -199,6 +234,29 @@ mod tests {
     }
 
     #[test]
+    fn summary_counts_per_type_and_reason_most_frequent_first() {
+        let row = |ty: &str, reason: &str| DeadLetterRow {
+            reason: reason.into(),
+            ..DeadLetterRow::from(letter(ty, "1", "{}"))
+        };
+        assert_eq!(summary(&[]), "");
+        let rows = [
+            row("shops", "region: must be 2 letters"),
+            row("transactions", "amount: must be > 0"),
+            row("transactions", "amount: must be > 0"),
+            row("shops", "region: must be 2 letters"),
+            row("transactions", "amount: must be > 0"),
+            row("branches", "shop_id: unknown shop"),
+        ];
+        let s = summary(&rows);
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[0], "6 dead letters by type and reason:");
+        assert!(lines[1].trim_start().starts_with("3  transactions"), "{s}");
+        assert!(lines[2].trim_start().starts_with("2  shops"), "{s}");
+        assert!(lines[3].trim_start().starts_with("1  branches"), "{s}");
+    }
+
+    #[test]
     fn letters_that_cannot_be_resent_are_skipped_and_counted() {
         let shop = r#"{"shop_id":"7f0c1b9e-1d2a-4c1e-9a57-0f3f6c8b2a10","name":"A","region":"GB"}"#;
         let letters = vec![
@@ -211,11 +269,15 @@ mod tests {
         assert_eq!(skipped, 3, "unknown type + two unparsable records");
         assert_eq!(items.len(), 1, "the good letter is still replayed");
         match &items[0] {
-            SinkItem::Upsert { key, force, .. } => {
+            SinkItem::Replay { key, letter, .. } => {
                 assert_eq!(key.source_key, "3");
-                assert!(force, "replay ignores fingerprints");
+                assert_eq!(
+                    *letter,
+                    xxhash_rust::xxh3::xxh3_64(shop.as_bytes()),
+                    "sent only while the key holds this letter"
+                );
             }
-            other => panic!("want an upsert, got {other:?}"),
+            other => panic!("want a replay, got {other:?}"),
         }
     }
 

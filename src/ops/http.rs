@@ -1,8 +1,9 @@
-//! The daemon's HTTP endpoint (`http.listen`, default 127.0.0.1:9187):
+//! The daemon's HTTP endpoint (`http.listen`, default
+//! [`crate::config::DEFAULT_LISTEN`]):
 //!
 //! | path | answer |
 //! | --- | --- |
-//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /healthz` | 200 while the process runs, with [`Identity`] (so the CLI knows it reached cobi-sync, not another exporter on the port) |
 //! | `GET /readyz` | 200 when the source is connected, the API accepts the key, the slot lag is under `max_slot_lag` and the state store is writable; 503 with the reasons otherwise |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /status` | the [`StatusReport`] as JSON |
@@ -11,13 +12,14 @@
 //! | `POST /dlq/purge?type=T` | drops dead letters |
 //!
 //! It is how `cobi-sync status` and `cobi-sync dlq` reach a running daemon
-//! (the state store is locked by it). The `/dlq` endpoints carry record
-//! contents (personal data) and change state, and have no authentication:
-//! they answer only clients on the daemon's own host — a loopback address,
-//! or the very address they connected to (`http.listen = "10.0.0.5:9187"`
-//! reached from 10.0.0.5) — whatever `http.listen` is, and 403 to everyone
-//! else. Health, metrics and status (counts and positions only) answer
-//! everyone, so a Prometheus on another host can scrape the daemon.
+//! (the state store is locked by it). The endpoints in [`protected_routes`]
+//! (`/dlq…`, and any route that changes state or carries record contents)
+//! need the endpoint token ([`crate::ops::token`]: 401 without it), and
+//! answer only clients on the daemon's own host — a loopback address, or
+//! the very address they connected to (`http.listen = "10.0.0.5:7781"`
+//! reached from 10.0.0.5) — and 403 to everyone else. Health, metrics and
+//! status (counts and positions only) answer everyone, so a Prometheus on
+//! another host can scrape the daemon.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,6 +56,34 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The running sink (for replay).
     pub sink: SinkHandle,
+    /// The endpoint token the protected routes require; `None` refuses
+    /// them all.
+    pub token: Option<Arc<str>>,
+}
+
+/// What `/healthz` answers: who this is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    /// Always [`SERVICE`].
+    pub service: String,
+    /// The daemon's version.
+    pub version: String,
+    /// `ok`.
+    pub status: String,
+}
+
+/// The `service` a cobi-sync `/healthz` names.
+pub const SERVICE: &str = "cobi-sync";
+
+impl Identity {
+    /// This process.
+    pub fn this() -> Identity {
+        Identity {
+            service: SERVICE.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            status: "ok".into(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -103,21 +133,52 @@ impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Pee
     }
 }
 
-/// The router. Serve it with a [`Peer`] as [`ConnectInfo`] (as [`serve`]
-/// does): without one the `/dlq` endpoints answer nobody.
-pub fn router(state: AppState) -> Router {
-    let dlq = Router::new()
+/// The routes that change state or carry record contents: each needs the
+/// endpoint token and a client on this host. New such routes go here.
+fn protected_routes() -> Router<AppState> {
+    Router::new()
         .route("/dlq", get(dlq_list))
         .route("/dlq/replay", post(dlq_replay))
         .route("/dlq/purge", post(dlq_purge))
+}
+
+/// The router. Serve it with a [`Peer`] as [`ConnectInfo`] (as [`serve`]
+/// does): without one the protected endpoints answer nobody.
+pub fn router(state: AppState) -> Router {
+    let protected = protected_routes()
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route_layer(middleware::from_fn(loopback_only));
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(|| async { Json(Identity::this()) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status_handler))
-        .merge(dlq)
+        .merge(protected)
         .with_state(state)
+}
+
+/// Refuses protected requests without the endpoint token (401).
+async fn require_token(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Some(token) = &s.token {
+        if crate::ops::token::authorizes(header, token) {
+            return next.run(req).await;
+        }
+    }
+    warn!(path = %req.uri().path(), "endpoint request without a valid token refused");
+    (
+        StatusCode::UNAUTHORIZED,
+        [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+        format!(
+            "this endpoint needs the token in <state.dir>/{}; run `cobi-sync dlq …` as root or \
+             the service user on this host (it sends the token)\n",
+            crate::ops::token::FILE_NAME
+        ),
+    )
+        .into_response()
 }
 
 /// Whether `peer` may use the `/dlq` endpoints: only a client on this host,
@@ -158,6 +219,9 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
+    let types: Vec<TypeId> = s.settings.mappings.iter().map(|m| m.ty).collect();
+    let dead = s.store.dead_letter_counts().unwrap_or_default();
+    s.metrics.refresh(&dead, &types, &s.settings.state.dir);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -168,9 +232,18 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Runs a (blocking) state store call on a blocking thread, off the async
+/// workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("state store calls do not panic")
+}
+
 async fn status_handler(State(s): State<AppState>) -> Response {
     let h = s.health.report();
-    match status::build(&s.settings, s.store.as_ref(), Some(&h)) {
+    let (settings, store) = (s.settings.clone(), s.store.clone());
+    match blocking(move || status::build(&settings, store.as_ref(), Some(&h))).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
@@ -181,7 +254,8 @@ async fn dlq_list(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Resp
         Ok(t) => t,
         Err(r) => return *r,
     };
-    match dlq::list(s.store.as_ref(), ty) {
+    let store = s.store.clone();
+    match blocking(move || dlq::list(store.as_ref(), ty)).await {
         Ok(rows) => Json(rows).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
@@ -192,7 +266,7 @@ async fn dlq_replay(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Re
         Ok(t) => t,
         Err(r) => return *r,
     };
-    match dlq::replay(s.store.as_ref(), &s.sink, ty).await {
+    match dlq::replay(s.store.clone(), &s.sink, ty).await {
         Ok(r) => {
             info!(
                 replayed = r.replayed,
@@ -210,7 +284,8 @@ async fn dlq_purge(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Res
         Ok(t) => t,
         Err(r) => return *r,
     };
-    match dlq::purge(s.store.as_ref(), ty) {
+    let store = s.store.clone();
+    match blocking(move || dlq::purge(store.as_ref(), ty)).await {
         Ok(n) => {
             info!(purged = n, "dead letters purged on request");
             Json(serde_json::json!({ "purged": n })).into_response()
@@ -250,26 +325,26 @@ mod tests {
             })
         };
         // Loopback, whatever address the daemon listens on.
-        assert!(allowed("127.0.0.1:50000", "127.0.0.1:9187"));
-        assert!(allowed("127.8.9.10:50000", "127.0.0.1:9187"));
-        assert!(allowed("[::1]:50000", "[::1]:9187"));
+        assert!(allowed("127.0.0.1:50000", "127.0.0.1:7781"));
+        assert!(allowed("127.8.9.10:50000", "127.0.0.1:7781"));
+        assert!(allowed("[::1]:50000", "[::1]:7781"));
         assert!(allowed(
             "[::ffff:127.0.0.1]:50000",
-            "[::ffff:127.0.0.1]:9187"
+            "[::ffff:127.0.0.1]:7781"
         ));
-        // This host through its own address (`listen = "10.0.0.5:9187"`).
-        assert!(allowed("10.0.0.5:50000", "10.0.0.5:9187"));
-        assert!(allowed("[::ffff:10.0.0.5]:50000", "10.0.0.5:9187"));
+        // This host through its own address (`listen = "10.0.0.5:7781"`).
+        assert!(allowed("10.0.0.5:50000", "10.0.0.5:7781"));
+        assert!(allowed("[::ffff:10.0.0.5]:50000", "10.0.0.5:7781"));
         // Other hosts.
-        assert!(!allowed("10.0.0.7:50000", "10.0.0.5:9187"));
+        assert!(!allowed("10.0.0.7:50000", "10.0.0.5:7781"));
         assert!(
-            !allowed("172.17.0.1:50000", "172.17.0.2:9187"),
+            !allowed("172.17.0.1:50000", "172.17.0.2:7781"),
             "docker's gateway"
         );
-        assert!(!allowed("[2001:db8::1]:50000", "[2001:db8::2]:9187"));
+        assert!(!allowed("[2001:db8::1]:50000", "[2001:db8::2]:7781"));
         assert!(!allowed(
             "[::ffff:192.168.1.5]:50000",
-            "[::ffff:192.168.1.9]:9187"
+            "[::ffff:192.168.1.9]:7781"
         ));
         // An unknown local address lets only loopback through.
         assert!(!allowed("10.0.0.7:50000", "0.0.0.0:0"));

@@ -6,5 +6,8 @@ pub mod health;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod reload;
 pub mod status;
 pub mod systemd;
+pub mod teardown;
+pub mod token;

@@ -9,16 +9,26 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Mode, Settings};
 use crate::model::schema::schema;
-use crate::ops::health::HealthReport;
+use crate::ops::health::{HealthReport, TableProgress};
 use crate::state::{Checkpoint, StateError, StateStore, TableSnapshot};
 
 /// Everything `status` prints.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusReport {
+    /// The version of the cobi-sync that made the report (the running
+    /// daemon's, or this command's when stopped).
+    #[serde(default)]
+    pub version: String,
     /// `replication` or `poll`.
     pub mode: String,
     /// Whether the report comes from the running daemon.
     pub running: bool,
+    /// When the running daemon started (RFC 3339).
+    #[serde(default)]
+    pub started_at: Option<String>,
+    /// Seconds it has been running.
+    #[serde(default)]
+    pub uptime_seconds: Option<u64>,
     /// Source side.
     pub source: SourceStatus,
     /// API side.
@@ -38,12 +48,19 @@ pub struct SourceStatus {
     pub lag_bytes: Option<u64>,
     /// Confirmed LSN (`0/16B3748`).
     pub confirmed_lsn: Option<String>,
-    /// Snapshot progress per mapping (`done`, `in progress`, `not started`).
+    /// Snapshot state per mapping (`done`, `in progress`, `not started`).
     pub snapshot: BTreeMap<String, String>,
+    /// Live copy progress per mapping (rows, estimate, rate, ETA), while
+    /// the running daemon copies.
+    #[serde(default)]
+    pub snapshot_progress: BTreeMap<String, TableProgress>,
     /// Poll cursors per mapping (cursor column value).
     pub cursors: BTreeMap<String, String>,
-    /// Last source error.
+    /// Last source error (cleared once the source reconnects).
     pub last_error: Option<String>,
+    /// When it happened (RFC 3339).
+    #[serde(default)]
+    pub last_error_at: Option<String>,
 }
 
 /// The API side of the report.
@@ -51,8 +68,11 @@ pub struct SourceStatus {
 pub struct ApiStatus {
     /// Accepting requests with the key.
     pub ready: bool,
-    /// Last error.
+    /// Last error (cleared once the API accepts again).
     pub last_error: Option<String>,
+    /// When it happened (RFC 3339).
+    #[serde(default)]
+    pub last_error_at: Option<String>,
 }
 
 /// Counters of one type.
@@ -105,18 +125,21 @@ pub fn build(
                     .unwrap_or_else(|| "(start)".into());
                 source.cursors.insert(mapping, v);
             }
-            Checkpoint::Snapshot { .. } => {}
+            Checkpoint::Snapshot { .. } | Checkpoint::PollGuard { .. } => {}
         }
     }
     let mut api = ApiStatus::default();
     if let Some(h) = health {
         source.connected = h.source_connected;
         source.last_error = h.last_source_error.clone();
+        source.last_error_at = h.last_source_error_at.clone();
+        source.snapshot_progress = h.snapshot.clone();
         if settings.source.mode == Mode::Replication {
             source.lag_bytes = Some(h.slot_lag_bytes);
         }
         api.ready = h.api_ready;
         api.last_error = h.last_api_error.clone();
+        api.last_error_at = h.last_api_error_at.clone();
     }
     let stats = store.stats()?;
     let dead = store.dead_letter_counts()?;
@@ -140,24 +163,58 @@ pub fn build(
         );
     }
     Ok(StatusReport {
+        version: env!("CARGO_PKG_VERSION").into(),
         mode: settings.source.mode.as_str().into(),
         running: health.is_some(),
+        started_at: health.map(|h| h.started_at.clone()),
+        uptime_seconds: health.map(|h| h.uptime_seconds),
         source,
         api,
         types,
     })
 }
 
+/// One copy's progress: `1200 of ~5000 rows (24%), 300 rows/s, ETA 13s`.
+pub fn render_progress(p: &TableProgress) -> String {
+    if p.done {
+        return format!("done, {} rows", p.rows);
+    }
+    let mut s = match p.estimate {
+        Some(e) if e > 0 => format!(
+            "{} of ~{e} rows ({}%)",
+            p.rows,
+            (p.rows.saturating_mul(100) / e).min(100)
+        ),
+        _ => format!("{} rows", p.rows),
+    };
+    if let Some(rate) = p.rows_per_second {
+        s.push_str(&format!(", {rate:.0} rows/s"));
+    }
+    if let Some(eta) = p.eta_seconds {
+        s.push_str(&format!(
+            ", ETA {}",
+            humantime::format_duration(std::time::Duration::from_secs(eta))
+        ));
+    }
+    s
+}
+
 /// Human-readable rendering.
 pub fn render(r: &StatusReport) -> String {
     let mut out = String::new();
+    let since = |at: &Option<String>| at.as_ref().map(|t| format!(" at {t}")).unwrap_or_default();
     out.push_str(&format!(
-        "cobi-sync {} mode, daemon {}\n",
+        "cobi-sync {} {} mode, daemon {}\n",
+        r.version,
         r.mode,
-        if r.running {
-            "running"
-        } else {
-            "stopped (state read from disk)"
+        match (r.running, r.uptime_seconds) {
+            (true, Some(up)) => format!(
+                "running for {} (since {})",
+                humantime::format_duration(std::time::Duration::from_secs(up)),
+                r.started_at.as_deref().unwrap_or("?")
+            ),
+            (true, None) => "running".into(),
+            _ => "stopped (state read from disk)".into(),
         }
     ));
     if r.running {
@@ -171,7 +228,7 @@ pub fn render(r: &StatusReport) -> String {
             r.source
                 .last_error
                 .as_ref()
-                .map(|e| format!(" (last error: {e})"))
+                .map(|e| format!(" (last error{}: {e})", since(&r.source.last_error_at)))
                 .unwrap_or_default()
         ));
         out.push_str(&format!(
@@ -180,7 +237,7 @@ pub fn render(r: &StatusReport) -> String {
             r.api
                 .last_error
                 .as_ref()
-                .map(|e| format!(" (last error: {e})"))
+                .map(|e| format!(" (last error{}: {e})", since(&r.api.last_error_at)))
                 .unwrap_or_default()
         ));
     }
@@ -195,9 +252,12 @@ pub fn render(r: &StatusReport) -> String {
         ));
     }
     for (m, s) in &r.source.snapshot {
-        if s != "done" {
+        if s != "done" && !r.source.snapshot_progress.contains_key(m) {
             out.push_str(&format!("snapshot {m}: {s}\n"));
         }
+    }
+    for (m, p) in &r.source.snapshot_progress {
+        out.push_str(&format!("snapshot {m}: {}\n", render_progress(p)));
     }
     for (m, c) in &r.source.cursors {
         out.push_str(&format!("cursor {m}: {c}\n"));
@@ -217,4 +277,35 @@ pub fn render(r: &StatusReport) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines() {
+        let p = |rows, estimate, rate, eta, done| TableProgress {
+            rows,
+            estimate,
+            rows_per_second: rate,
+            eta_seconds: eta,
+            done,
+        };
+        let cases = [
+            (
+                p(1200, Some(5000), Some(300.0), Some(13), false),
+                "1200 of ~5000 rows (24%), 300 rows/s, ETA 13s",
+            ),
+            (p(10, None, None, None, false), "10 rows"),
+            (
+                p(6000, Some(5000), None, None, false),
+                "6000 of ~5000 rows (100%)",
+            ),
+            (p(5000, Some(5000), None, None, true), "done, 5000 rows"),
+        ];
+        for (progress, want) in cases {
+            assert_eq!(render_progress(&progress), want);
+        }
+    }
 }

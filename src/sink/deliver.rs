@@ -1,28 +1,19 @@
-//! Delivering one batch of records and isolating the ones the API rejects.
+//! Sending one type's records: cutting request-sized batches, and running
+//! each batch's [`Isolator`] over the API client.
 //!
-//! The API's 207/400 answers say only that *some* records failed, in one
-//! free-text error (SPEC.md §4.3). [`deliver_batch`] finds them:
-//!
-//! 1. If the error text names keys of records in the batch, those are the
-//!    suspects: the rest is re-sent as one batch and each suspect alone.
-//! 2. Otherwise the batch is split in halves, recursively.
-//!
-//! A record is dead-lettered only when it is rejected *alone*. The number
-//! of extra requests per original batch of `n` records is bounded by
-//! [`split_budget`]`(n) = 8·⌈log2(n+1)⌉ + 8` (about 100 for 5000 records,
-//! enough to isolate ~8 bad records by bisection alone). Once spent, every
-//! still-unresolved sub-batch is dead-lettered whole with the batch's error
-//! and a note that it was not isolated — those records are kept, and
-//! `dlq replay` re-sends them.
-
-use std::collections::HashSet;
-use std::future::Future;
-use std::pin::Pin;
+//! Every request an isolation asks for is sent at once; the client bounds
+//! how many are in flight (`api.concurrency`) and paces them
+//! (`api.requests_per_minute`). The verdicts are those of
+//! [`super::isolate`]: a record is rejected only by an answer to a request
+//! holding it alone. Shutdown abandons a batch (`None`): nothing is known
+//! of its records, which stay unconfirmed and are read again after restart.
 
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::model::schema::TypeId;
 use crate::sink::client::{ApiClient, Outcome};
+use crate::sink::isolate::{Answer, Isolator, Verdict};
 
 /// A record ready to send.
 #[derive(Debug, Clone)]
@@ -33,136 +24,86 @@ pub struct Outgoing {
     pub json: Bytes,
     /// Its Cobi key (for matching keys named in errors).
     pub cobi_key: Option<String>,
+    /// One of the likeliest failures ([`super::screen`]): scanned
+    /// separately when its batch is rejected.
+    pub suspect: bool,
 }
 
-/// The verdict on one record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Accepted.
-    Accepted,
-    /// Rejected; the reason is the API's error.
-    Rejected(String),
-}
+/// Length of `{"records":[` plus `]}`.
+const ENVELOPE_BYTES: usize = 14;
 
-/// Extra requests allowed to isolate failures in a batch of `n`.
-pub fn split_budget(n: usize) -> usize {
-    8 * (usize::BITS - n.leading_zeros()) as usize + 8
-}
-
-/// Builds `{"records":[…]}`.
-pub fn batch_body(records: &[&Outgoing]) -> Bytes {
-    let len: usize = records.iter().map(|r| r.json.len() + 1).sum::<usize>() + 14;
+/// Builds `{"records":[…]}` from the records at `positions`.
+pub fn batch_body(records: &[Outgoing], positions: &[u32]) -> Bytes {
+    let len: usize = positions
+        .iter()
+        .map(|&i| records[i as usize].json.len() + 1)
+        .sum::<usize>()
+        + ENVELOPE_BYTES;
     let mut body = Vec::with_capacity(len);
     body.extend_from_slice(b"{\"records\":[");
-    for (i, r) in records.iter().enumerate() {
-        if i > 0 {
+    for (n, &i) in positions.iter().enumerate() {
+        if n > 0 {
             body.push(b',');
         }
-        body.extend_from_slice(&r.json);
+        body.extend_from_slice(&records[i as usize].json);
     }
     body.extend_from_slice(b"]}");
     Bytes::from(body)
 }
 
-/// Tokens of an error text that look like keys (UUIDs and other words of
-/// 8+ characters made of hex digits, letters, digits and dashes).
-fn named_keys(error: &str) -> HashSet<&str> {
-    error
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '|'))
-        .filter(|t| t.len() >= 8)
-        .collect()
+/// Cuts records into request-sized batches (records and body bytes).
+pub fn cut_batches(
+    records: Vec<Outgoing>,
+    max_records: usize,
+    max_bytes: usize,
+) -> Vec<Vec<Outgoing>> {
+    let mut out = Vec::new();
+    let mut cur: Vec<Outgoing> = Vec::new();
+    let mut bytes = ENVELOPE_BYTES;
+    for r in records {
+        let size = r.json.len() + 1;
+        if !cur.is_empty() && (cur.len() >= max_records || bytes + size > max_bytes) {
+            out.push(std::mem::take(&mut cur));
+            bytes = ENVELOPE_BYTES;
+        }
+        bytes += size;
+        cur.push(r);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
 }
 
-/// Sends a batch; returns each record's verdict (`None` only if abandoned
-/// because of shutdown) and the number of requests used.
+/// Sends a batch until every record has a verdict. Returns `(index,
+/// verdict)` per record and the number of requests, or `None` if shutdown
+/// abandoned it.
 pub async fn deliver_batch(
     client: &ApiClient,
     ty: TypeId,
-    records: Vec<Outgoing>,
-) -> (Vec<(usize, Option<Verdict>)>, usize) {
-    let mut budget = split_budget(records.len());
-    let mut requests = 0;
-    let mut out = Vec::with_capacity(records.len());
-    let refs: Vec<&Outgoing> = records.iter().collect();
-    deliver(client, ty, refs, &mut budget, &mut requests, &mut out, None).await;
-    (out, requests)
-}
-
-type Boxed<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
-
-fn deliver<'a>(
-    client: &'a ApiClient,
-    ty: TypeId,
-    batch: Vec<&'a Outgoing>,
-    budget: &'a mut usize,
-    requests: &'a mut usize,
-    out: &'a mut Vec<(usize, Option<Verdict>)>,
-    known: Option<String>,
-) -> Boxed<'a> {
-    Box::pin(async move {
-        if batch.is_empty() {
-            return;
+    records: &[Outgoing],
+) -> Option<(Vec<(usize, Verdict)>, usize)> {
+    let mut iso = Isolator::new(records);
+    let mut running = FuturesUnordered::new();
+    while !iso.is_done() {
+        while let Some(req) = iso.next_request() {
+            let body = batch_body(records, &req.records);
+            running.push(async move { (req.id, client.send(ty, body).await) });
         }
-        // `known`: the caller already learnt this exact batch is rejected.
-        let outcome = match known {
-            Some(e) => Outcome::Rejected(e),
-            None => {
-                *requests += 1;
-                client.send(ty, batch_body(&batch)).await
-            }
+        let (id, outcome) = running
+            .next()
+            .await
+            .expect("an unfinished isolation has a request in flight");
+        let answer = match outcome {
+            Outcome::Accepted => Answer::Accepted,
+            Outcome::Rejected(e) => Answer::Rejected(e),
+            Outcome::Abandoned => return None,
         };
-        let error = match outcome {
-            Outcome::Accepted => {
-                out.extend(batch.iter().map(|r| (r.index, Some(Verdict::Accepted))));
-                return;
-            }
-            Outcome::Abandoned => {
-                out.extend(batch.iter().map(|r| (r.index, None)));
-                return;
-            }
-            Outcome::Rejected(e) => e,
-        };
-        if batch.len() == 1 {
-            out.push((batch[0].index, Some(Verdict::Rejected(error))));
-            return;
-        }
-        if *budget == 0 {
-            let reason = format!(
-                "{error} (batch rejected; not isolated to single records within the \
-                 split budget — replay with `cobi-sync dlq replay`)"
-            );
-            out.extend(
-                batch
-                    .iter()
-                    .map(|r| (r.index, Some(Verdict::Rejected(reason.clone())))),
-            );
-            return;
-        }
-        // 1. Keys named by the error.
-        let names = named_keys(&error);
-        let (suspects, rest): (Vec<&Outgoing>, Vec<&Outgoing>) = batch.iter().partition(|r| {
-            r.cobi_key
-                .as_deref()
-                .is_some_and(|k| names.contains(k) || k.split('|').any(|p| names.contains(p)))
-        });
-        if !suspects.is_empty() && !rest.is_empty() {
-            *budget = budget.saturating_sub(1);
-            deliver(client, ty, rest, budget, requests, out, None).await;
-            for s in suspects {
-                *budget = budget.saturating_sub(1);
-                deliver(client, ty, vec![s], budget, requests, out, None).await;
-            }
-            return;
-        }
-        // 2. Halves.
-        let mid = batch.len() / 2;
-        let mut left = batch;
-        let right = left.split_off(mid);
-        *budget = budget.saturating_sub(1);
-        deliver(client, ty, left, budget, requests, out, None).await;
-        *budget = budget.saturating_sub(1);
-        deliver(client, ty, right, budget, requests, out, None).await;
-    })
+        iso.answer(id, answer);
+    }
+    let requests = iso.requests();
+    let verdicts = records.iter().map(|r| r.index).zip(iso.verdicts());
+    Some((verdicts.collect(), requests))
 }
 
 /// Sends one interaction (one object per request).
@@ -178,33 +119,41 @@ pub async fn deliver_single(client: &ApiClient, ty: TypeId, record: &Outgoing) -
 mod tests {
     use super::*;
 
-    #[test]
-    fn budget_grows_with_log_n() {
-        assert_eq!(split_budget(1), 16);
-        assert_eq!(split_budget(1000), 88);
-        assert_eq!(split_budget(5000), 112);
+    fn rec(i: usize, json: &'static [u8]) -> Outgoing {
+        Outgoing {
+            index: i,
+            json: Bytes::from_static(json),
+            cobi_key: None,
+            suspect: false,
+        }
     }
 
     #[test]
-    fn body_and_names() {
-        let a = Outgoing {
-            index: 0,
-            json: Bytes::from_static(b"{\"a\":1}"),
-            cobi_key: None,
-        };
-        let b = Outgoing {
-            index: 1,
-            json: Bytes::from_static(b"{\"b\":2}"),
-            cobi_key: None,
-        };
+    fn bodies_hold_the_chosen_records() {
+        let recs = [rec(0, b"{\"a\":1}"), rec(1, b"{\"b\":2}"), rec(2, b"{}")];
         assert_eq!(
-            &batch_body(&[&a, &b])[..],
+            &batch_body(&recs, &[0, 1])[..],
             b"{\"records\":[{\"a\":1},{\"b\":2}]}"
         );
-        let names = named_keys(
-            "2 records failed: 550e8400-e29b-41d4-a716-446655440000: unknown shop_id; abc",
-        );
-        assert!(names.contains("550e8400-e29b-41d4-a716-446655440000"));
-        assert!(!names.contains("abc"));
+        assert_eq!(&batch_body(&recs, &[2])[..], b"{\"records\":[{}]}");
+    }
+
+    #[test]
+    fn batches_respect_count_and_bytes() {
+        let sized = |i: usize, len: usize| Outgoing {
+            index: i,
+            json: Bytes::from(vec![b'x'; len]),
+            cobi_key: None,
+            suspect: false,
+        };
+        let lens = |b: Vec<Vec<Outgoing>>| b.iter().map(|b| b.len()).collect::<Vec<_>>();
+        let b = cut_batches((0..10).map(|i| sized(i, 10)).collect(), 4, 1 << 20);
+        assert_eq!(lens(b), [4, 4, 2]);
+        // 14 bytes of envelope + 11 per record: 3 records fit in 50 bytes.
+        let b = cut_batches((0..7).map(|i| sized(i, 10)).collect(), 100, 50);
+        assert_eq!(lens(b), [3, 3, 1]);
+        // A record larger than max_bytes still goes, alone.
+        let b = cut_batches(vec![sized(0, 100), sized(1, 1)], 100, 50);
+        assert_eq!(lens(b), [1, 1]);
     }
 }

@@ -6,6 +6,9 @@
 //! concurrently without reordering versions of a key. Epochs are sent one
 //! after another, types level by level (parents first), which gives the
 //! delivery contract's "parents first" and "per-key order".
+//!
+//! A `dlq replay` item never replaces a change from the source ([`merge`]):
+//! the source's version is newer than any dead letter of the key.
 
 use rustc_hash::FxHashMap;
 use std::time::Instant;
@@ -30,11 +33,49 @@ pub enum Op {
     },
     /// Send a soft delete; the record to mark deleted comes from `basis`
     /// (the old row image, or a version superseded in this epoch) or the
-    /// last-sent copy in the state store.
+    /// delete image in the state store.
     Delete {
         /// Known content of the deleted record.
         basis: Option<Record>,
     },
+    /// Re-send a dead letter (`dlq replay`), if it still stands when the
+    /// epoch is sent.
+    Replay {
+        /// The letter's record, ready to send.
+        record: Outbound,
+        /// Fingerprint of the letter's record as dead-lettered.
+        letter: u64,
+    },
+}
+
+/// The change that stands when `new` arrives for a key holding `old` in
+/// the same epoch (with the `force` flag of the result).
+pub fn merge(ty: TypeId, old: (Op, bool), new: (Op, bool)) -> (Op, bool) {
+    match (old, new) {
+        // A replay never replaces a change from the source.
+        (old @ (Op::Upsert { .. } | Op::Delete { .. }, _), (Op::Replay { .. }, _)) => old,
+        // A delete after an insert/update in the same epoch: the
+        // superseded version is what gets marked deleted.
+        ((Op::Upsert { record }, _), (Op::Delete { basis: None }, f)) => (
+            Op::Delete {
+                basis: Record::from_json(ty, &record.json).ok(),
+            },
+            f,
+        ),
+        ((Op::Delete { basis }, _), (Op::Delete { basis: None }, f)) => (Op::Delete { basis }, f),
+        // A source change after a replay: the source's, on its own terms.
+        ((Op::Replay { .. }, _), new) => new,
+        ((_, old_force), (op, f)) => (op, f || old_force),
+    }
+}
+
+/// Approximate bytes an entry holds.
+fn op_size(key: &StateKey, op: &Op) -> usize {
+    key.source_key.len()
+        + match op {
+            Op::Upsert { record } | Op::Replay { record, .. } => 96 + record.json.len(),
+            Op::Delete { basis } => basis.as_ref().map_or(64, approx_size),
+        }
 }
 
 /// One key's newest change in the epoch.
@@ -96,51 +137,36 @@ impl Epoch {
         }
     }
 
-    /// Adds a change, replacing an older change of the same key.
+    /// Adds a change; an older change of the same key is replaced as
+    /// [`merge`] says.
     pub fn add(&mut self, key: StateKey, op: Op, force: bool) {
         self.touch();
         let t = key.ty as usize;
-        let size = match &op {
-            Op::Upsert { record } => 96 + record.json.len() + key.source_key.len(),
-            Op::Delete { basis } => basis.as_ref().map_or(64, approx_size),
-        };
-        self.bytes += size;
         if self.types[t].len() == BUSY_KEYS {
             // A busy type fills its epoch: grow once to the most it holds
             // instead of doubling (rehashing was ~3% of a snapshot's CPU).
             self.types[t].reserve(super::EPOCH_RECORDS);
             self.index[t].reserve(super::EPOCH_RECORDS);
         }
-        if let Some(&i) = self.index[t].get(&key) {
-            let old = self.types[t][i].take().expect("indexed entries are live");
-            let op = match (op, old.op) {
-                // A delete after an insert/update in the same epoch: the
-                // superseded version is what gets marked deleted.
-                (Op::Delete { basis: None }, Op::Upsert { record }) => Op::Delete {
-                    basis: Record::from_json(key.ty, &record.json).ok(),
-                },
-                (Op::Delete { basis: None }, Op::Delete { basis }) => Op::Delete { basis },
-                (op, _) => op,
-            };
-            // Keep the newest version at the end so it is sent in order of
-            // arrival (stable batches).
-            self.types[t].push(Some(Entry {
-                key: key.clone(),
-                op,
-                force: force || old.force,
-            }));
-            let n = self.types[t].len() - 1;
-            self.index[t].insert(key, n);
-        } else {
-            self.types[t].push(Some(Entry {
-                key: key.clone(),
-                op,
-                force,
-            }));
-            let n = self.types[t].len() - 1;
-            self.index[t].insert(key, n);
-            self.live[t] += 1;
-        }
+        let (op, force) = match self.index[t].get(&key) {
+            Some(&i) => {
+                let old = self.types[t][i].take().expect("indexed entries are live");
+                self.bytes -= op_size(&old.key, &old.op);
+                self.live[t] -= 1;
+                merge(key.ty, (old.op, old.force), (op, force))
+            }
+            None => (op, force),
+        };
+        self.bytes += op_size(&key, &op);
+        // The newest version goes to the end, so it is sent in order of
+        // arrival (stable batches).
+        self.types[t].push(Some(Entry {
+            key: key.clone(),
+            op,
+            force,
+        }));
+        self.index[t].insert(key, self.types[t].len() - 1);
+        self.live[t] += 1;
     }
 
     /// Records a progress mark (replacing an older one with the same name).
@@ -189,10 +215,14 @@ impl Epoch {
         let t = ty as usize;
         self.index[t].clear();
         self.live[t] = 0;
-        std::mem::take(&mut self.types[t])
+        let entries: Vec<Entry> = std::mem::take(&mut self.types[t])
             .into_iter()
             .flatten()
-            .collect()
+            .collect();
+        for e in &entries {
+            self.bytes -= op_size(&e.key, &e.op);
+        }
+        entries
     }
 }
 
@@ -240,7 +270,7 @@ mod tests {
                     .unwrap()
                     .get_named("name")
                     .cloned(),
-                Op::Delete { .. } => None,
+                Op::Delete { .. } | Op::Replay { .. } => None,
             })
             .collect();
         assert_eq!(
@@ -270,6 +300,86 @@ mod tests {
             e.take_type(key("tags", "9").ty)[0].op,
             Op::Upsert { .. }
         ));
+    }
+
+    fn name_of(e: &Entry) -> Option<Json> {
+        match &e.op {
+            Op::Upsert { record } | Op::Replay { record, .. } => {
+                Record::from_json(e.key.ty, &record.json)
+                    .unwrap()
+                    .get_named("name")
+                    .cloned()
+            }
+            Op::Delete { .. } => None,
+        }
+    }
+
+    fn replay(r: Record) -> Op {
+        Op::Replay {
+            record: Outbound::new(&r, vec![]),
+            letter: 1,
+        }
+    }
+
+    /// The merge table: what stands when a key gets a second change in
+    /// one epoch.
+    #[test]
+    fn a_replay_never_replaces_a_source_change() {
+        let k = key("tags", "1");
+        let ty = k.ty;
+        let kind = |op: &Op| match op {
+            Op::Upsert { .. } => "upsert",
+            Op::Delete { basis: Some(_) } => "delete+basis",
+            Op::Delete { basis: None } => "delete",
+            Op::Replay { .. } => "replay",
+        };
+        let up = || upsert(rec("tags", "v2"));
+        let del = || Op::Delete { basis: None };
+        let rp = || replay(rec("tags", "v1"));
+        let cases: Vec<(Op, Op, &str)> = vec![
+            (up(), rp(), "upsert"),
+            (del(), rp(), "delete"),
+            (rp(), up(), "upsert"),
+            (rp(), del(), "delete"),
+            (rp(), rp(), "replay"),
+            (up(), del(), "delete+basis"),
+            (up(), up(), "upsert"),
+            (del(), up(), "upsert"),
+        ];
+        for (old, new, want) in cases {
+            let what = format!("{} then {}", kind(&old), kind(&new));
+            let (op, _) = merge(ty, (old, false), (new, false));
+            assert_eq!(kind(&op), want, "{what}");
+        }
+        // The source's version is the one kept, by content too.
+        let mut e = Epoch::new();
+        e.add(k.clone(), up(), false);
+        e.add(k.clone(), rp(), false);
+        let got = e.take_type(ty);
+        assert_eq!(got.len(), 1);
+        assert_eq!(name_of(&got[0]), Some(Json::Str("v2".into())));
+        // A delete after a replay is not built from the replayed record
+        // (it never reached Cobi).
+        let (op, _) = merge(ty, (rp(), false), (del(), false));
+        assert!(matches!(op, Op::Delete { basis: None }));
+        // force (snapshot --force) survives a newer source version.
+        let (_, force) = merge(ty, (up(), true), (up(), false));
+        assert!(force);
+    }
+
+    #[test]
+    fn replaced_entries_give_their_bytes_back() {
+        let mut e = Epoch::new();
+        let k = key("tags", "1");
+        e.add(k.clone(), upsert(rec("tags", "x")), false);
+        let one = e.bytes();
+        for _ in 0..100 {
+            e.add(k.clone(), upsert(rec("tags", "x")), false);
+        }
+        assert_eq!(e.bytes(), one, "one key's versions count once");
+        assert!(!e.is_full(usize::MAX, one + 1));
+        e.take_type(k.ty);
+        assert_eq!(e.bytes(), 0);
     }
 
     #[test]

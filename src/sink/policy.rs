@@ -1,9 +1,16 @@
 //! What each API answer gets (DESIGN.md §5), as pure functions.
 //!
 //! [`classify`] maps an HTTP answer to an [`Action`]; [`backoff`] computes
-//! retry delays (exponential, full jitter, between `initial_backoff` and
-//! `max_backoff`); [`retry_after`] reads a `Retry-After` header. Table
-//! tests below pin every row of the design's table.
+//! retry delays (exponential, full jitter: uniform between zero and
+//! `initial_backoff·2^attempt`, at most `max_backoff`); [`retry_delay`]
+//! never waits less than the server's `Retry-After` ([`parse_retry_after`]).
+//! Table tests below pin every row of the design's table.
+//!
+//! Only the API's own answer counts as delivered: a 200/201 carrying its
+//! JSON envelope (one JSON object per interaction). A redirect (never
+//! followed) or a 2xx without the envelope — a login page, a proxy's
+//! answer, a wrong `api.base_url` — is [`Action::NotTheApi`]: nothing is
+//! delivered, delivery pauses as for a rejected key.
 
 use std::time::{Duration, SystemTime};
 
@@ -19,6 +26,17 @@ pub enum Action {
     Split {
         /// The API's error text.
         error: String,
+    },
+    /// The answer is not the Cobi API's (a redirect, or a 2xx without its
+    /// envelope): pause, as for a rejected key, until `api.base_url` is
+    /// fixed.
+    NotTheApi {
+        /// The HTTP status.
+        status: u16,
+        /// The redirect's `Location`, if any.
+        location: Option<String>,
+        /// What was wrong, for logs and `/readyz`.
+        detail: String,
     },
     /// The key is missing, wrong or not permitted (401/403): pause.
     AuthFailed {
@@ -40,8 +58,9 @@ pub enum Action {
 
 #[derive(Deserialize)]
 struct Envelope {
+    /// Present (possibly empty) in the API's envelope.
     #[serde(default)]
-    batches: Vec<BatchEntry>,
+    batches: Option<Vec<BatchEntry>>,
     #[serde(default)]
     error: Option<String>,
     #[serde(default)]
@@ -77,6 +96,7 @@ pub fn envelope_error(body: &[u8]) -> String {
     let mut parts: Vec<String> = env
         .batches
         .iter()
+        .flatten()
         .filter_map(|b| b.data.as_ref())
         .filter_map(|d| {
             d.error
@@ -97,33 +117,112 @@ pub fn envelope_error(body: &[u8]) -> String {
     parts.join("; ")
 }
 
-/// Whether a 2xx envelope reports a failed batch.
-fn envelope_has_error(body: &[u8]) -> bool {
+/// What a 2xx body is.
+#[derive(Debug, PartialEq, Eq)]
+enum Body {
+    /// The API's envelope, every batch successful.
+    Success,
+    /// The API's envelope reporting a failed batch.
+    Failed,
+    /// Not the API's envelope.
+    Foreign,
+}
+
+/// Reads a 2xx body: `batch` endpoints answer the envelope (an object with
+/// `batches`), the interactions endpoint the created object.
+fn read_2xx(body: &[u8], batch: bool) -> Body {
+    if !batch {
+        return match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(serde_json::Value::Object(_)) => Body::Success,
+            _ => Body::Foreign,
+        };
+    }
     let Ok(env) = serde_json::from_slice::<Envelope>(body) else {
-        return false;
+        return Body::Foreign;
     };
-    env.batches.iter().any(|b| {
+    let Some(batches) = env.batches else {
+        return Body::Foreign;
+    };
+    let failed = batches.iter().any(|b| {
         b.status.is_some_and(|s| !(200..300).contains(&s))
             || b.data
                 .as_ref()
                 .and_then(|d| d.status.as_deref())
                 .is_some_and(|s| s == "error" || s == "partial")
-    })
+    });
+    if failed {
+        Body::Failed
+    } else {
+        Body::Success
+    }
 }
 
-/// Classifies an answer. `retry_after` is the raw header, `now` the clock
-/// used for HTTP-date values.
-pub fn classify(status: u16, body: &[u8], retry_after: Option<&str>, now: SystemTime) -> Action {
+/// The start of a body, printable, for saying what answered instead of
+/// the API.
+fn body_start(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(60)]);
+    let t: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let t = t.trim();
+    if t.is_empty() {
+        "an empty body".into()
+    } else {
+        format!("a body starting `{t}`")
+    }
+}
+
+/// An answer as [`classify`] reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer<'a> {
+    /// HTTP status.
+    pub status: u16,
+    /// The body.
+    pub body: &'a [u8],
+    /// The raw `Retry-After` header.
+    pub retry_after: Option<&'a str>,
+    /// The raw `Location` header.
+    pub location: Option<&'a str>,
+    /// Whether the endpoint takes batches (all but interactions).
+    pub batch: bool,
+}
+
+/// Classifies an answer; `now` is the clock used for HTTP-date
+/// `Retry-After` values.
+pub fn classify(a: Answer<'_>, now: SystemTime) -> Action {
+    let Answer {
+        status,
+        body,
+        retry_after,
+        location,
+        batch,
+    } = a;
     match status {
-        200..=299 if status != 207 => {
-            if envelope_has_error(body) {
-                Action::Split {
-                    error: envelope_error(body),
-                }
-            } else {
-                Action::Delivered
-            }
-        }
+        200..=299 if status != 207 => match read_2xx(body, batch) {
+            Body::Success => Action::Delivered,
+            Body::Failed => Action::Split {
+                error: envelope_error(body),
+            },
+            Body::Foreign => Action::NotTheApi {
+                status,
+                location: None,
+                detail: format!(
+                    "HTTP {status} with {} instead of the Cobi API's JSON answer: \
+                     api.base_url does not point at the Cobi Data API (a login page or a proxy?)",
+                    body_start(body)
+                ),
+            },
+        },
+        300..=399 => Action::NotTheApi {
+            status,
+            location: location.map(str::to_string),
+            detail: format!(
+                "HTTP {status} redirect to {} (redirects are not followed): set api.base_url to \
+                 the address the API answers at",
+                location.map_or_else(|| "nowhere".to_string(), |l| format!("`{l}`"))
+            ),
+        },
         207 | 400 | 413 | 422 => Action::Split {
             error: {
                 let e = envelope_error(body);
@@ -169,23 +268,19 @@ pub fn parse_retry_after(h: &str, now: SystemTime) -> Option<Duration> {
     Some(d.min(MAX_RETRY_AFTER))
 }
 
-/// Delay before retry number `attempt` (0-based): uniform in
-/// `[initial, min(max, initial·2^attempt)]` ("full jitter" bounded below by
-/// `initial`). `unit` is a random number in `[0, 1)`.
+/// Delay before retry number `attempt` (0-based), full jitter: uniform in
+/// `[0, min(max, initial·2^attempt)]`. `unit` is a random number in
+/// `[0, 1)`.
 pub fn backoff(attempt: u32, initial: Duration, max: Duration, unit: f64) -> Duration {
     let cap = initial
         .checked_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
         .unwrap_or(max)
         .min(max);
-    if cap <= initial {
-        return cap;
-    }
-    let span = (cap - initial).as_secs_f64();
-    initial + Duration::from_secs_f64(span * unit.clamp(0.0, 1.0))
+    cap.mul_f64(unit.clamp(0.0, 1.0))
 }
 
-/// The delay of a retry: the server's `Retry-After` when given (never less
-/// than it), else [`backoff`].
+/// The delay of a retry: [`backoff`], but never less than the server's
+/// `Retry-After` (so `Retry-After: 0` still backs off).
 pub fn retry_delay(
     after: Option<Duration>,
     attempt: u32,
@@ -193,10 +288,7 @@ pub fn retry_delay(
     max: Duration,
     unit: f64,
 ) -> Duration {
-    match after {
-        Some(a) => a,
-        None => backoff(attempt, initial, max, unit),
-    }
+    backoff(attempt, initial, max, unit).max(after.unwrap_or(Duration::ZERO))
 }
 
 #[cfg(test)]
@@ -213,8 +305,6 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let cases: Vec<(u16, &str, Option<&str>, Action)> = vec![
             (200, OK, None, Action::Delivered),
-            (201, "{}", None, Action::Delivered),
-            (200, "not json", None, Action::Delivered),
             (
                 200,
                 PARTIAL_IN_200,
@@ -335,11 +425,110 @@ mod tests {
             ),
         ];
         for (status, body, ra, want) in cases {
-            assert_eq!(
-                classify(status, body.as_bytes(), ra, now),
-                want,
-                "HTTP {status} {body}"
+            let a = Answer {
+                status,
+                body: body.as_bytes(),
+                retry_after: ra,
+                location: None,
+                batch: true,
+            };
+            assert_eq!(classify(a, now), want, "HTTP {status} {body}");
+        }
+    }
+
+    /// Only the API's own answer is a delivery: redirects and 2xx answers
+    /// without its envelope pause delivery.
+    #[test]
+    fn redirects_and_foreign_2xx_are_not_deliveries() {
+        let now = SystemTime::UNIX_EPOCH;
+        let html = "<!DOCTYPE html><html><body>Sign in</body></html>";
+        // (status, location, what `detail` holds) of a paused delivery;
+        // `None`: delivered.
+        type Paused<'a> = Option<(u16, Option<&'a str>, &'a str)>;
+        // (status, body, location, batch endpoint) -> outcome
+        let cases: Vec<(u16, &str, Option<&str>, bool, Paused)> = vec![
+            (200, OK, None, true, None),
+            (200, r#"{"batches":[]}"#, None, true, None),
+            (
+                201,
+                r#"{"interaction_type":"SHARE","id":"x"}"#,
+                None,
+                false,
+                None,
+            ),
+            (200, html, None, true, Some((200, None, "`<!DOCTYPE html>"))),
+            (200, html, None, false, Some((200, None, "login page"))),
+            (200, "{}", None, true, Some((200, None, "api.base_url"))),
+            (
+                201,
+                r#"{"ok":true}"#,
+                None,
+                true,
+                Some((201, None, "instead of")),
+            ),
+            (204, "", None, true, Some((204, None, "an empty body"))),
+            (200, "[1]", None, false, Some((200, None, "`[1]`"))),
+            (
+                301,
+                "",
+                Some("https://api.example/v1/data/shops"),
+                true,
+                Some((
+                    301,
+                    Some("https://api.example/v1/data/shops"),
+                    "redirect to `https://api.example/v1/data/shops`",
+                )),
+            ),
+            (
+                302,
+                "",
+                Some("/login"),
+                true,
+                Some((302, Some("/login"), "not followed")),
+            ),
+            (
+                307,
+                "",
+                Some("https://x/"),
+                false,
+                Some((307, Some("https://x/"), "HTTP 307")),
+            ),
+            (
+                308,
+                "",
+                None,
+                true,
+                Some((308, None, "redirect to nowhere")),
+            ),
+        ];
+        for (status, body, location, batch, want) in cases {
+            let got = classify(
+                Answer {
+                    status,
+                    body: body.as_bytes(),
+                    retry_after: None,
+                    location,
+                    batch,
+                },
+                now,
             );
+            match (want, got) {
+                (None, Action::Delivered) => {}
+                (
+                    Some((ws, wl, needle)),
+                    Action::NotTheApi {
+                        status: s,
+                        location: l,
+                        detail,
+                    },
+                ) => {
+                    assert_eq!((s, l.as_deref()), (ws, wl), "HTTP {status} {body}");
+                    assert!(detail.contains(needle), "HTTP {status} {body}: {detail}");
+                }
+                (want, got) => {
+                    panic!("HTTP {status} {body} (batch {batch}): want {want:?}, got {got:?}")
+                }
+            }
         }
     }
 
@@ -360,29 +549,48 @@ mod tests {
     }
 
     #[test]
-    fn backoff_is_bounded_and_grows() {
+    fn backoff_is_full_jitter_and_bounded() {
         let i = Duration::from_millis(500);
         let m = Duration::from_secs(300);
-        assert_eq!(backoff(0, i, m, 0.0), i);
-        assert_eq!(
-            backoff(0, i, m, 0.99),
-            i,
-            "attempt 0 has no room above initial"
-        );
-        assert_eq!(backoff(1, i, m, 1.0), Duration::from_secs(1));
-        assert_eq!(backoff(3, i, m, 1.0), Duration::from_secs(4));
-        assert_eq!(backoff(3, i, m, 0.5), Duration::from_millis(2250));
-        assert_eq!(backoff(40, i, m, 1.0), m);
-        assert_eq!(backoff(40, i, m, 0.0), i);
+        // (attempt, unit) -> delay: uniform in [0, min(max, initial·2^attempt)].
+        let cases: &[(u32, f64, Duration)] = &[
+            (0, 0.0, Duration::ZERO),
+            (0, 0.5, Duration::from_millis(250)),
+            (0, 1.0, i),
+            (1, 1.0, Duration::from_secs(1)),
+            (3, 1.0, Duration::from_secs(4)),
+            (3, 0.5, Duration::from_secs(2)),
+            (40, 1.0, m),
+            (40, 0.0, Duration::ZERO),
+            (40, 2.0, m),
+        ];
+        for &(attempt, unit, want) in cases {
+            assert_eq!(
+                backoff(attempt, i, m, unit),
+                want,
+                "attempt {attempt}, unit {unit}"
+            );
+        }
         for a in 0..64 {
             for u in [0.0, 0.3, 0.999] {
-                let d = backoff(a, i, m, u);
-                assert!(d >= i && d <= m, "attempt {a}: {d:?}");
+                assert!(backoff(a, i, m, u) <= m, "attempt {a}");
             }
         }
-        assert_eq!(
-            retry_delay(Some(Duration::from_secs(9)), 0, i, m, 0.0),
-            Duration::from_secs(9)
-        );
+        // The first retry is not always `initial` (no lock-step retries).
+        assert_ne!(backoff(0, i, m, 0.1), backoff(0, i, m, 0.9));
+    }
+
+    #[test]
+    fn retry_after_is_a_floor_and_zero_still_backs_off() {
+        let i = Duration::from_millis(500);
+        let m = Duration::from_secs(300);
+        let nine = Some(Duration::from_secs(9));
+        assert_eq!(retry_delay(nine, 0, i, m, 0.0), Duration::from_secs(9));
+        assert_eq!(retry_delay(nine, 10, i, m, 1.0), Duration::from_secs(300));
+        // `Retry-After: 0` answered every time: the delays still grow.
+        let zero = Some(Duration::ZERO);
+        assert_eq!(retry_delay(zero, 0, i, m, 0.5), Duration::from_millis(250));
+        assert_eq!(retry_delay(zero, 6, i, m, 0.5), Duration::from_secs(16));
+        assert_eq!(retry_delay(None, 6, i, m, 0.5), Duration::from_secs(16));
     }
 }

@@ -65,8 +65,32 @@ pub async fn connect(settings: &SourceSettings) -> Result<Client, ConnectError> 
     connect_url(&settings.url, pw.as_ref()).await
 }
 
+/// The server's own `TimeZone` setting (what writers' sessions use unless
+/// they set one), read on a short connection that does not pin UTC.
+pub async fn server_timezone(settings: &SourceSettings) -> Result<String, ConnectError> {
+    let pw = password(settings)?;
+    let options = SESSION_OPTIONS.replace("-c TimeZone=UTC ", "");
+    let client = connect_url_with(&settings.url, pw.as_ref(), &options).await?;
+    client
+        .query_one("SHOW TimeZone", &[])
+        .await
+        .map(|r| r.get(0))
+        .map_err(|e| ConnectError {
+            transient: is_transient(&e),
+            message: explain(&e, &settings.url),
+        })
+}
+
 /// Connects to `url` with an explicit password.
 pub async fn connect_url(url: &PgUrl, password: Option<&Secret>) -> Result<Client, ConnectError> {
+    connect_url_with(url, password, SESSION_OPTIONS).await
+}
+
+async fn connect_url_with(
+    url: &PgUrl,
+    password: Option<&Secret>,
+    options: &str,
+) -> Result<Client, ConnectError> {
     let mut cfg = tokio_postgres::Config::new();
     if url.host.starts_with('/') {
         cfg.host_path(&url.host);
@@ -77,7 +101,7 @@ pub async fn connect_url(url: &PgUrl, password: Option<&Secret>) -> Result<Clien
         .user(&url.user)
         .dbname(&url.dbname)
         .application_name(APPLICATION_NAME)
-        .options(SESSION_OPTIONS)
+        .options(options)
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30));
     if let Some(t) = url.connect_timeout {

@@ -20,6 +20,7 @@ use crate::mapping::decode::binary::CopyBinaryReader;
 use crate::mapping::engine::{Column, CompiledMapping, MapContext};
 use crate::mapping::value::{oid, PgType, Value};
 use crate::source::pg::{self, quote_literal, TableInfo};
+use crate::source::poll::guard::Bound;
 use crate::state::{CursorValue, Position};
 
 /// Why a mapping cannot read its source.
@@ -40,6 +41,9 @@ pub struct SelectCol {
     pub name: String,
     /// SQL expression in the select list.
     pub expr: String,
+    /// SQL expression to order and compare by (the column itself, or
+    /// `expr` when that is a cast).
+    pub order: String,
     /// Type of the selected value (after any cast to text).
     pub ty: PgType,
     /// The column's own type name (for typed literals).
@@ -104,6 +108,11 @@ impl SourceTable {
             }
         };
         let key_names = mapping.key.clone().unwrap_or(default_key);
+        let sql_ascii = client
+            .query_one("SHOW server_encoding", &[])
+            .await?
+            .get::<_, String>(0)
+            == "SQL_ASCII";
         if key_names.is_empty() {
             return Err(SetupError::Config(format!(
                 "{label}: the table has no primary key; set `key = [\"col\", …]` to columns that \
@@ -166,8 +175,19 @@ impl SourceTable {
                     },
                 ),
             };
+            // In an `SQL_ASCII` database the server refuses to convert a
+            // text value that is not valid UTF-8, failing the whole read;
+            // its raw bytes are read instead, so such a value fails only
+            // its own row (which becomes a dead letter).
+            let order = expr.clone();
+            let expr = if sql_ascii && meta.ty.elem.is_none() && is_text_like(meta.ty.oid) {
+                format!("convert_to({q}, 'SQL_ASCII')")
+            } else {
+                expr
+            };
             select.push(SelectCol {
                 name: name.clone(),
+                order,
                 expr,
                 ty,
                 source_type: meta.ty.name.clone(),
@@ -242,9 +262,9 @@ impl SourceTable {
     fn order_expr(&self, i: usize) -> String {
         let c = &self.select[i];
         if is_text_like(c.ty.oid) {
-            format!("({}) COLLATE \"C\"", c.expr)
+            format!("({}) COLLATE \"C\"", c.order)
         } else {
-            c.expr.clone()
+            c.order.clone()
         }
     }
 
@@ -332,24 +352,37 @@ impl SourceTable {
             .collect()
     }
 
-    /// The next page in `(cursor, key)` order. `after` is the last position
-    /// read; `from` (the lookback start) replaces it for the first page of
-    /// a tick; `horizon` is an SQL expression the cursor must not pass.
+    /// The next page in `(cursor, key)` order, rows with a NULL cursor
+    /// left out (they have no place in the order; a NULL position would
+    /// stop the walk). `after` is the last position read; `from` (the
+    /// lower bound of a tick, [`SourceTable::walk_from_sql`]) replaces it
+    /// for the first page of a tick.
     pub fn poll_page_sql(
         &self,
         after: Option<&Position>,
-        lookback_from: Option<&str>,
-        horizon: Option<&str>,
+        from: Option<&str>,
+        limit: usize,
+    ) -> String {
+        self.copy(self.poll_page_query(after, from, limit))
+    }
+
+    /// The `SELECT` of [`SourceTable::poll_page_sql`] (for `EXPLAIN`).
+    pub fn poll_page_query(
+        &self,
+        after: Option<&Position>,
+        from: Option<&str>,
         limit: usize,
     ) -> String {
         let c = self.cursor.expect("poll pages need a cursor");
         let cursor = self.order_expr(c);
         let mut order = vec![cursor.clone()];
         order.extend(self.key.iter().map(|&i| self.order_expr(i)));
-        let mut conds = Vec::new();
-        if let Some(from) = lookback_from {
+        let mut conds = vec![format!("{cursor} IS NOT NULL")];
+        if let Some(from) = from {
             conds.push(format!("{cursor} >= {from}"));
-        } else if let Some(p) = after {
+        } else if let Some(p) =
+            after.filter(|p| p.cursor.as_ref().is_some_and(|v| v.text.is_some()))
+        {
             let mut lits = vec![p
                 .cursor
                 .as_ref()
@@ -362,20 +395,29 @@ impl SourceTable {
             );
             conds.push(format!("({}) > ({})", order.join(", "), lits.join(", ")));
         }
-        if let Some(h) = horizon {
-            conds.push(format!("{cursor} <= {h}"));
-        }
-        let mut q = format!("SELECT {} FROM {}", self.select_list(), self.from_sql);
-        if !conds.is_empty() {
-            q.push_str(&format!(" WHERE {}", conds.join(" AND ")));
-        }
-        q.push_str(&format!(" ORDER BY {} LIMIT {limit}", order.join(", ")));
-        self.copy(q)
+        format!(
+            "SELECT {} FROM {} WHERE {} ORDER BY {} LIMIT {limit}",
+            self.select_list(),
+            self.from_sql,
+            conds.join(" AND "),
+            order.join(", ")
+        )
+    }
+
+    /// Whether the cursor is a time (timestamp, timestamptz, date) rather
+    /// than a number.
+    pub fn time_cursor(&self) -> bool {
+        self.cursor.is_some_and(|c| {
+            matches!(
+                self.select[c].ty.oid,
+                oid::TIMESTAMPTZ | oid::TIMESTAMP | oid::DATE
+            )
+        })
     }
 
     /// The lookback start for a cursor position: the cursor minus
-    /// `lookback` (time cursors) as an SQL expression; `None` for integer
-    /// cursors (no lookback) or no position.
+    /// `lookback` (time cursors) or the cursor itself (numbers), as an SQL
+    /// expression; `None` without a position.
     pub fn lookback_from(
         &self,
         after: Option<&Position>,
@@ -383,6 +425,7 @@ impl SourceTable {
     ) -> Option<String> {
         let c = self.cursor?;
         let v = after?.cursor.as_ref()?;
+        v.text.as_ref()?;
         let lit = self.literal(c, v);
         match self.select[c].ty.oid {
             oid::TIMESTAMPTZ | oid::TIMESTAMP => Some(format!(
@@ -390,26 +433,97 @@ impl SourceTable {
                 lookback.as_micros()
             )),
             oid::DATE => Some(format!("({lit} - {})", lookback.as_secs().div_ceil(86_400))),
-            _ => None,
+            _ => Some(lit),
         }
     }
 
-    /// The horizon the cursor must not pass: `min(now() − 1 s, start of the
-    /// oldest visible writing transaction)`, converted to the cursor's type
-    /// (`None` for integer cursors). `now_utc` and `oldest` come from the
-    /// poll transaction.
-    pub fn horizon(&self, safe_utc: &str, timezone: &str) -> Option<String> {
+    /// A guard bound as an SQL expression of the cursor's type; `None` when
+    /// it bounds nothing (read from the first row). Instants become
+    /// `timestamp`/`date` values in `timezone` so that the repeated autumn
+    /// hour is inside the window: the smaller of the wall clock at the
+    /// instant and three hours later minus three hours (a fall-back within
+    /// those hours makes the latter an hour earlier).
+    pub fn bound_sql(&self, b: &Bound, timezone: &str) -> Option<String> {
         let c = self.cursor?;
-        let ts = format!("{}::timestamptz", quote_literal(safe_utc));
-        match self.select[c].ty.oid {
-            oid::TIMESTAMPTZ => Some(ts),
-            oid::TIMESTAMP => Some(format!("({ts} AT TIME ZONE {})", quote_literal(timezone))),
-            oid::DATE => Some(format!(
-                "({ts} AT TIME ZONE {})::date",
-                quote_literal(timezone)
-            )),
-            _ => None,
+        let col = &self.select[c];
+        match b {
+            Bound::Start | Bound::Value(None) => None,
+            Bound::Value(Some(t)) => Some(format!("{}::{}", quote_literal(t), col.source_type)),
+            Bound::Instant(micros) => {
+                let at = crate::mapping::time::format_rfc3339(*micros)?;
+                let ts = format!("{}::timestamptz", quote_literal(&at));
+                let tz = quote_literal(timezone);
+                let wall = format!(
+                    "LEAST({ts} AT TIME ZONE {tz}, ({ts} + interval '3 hours') AT TIME ZONE {tz} - interval '3 hours')"
+                );
+                match col.ty.oid {
+                    oid::TIMESTAMPTZ => Some(ts),
+                    oid::TIMESTAMP => Some(wall),
+                    oid::DATE => Some(format!("({wall})::date")),
+                    _ => None,
+                }
+            }
         }
+    }
+
+    /// Where a tick's walk starts: the smallest of the position's lookback
+    /// start and the guard's bounds (`None`: from the first row).
+    pub fn walk_from_sql(
+        &self,
+        position: Option<&Position>,
+        lookback: std::time::Duration,
+        bounds: &[Bound],
+        timezone: &str,
+    ) -> Option<String> {
+        let mut parts = vec![self.lookback_from(position, lookback)?];
+        for b in bounds {
+            parts.push(self.bound_sql(b, timezone)?);
+        }
+        Some(if parts.len() == 1 {
+            parts.remove(0)
+        } else {
+            format!("LEAST({})", parts.join(", "))
+        })
+    }
+
+    /// The greatest `(cursor, key)` with a non-NULL cursor (one row, or
+    /// none).
+    pub fn max_position_sql(&self) -> String {
+        let c = self.cursor.expect("needs a cursor");
+        let cursor = self.order_expr(c);
+        let mut order = vec![format!("{cursor} DESC")];
+        order.extend(
+            self.key
+                .iter()
+                .map(|&i| format!("{} DESC", self.order_expr(i))),
+        );
+        self.copy(format!(
+            "SELECT {} FROM {} WHERE {cursor} IS NOT NULL ORDER BY {} LIMIT 1",
+            self.select_list(),
+            self.from_sql,
+            order.join(", ")
+        ))
+    }
+
+    /// `max(cursor)` as text, a scalar subquery (integer cursors' guard
+    /// bound).
+    pub fn max_cursor_expr(&self) -> String {
+        let c = self.cursor.expect("needs a cursor");
+        format!(
+            "(SELECT max({})::text FROM {})",
+            self.select[c].order, self.from_sql
+        )
+    }
+
+    /// Rows whose cursor is NULL (read in full at reconcile time).
+    pub fn null_cursor_sql(&self) -> String {
+        let c = self.cursor.expect("needs a cursor");
+        self.copy(format!(
+            "SELECT {} FROM {} WHERE {} IS NULL",
+            self.select_list(),
+            self.from_sql,
+            self.select[c].order
+        ))
     }
 
     /// The position of a row (for cursors and chunk progress).
@@ -520,6 +634,47 @@ impl RowStream {
             }
         }
         Ok(out)
+    }
+}
+
+impl RowStream {
+    /// Up to `max` rows in stream order, and the rows among them that
+    /// failed to decode (their index and the decoder's reason, which names
+    /// the type and column, never the value). A failed value is NULL in
+    /// its row; the stream goes on with the next row. Empty at the end.
+    pub async fn next_batch_lenient(
+        &mut self,
+        max: usize,
+    ) -> Result<(Vec<Vec<Value>>, Vec<(usize, String)>), ReadError> {
+        let mut out = Vec::with_capacity(max.min(4096));
+        let mut bad = Vec::new();
+        while out.len() < max {
+            match self.reader.next_row() {
+                Ok(Some(row)) => {
+                    out.push(row);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => match self.reader.take_bad_row() {
+                    Some(values) => {
+                        bad.push((out.len(), e.to_string()));
+                        out.push(values);
+                        continue;
+                    }
+                    // The stream itself is broken: nothing more to read.
+                    None => return Err(ReadError::Decode(e.to_string())),
+                },
+            }
+            if self.done || self.reader.finished() {
+                break;
+            }
+            match next_chunk(&mut self.inner).await {
+                Some(Ok(chunk)) => self.reader.push(chunk),
+                Some(Err(e)) => return Err(ReadError::Db(e)),
+                None => self.done = true,
+            }
+        }
+        Ok((out, bad))
     }
 }
 

@@ -253,6 +253,15 @@ pub enum Checkpoint {
         /// Last delivered `(cursor, key)`.
         position: Position,
     },
+    /// A poll mapping's late-commit guard (open transactions and the
+    /// bounds of what they may write; see `crate::source::poll::guard`),
+    /// opaque here. Always replaces the stored one.
+    PollGuard {
+        /// Mapping id.
+        mapping: String,
+        /// The guard's state.
+        guard: serde_json::Value,
+    },
     /// A `snapshot` command's progress for one mapping (`None`: finished,
     /// forget it).
     Snapshot {
@@ -269,6 +278,7 @@ impl Checkpoint {
         match self {
             Checkpoint::Replication(_) => "replication".into(),
             Checkpoint::PollCursor { mapping, .. } => format!("poll/{mapping}"),
+            Checkpoint::PollGuard { mapping, .. } => format!("pollguard/{mapping}"),
             Checkpoint::Snapshot { mapping, .. } => format!("snapshot/{mapping}"),
         }
     }
@@ -440,6 +450,17 @@ pub fn replication_checkpoint(
 ) -> Result<Option<ReplicationCheckpoint>, StateError> {
     Ok(match store.checkpoint("replication")? {
         Some(Checkpoint::Replication(r)) => Some(r),
+        _ => None,
+    })
+}
+
+/// A poll mapping's guard state, if any.
+pub fn poll_guard(
+    store: &dyn StateStore,
+    mapping: &str,
+) -> Result<Option<serde_json::Value>, StateError> {
+    Ok(match store.checkpoint(&format!("pollguard/{mapping}"))? {
+        Some(Checkpoint::PollGuard { guard, .. }) => Some(guard),
         _ => None,
     })
 }

@@ -364,3 +364,85 @@ async fn every_check_names_the_problem_and_the_fix() {
     }
     let _ = API_KEY;
 }
+
+/// `check`'s API line passes only on the API's own envelope answer: a 404,
+/// a 405, a 5xx, a redirect (never followed) and an HTML 200 from a proxy
+/// or portal are problem lines naming what came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_probe_accepts_only_the_api_itself() {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    let api = mock().await;
+    let (lst, port) = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let p = l.local_addr().unwrap().port();
+        (l, p)
+    };
+    let real = api.base_url();
+    let app =
+        axum::Router::new()
+            .route(
+                "/notfound/v1/data/shops",
+                axum::routing::post(|| async {
+                    (StatusCode::NOT_FOUND, "no such route").into_response()
+                }),
+            )
+            .route(
+                "/redirect/v1/data/shops",
+                axum::routing::post(move || {
+                    let to = format!("{real}/v1/data/shops");
+                    async move {
+                        (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, to)]).into_response()
+                    }
+                }),
+            )
+            .route(
+                "/portal/v1/data/shops",
+                axum::routing::post(|| async {
+                    (
+                        [(header::CONTENT_TYPE, "text/html")],
+                        "<html><body>Please sign in to continue</body></html>",
+                    )
+                        .into_response()
+                }),
+            )
+            .route(
+                "/broken/v1/data/shops",
+                axum::routing::post(|| async { StatusCode::BAD_GATEWAY.into_response() }),
+            );
+    let server = tokio::spawn(async move { axum::serve(lst, app).await });
+    let cases = [
+        (format!("http://127.0.0.1:{port}/notfound"), "HTTP 404"),
+        (
+            format!("http://127.0.0.1:{port}/redirect"),
+            "redirect (HTTP 307 to",
+        ),
+        (
+            format!("http://127.0.0.1:{port}/portal"),
+            "HTTP 200 (text/html) without the Cobi API's JSON envelope",
+        ),
+        (format!("http://127.0.0.1:{port}/broken"), "HTTP 502"),
+        (api.base_url(), "key accepted (HTTP 400 to an empty batch)"),
+    ];
+    for (base, want) in cases {
+        let wd = Workdir::new();
+        // The database is down: only the API line is looked at.
+        let cfg = write_config(&wd, "postgres://cobi@127.0.0.1:1/shop", &base, &[]);
+        let (code, out, err) = run_cli(&["check", "--config", cfg.to_str().unwrap()], &[]);
+        assert_eq!(code, 1, "{out}{err}");
+        let line = out
+            .lines()
+            .find(|l| l.contains("cobi api key"))
+            .unwrap_or_else(|| panic!("no api line:\n{out}"));
+        let passed = base == api.base_url();
+        assert_eq!(line.starts_with("ok"), passed, "{base}: {line}");
+        if !passed {
+            assert!(line.starts_with("PROBLEM"), "{base}: {line}");
+        }
+        assert!(line.contains(want), "{base}: want `{want}` in {line}");
+    }
+    // The redirect was not followed: the real API saw only the direct probe.
+    let served: u64 = api.stats().requests_by_status.values().sum();
+    assert_eq!(served, 1, "{:?}", api.stats().requests_by_status);
+    server.abort();
+}

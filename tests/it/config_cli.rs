@@ -227,8 +227,14 @@ fn status_times_out_on_a_stalled_daemon() {
             let n = conn.read(&mut buf).unwrap_or(0);
             let request = String::from_utf8_lossy(&buf[..n]).into_owned();
             if request.starts_with("GET /healthz") {
+                // What a cobi-sync daemon's /healthz says.
+                let body = r#"{"service":"cobi-sync","version":"0.1.0","status":"ok"}"#;
                 let _ = conn.write_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n",
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
                 );
             }
             held.push(conn);

@@ -125,7 +125,7 @@ async fn delete_images_only_where_the_delete_cannot_carry_the_row() {
         || async { mock.records("shops").len() == 40 && mock.records("branches").len() == 120 },
     )
     .await;
-    assert!(d.term().success(), "{}", d.log_text());
+    assert!(d.term().await.success(), "{}", d.log_text());
 
     // FULL identity: the DELETE will carry the old row, nothing is kept.
     let shops = stored(&wd.path("state"), "shops", "shops/public.shop_full");
@@ -202,7 +202,7 @@ async fn delete_images_only_where_the_delete_cannot_carry_the_row() {
         json!({"branch_id": uuid_of(1005), "shop_id": uuid_of(6), "name": "Branch 5", "region": "FR", "is_deleted": true})
     );
     assert_eq!(mock.stats().records_rejected.values().sum::<u64>(), 0);
-    assert!(d.term().success(), "{}", d.log_text());
+    assert!(d.term().await.success(), "{}", d.log_text());
 }
 
 #[tokio::test]
@@ -271,5 +271,5 @@ async fn truncate_soft_deletes_every_uuid_key_in_chunks() {
         r,
         json!({"shop_id": uuid_of(2999), "name": "Shop 2999", "region": "GB", "is_deleted": true})
     );
-    assert!(d.term().success(), "{}", d.log_text());
+    assert!(d.term().await.success(), "{}", d.log_text());
 }

@@ -79,7 +79,9 @@ fn decode_scalar(ty_oid: u32, name: &str, raw: &[u8]) -> Result<Value, DecodeErr
         oid::INT4 => Value::Int(i32::from_be_bytes(fixed(ty_oid, name, raw)?).into()),
         oid::INT8 => Value::Int(i64::from_be_bytes(fixed(ty_oid, name, raw)?)),
         oid::OID => Value::Int(u32::from_be_bytes(fixed(ty_oid, name, raw)?).into()),
-        oid::FLOAT4 => Value::Float(f32::from_be_bytes(fixed(ty_oid, name, raw)?).into()),
+        oid::FLOAT4 => Value::Float(crate::mapping::value::widen_f32(f32::from_be_bytes(fixed(
+            ty_oid, name, raw,
+        )?))),
         oid::FLOAT8 => Value::Float(f64::from_be_bytes(fixed(ty_oid, name, raw)?)),
         oid::NUMERIC => Value::Numeric(
             numeric_text(raw)
@@ -410,6 +412,8 @@ pub struct CopyBinaryReader {
     stage: Stage,
     /// The stream-level error, once one was found.
     failed: Option<DecodeError>,
+    /// The last row that failed to decode, its bad values as NULL.
+    bad_row: Option<Vec<Value>>,
 }
 
 /// Shows the reader's state, never the buffered data (values can be
@@ -435,6 +439,7 @@ impl CopyBinaryReader {
             partial: BytesMut::new(),
             stage: Stage::Header,
             failed: None,
+            bad_row: None,
         }
     }
 
@@ -462,8 +467,18 @@ impl CopyBinaryReader {
             self.failed = Some(e.clone());
         }
         r.map_err(|e| match e {
-            StepError::Stream(e) | StepError::Row(e) => e,
+            StepError::Stream(e) => e,
+            StepError::Row(e, row) => {
+                self.bad_row = Some(row);
+                e
+            }
         })
+    }
+
+    /// The row of the last row-level error, with the values that failed to
+    /// decode as NULL (so its key can name a dead letter).
+    pub fn take_bad_row(&mut self) -> Option<Vec<Value>> {
+        self.bad_row.take()
     }
 
     fn step(&mut self) -> Result<Option<Vec<Value>>, StepError> {
@@ -550,10 +565,11 @@ impl CopyBinaryReader {
     }
 }
 
-/// A stream-level error (sticky) or a row's value error (row skipped).
+/// A stream-level error (sticky) or a row's value error (row skipped;
+/// the row as far as it decoded, failed values NULL).
 enum StepError {
     Stream(DecodeError),
-    Row(DecodeError),
+    Row(DecodeError, Vec<Value>),
 }
 
 fn stream_error(detail: String) -> StepError {
@@ -640,6 +656,7 @@ fn unit(stage: &mut Stage, types: &[PgType], data: &[u8]) -> Result<Option<Vec<V
     // The framing was checked by `extent`.
     let mut row = Vec::with_capacity(types.len());
     let mut at = 2usize;
+    let mut first_error = None;
     for (i, ty) in types.iter().enumerate() {
         let len = be_i32(data, at);
         at += 4;
@@ -649,15 +666,21 @@ fn unit(stage: &mut Stage, types: &[PgType], data: &[u8]) -> Result<Option<Vec<V
         };
         let field = &data[at..at + len];
         at += len;
-        let v = decode(ty.oid, &ty.name, ty.elem, field).map_err(|e| {
-            StepError::Row(DecodeError {
-                type_name: e.type_name,
-                detail: format!("column {}: {}", i + 1, e.detail),
-            })
-        })?;
-        row.push(v);
+        match decode(ty.oid, &ty.name, ty.elem, field) {
+            Ok(v) => row.push(v),
+            Err(e) => {
+                row.push(Value::Null);
+                first_error.get_or_insert(DecodeError {
+                    type_name: e.type_name,
+                    detail: format!("column {}: {}", i + 1, e.detail),
+                });
+            }
+        }
     }
-    Ok(Some(row))
+    match first_error {
+        Some(e) => Err(StepError::Row(e, row)),
+        None => Ok(Some(row)),
+    }
 }
 
 #[cfg(test)]
@@ -727,7 +750,20 @@ mod tests {
     #[test]
     fn floats() {
         let cases: &[(u32, Vec<u8>, f64)] = &[
-            (oid::FLOAT4, 0.1f32.to_be_bytes().to_vec(), 0.1f32 as f64),
+            // The digits PostgreSQL prints, not the widened binary value.
+            (oid::FLOAT4, 0.1f32.to_be_bytes().to_vec(), 0.1),
+            (oid::FLOAT4, 1e20f32.to_be_bytes().to_vec(), 1e20),
+            (
+                oid::FLOAT4,
+                123456789f32.to_be_bytes().to_vec(),
+                123456790.0,
+            ),
+            (
+                oid::FLOAT4,
+                1.1754944e-38f32.to_be_bytes().to_vec(),
+                1.1754944e-38,
+            ),
+            (oid::FLOAT4, 1e-45f32.to_be_bytes().to_vec(), 1e-45),
             (
                 oid::FLOAT4,
                 f32::INFINITY.to_be_bytes().to_vec(),

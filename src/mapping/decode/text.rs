@@ -55,7 +55,9 @@ fn decode_scalar(ty_oid: u32, name: &str, text: &[u8]) -> Result<Value, DecodeEr
         oid::INT4 => Value::Int(int_in(text, i32::MIN.into(), i32::MAX.into()).map_err(fail)?),
         oid::INT8 => Value::Int(int_in(text, i64::MIN, i64::MAX).map_err(fail)?),
         oid::OID => Value::Int(int_in(text, 0, u32::MAX.into()).map_err(fail)?),
-        oid::FLOAT4 => Value::Float(float_in::<f32>(text).map_err(fail)?.into()),
+        oid::FLOAT4 => Value::Float(crate::mapping::value::widen_f32(
+            float_in::<f32>(text).map_err(fail)?,
+        )),
         oid::FLOAT8 => Value::Float(float_in::<f64>(text).map_err(fail)?),
         oid::NUMERIC => {
             if !is_numeric_syntax(text) {
@@ -678,8 +680,8 @@ mod tests {
             (oid::FLOAT8, "5e-324", 5e-324),
             (oid::FLOAT8, "Infinity", f64::INFINITY),
             (oid::FLOAT8, "-Infinity", f64::NEG_INFINITY),
-            (oid::FLOAT4, "0.1", 0.1f32 as f64),
-            (oid::FLOAT4, "3.4028235e+38", f32::MAX as f64),
+            (oid::FLOAT4, "0.1", 0.1),
+            (oid::FLOAT4, "3.4028235e+38", 3.4028235e38),
             (oid::FLOAT4, "Infinity", f64::INFINITY),
             (oid::FLOAT4, "-Infinity", f64::NEG_INFINITY),
         ];

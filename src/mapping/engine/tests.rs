@@ -350,3 +350,33 @@ fn decimal_text_becomes_valid_json_numbers() {
         }
     }
 }
+
+#[test]
+fn reference_lists_hold_uuids() {
+    let arr = |v: Vec<Value>| Value::Array(v);
+    let cases = [
+        // An int4[] without uuid5 is refused when the mapping compiles.
+        (
+            json!({"column": "v", "transform": "csv"}),
+            oid::INT4_ARRAY,
+            arr(vec![Value::Int(1), Value::Int(2)]),
+            "compile: fields.allowed_branches: the elements are integers but must be UUIDs",
+        ),
+        (
+            json!("v"),
+            oid::INT4_ARRAY,
+            arr(vec![Value::Int(1), Value::Int(2)]),
+            "compile: fields.allowed_branches: the elements are integers but must be UUIDs",
+        ),
+        (
+            json!({"column": "v", "transform": ["uuid5:branches", "csv"]}),
+            oid::INT4_ARRAY,
+            arr(vec![Value::Int(1)]),
+            "\"",
+        ),
+    ];
+    for (spec, o, v, want) in cases {
+        let got = one("offers", "allowed_branches", spec.clone(), o, v, "UTC");
+        assert!(got.starts_with(want), "{spec}: {got}");
+    }
+}
