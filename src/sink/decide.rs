@@ -114,9 +114,9 @@ pub fn delete_from(
             (Some(image), _) => match crate::state::image::decode(ty, image) {
                 Ok(r) => mark(r),
                 Err(e) => DeleteFrom::Unbuildable(format!(
-                    "soft delete not sent: the delete image kept for this key (its key and \
-                     required fields as last accepted) no longer reads as a {} record ({e}) — \
-                     the schema changed since; Cobi still holds it as not deleted",
+                    "soft delete not sent: the delete image kept for this key (the record as \
+                     last accepted) no longer reads as a {} record ({e}) — the schema changed \
+                     since; Cobi still holds it as not deleted",
                     schema().ty(ty).name
                 )),
             },
@@ -196,7 +196,7 @@ mod tests {
             r.set(s.ty(shops).field("is_deleted").unwrap(), Json::Bool(true));
             DeleteFrom::Record(r)
         };
-        // The image of `copy` (its key and required fields: all of them).
+        // The image of `copy`.
         let image =
             crate::state::image::encode(&Record::from_json(shops, copy.as_bytes()).unwrap())
                 .unwrap();

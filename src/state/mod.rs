@@ -94,7 +94,7 @@ pub struct KeyState {
     pub status: KeyStatus,
     /// Fingerprint of that version's JSON.
     pub fingerprint: u64,
-    /// The key and required fields of the version last accepted
+    /// The fields of the version last accepted, compactly encoded
     /// ([`image::encode`]), where soft deletes need them
     /// ([`ImagePolicy`]).
     pub delete_image: Option<bytes::Bytes>,
