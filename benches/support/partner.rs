@@ -435,6 +435,7 @@ pub async fn phase_sync(
         env.daemon_cmd(&cfg, &["run"]),
         &log,
     )?;
+    let perf = Profile::attach(env, &d, name);
     let want: Vec<(&str, u64)> = s.types().iter().map(|(ty, _, n)| (*ty, *n)).collect();
     let done = wait_types(
         &mock,
@@ -446,6 +447,7 @@ pub async fn phase_sync(
     let secs = (done - d.started).as_secs_f64();
     d.sample_now();
     let cpu = d.cpu_secs_now().unwrap_or(f64::NAN);
+    perf.stop().await;
     let e = d.term(Duration::from_secs(30)).await;
     let state = env.path(&format!("{name}-state"));
     let mut row = Row::measured(label, s.total(), secs);

@@ -134,7 +134,8 @@ async fn delete_images_only_where_the_delete_cannot_carry_the_row() {
         shops.iter().all(|(_, s)| s.delete_image.is_none()),
         "{shops:?}"
     );
-    // Default identity: an image of the key and required fields only.
+    // Default identity: an image of every field as sent (optional ones
+    // too: a delete must not blank them).
     let branches = stored(
         &wd.path("state"),
         "branches",
@@ -151,10 +152,11 @@ async fn delete_images_only_where_the_delete_cannot_carry_the_row() {
         let got: Value = serde_json::from_slice(&r.to_json()).unwrap();
         assert_eq!(
             got.as_object().unwrap().keys().collect::<Vec<_>>(),
-            ["branch_id", "name", "region", "shop_id"],
+            ["branch_id", "latitude", "name", "region", "shop_id"],
             "{sk}: {got}"
         );
         assert_eq!(got["branch_id"], sk.as_str());
+        assert_eq!(got["latitude"], 51.5, "{sk}: {got}");
     }
 
     // Restart; delete a shop (old row), re-key a shop (old row of an
@@ -196,10 +198,10 @@ async fn delete_images_only_where_the_delete_cannot_carry_the_row() {
         record_of(&mock, "shops", "shop_id", &uuid_of(4)).unwrap(),
         json!({"shop_id": uuid_of(4), "name": "Shop 4", "region": "GB", "is_public": true, "is_deleted": true})
     );
-    // From the image: key and required fields.
+    // From the image: every field as last sent.
     assert_eq!(
         record_of(&mock, "branches", "branch_id", &uuid_of(1005)).unwrap(),
-        json!({"branch_id": uuid_of(1005), "shop_id": uuid_of(6), "name": "Branch 5", "region": "FR", "is_deleted": true})
+        json!({"branch_id": uuid_of(1005), "shop_id": uuid_of(6), "name": "Branch 5", "region": "FR", "latitude": 51.5, "is_deleted": true})
     );
     assert_eq!(mock.stats().records_rejected.values().sum::<u64>(), 0);
     assert!(d.term().await.success(), "{}", d.log_text());
@@ -265,11 +267,11 @@ async fn truncate_soft_deletes_every_uuid_key_in_chunks() {
         },
     )
     .await;
-    // Built from the images: key and required fields.
+    // Built from the images: every field as last sent.
     let r = record_of(&mock, "shops", "shop_id", &uuid_of(2999)).unwrap();
     assert_eq!(
         r,
-        json!({"shop_id": uuid_of(2999), "name": "Shop 2999", "region": "GB", "is_deleted": true})
+        json!({"shop_id": uuid_of(2999), "name": "Shop 2999", "region": "GB", "is_public": true, "is_deleted": true})
     );
     assert!(d.term().await.success(), "{}", d.log_text());
 }
