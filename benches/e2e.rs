@@ -18,6 +18,18 @@
 //! | latency | the daemon streaming (`linger = "100ms"`) to an in-harness receiver that timestamps each record; 1 000 single-row commits/s with `synchronous_commit = on` |
 //! | idle | the daemon's CPU time over an idle period after the latency phase |
 //!
+//! Then the partner-shaped dataset ([`support::partner`]): shops → branches
+//! (integer keys) → offers, customers (UUID keys) → transactions (UUID
+//! keys), ~1 M records, REPLICA IDENTITY FULL, default mapping options,
+//! replication mode: COPY binary of the 5 tables, the initial sync (median
+//! of `COBI_BENCH_RUNS`), a streaming burst in 10 000-row transactions
+//! against `pg_recvlogical` and the commit rate, latency at 1 000
+//! single-row commits/s and at 5 000 rows/s in 10-row transactions,
+//! re-syncs of the unchanged dataset, and a 5 M-record sync for the RSS and
+//! state points. Every daemon row reports rows/s, its ratio to the
+//! reference, daemon CPU µs per record (`/proc/PID/stat`), peak RSS and
+//! state dir bytes per tracked record.
+//!
 //! Environment:
 //! - `COBI_BENCH_ROWS` (default 1 000 000; 100 000 with `COBI_BENCH_QUICK=1`)
 //! - `COBI_BENCH_BIG_ROWS` (default 5 000 000, 0 with `COBI_BENCH_QUICK=1`;
@@ -28,7 +40,17 @@
 //! - `COBI_BENCH_BIN`: use this cobi-sync binary instead of building `target/release/cobi-sync`
 //! - `COBI_BENCH_LOG_LEVEL`: the daemon's log level (default `warn`)
 //! - `COBI_BENCH_RUNS` (default 3, 1 with `COBI_BENCH_QUICK=1`): runs of the
-//!   1M-row cobi-sync and Python snapshots; the median run is reported
+//!   1M-row cobi-sync and Python snapshots and of the partner initial sync;
+//!   the median run is reported
+//! - `COBI_BENCH_DATASETS` (default `integer,partner`): which datasets run
+//! - `COBI_BENCH_PERF_DIR`: profile the daemon during each partner sync and
+//!   the burst with `perf record -e cpu-clock --call-graph dwarf` into
+//!   `<dir>/<phase>.perf` (read with `perf report -i`)
+//! - `COBI_BENCH_PARTNER_ROWS` (default 1 010 000; 101 000 quick),
+//!   `COBI_BENCH_PARTNER_BIG_ROWS` (default 5 000 000; 0 quick skips it),
+//!   `COBI_BENCH_BURST` (default 300 000; 30 000 quick), `COBI_BENCH_BURST_TX`
+//!   (rows per transaction, default 10 000), `COBI_BENCH_RESYNCS` (default 3;
+//!   1 quick)
 //!
 //! Prints one table and writes it as Markdown to `target/bench-e2e.md`.
 //! Logs and configs of the run are kept in `target/bench-e2e/`.
@@ -73,6 +95,14 @@ struct Opts {
     python: bool,
     log_level: String,
     runs: usize,
+    /// Which datasets run: the integer-key `purchase` table, the partner shape.
+    integer: bool,
+    partner: bool,
+    partner_rows: u64,
+    partner_big_rows: u64,
+    burst: u64,
+    burst_tx: u64,
+    resyncs: usize,
 }
 
 fn env_u64(name: &str) -> Result<Option<u64>> {
@@ -92,6 +122,17 @@ impl Opts {
     fn from_env() -> Result<Opts> {
         let quick = std::env::var("COBI_BENCH_QUICK").is_ok_and(|v| v != "0" && !v.is_empty());
         let rows = env_u64("COBI_BENCH_ROWS")?.unwrap_or(if quick { 100_000 } else { 1_000_000 });
+        let datasets: Vec<String> = std::env::var("COBI_BENCH_DATASETS")
+            .unwrap_or_else(|_| "integer,partner".into())
+            .split(',')
+            .map(|d| d.trim().to_string())
+            .collect();
+        if let Some(bad) = datasets
+            .iter()
+            .find(|d| !["integer", "partner"].contains(&d.as_str()))
+        {
+            bail!("COBI_BENCH_DATASETS: unknown dataset {bad:?} (write integer, partner or both)");
+        }
         if rows < 10 {
             bail!("COBI_BENCH_ROWS must be at least 10");
         }
@@ -107,6 +148,21 @@ impl Opts {
             runs: env_u64("COBI_BENCH_RUNS")?
                 .unwrap_or(if quick { 1 } else { 3 })
                 .max(1) as usize,
+            integer: datasets.iter().any(|d| d == "integer"),
+            partner: datasets.iter().any(|d| d == "partner"),
+            partner_rows: env_u64("COBI_BENCH_PARTNER_ROWS")?
+                .unwrap_or(if quick { 101_000 } else { 1_010_000 })
+                .max(100),
+            partner_big_rows: env_u64("COBI_BENCH_PARTNER_BIG_ROWS")?.unwrap_or(if quick {
+                0
+            } else {
+                5_000_000
+            }),
+            burst: env_u64("COBI_BENCH_BURST")?
+                .unwrap_or(if quick { 30_000 } else { 300_000 })
+                .max(1),
+            burst_tx: env_u64("COBI_BENCH_BURST_TX")?.unwrap_or(10_000).max(1),
+            resyncs: env_u64("COBI_BENCH_RESYNCS")?.unwrap_or(if quick { 1 } else { 3 }) as usize,
         })
     }
 }
@@ -154,6 +210,20 @@ fn main() {
 // The environment of a run
 // ---------------------------------------------------------------------------------
 
+/// What a daemon config differs in.
+#[derive(Clone, Copy)]
+struct Cfg<'a> {
+    name: &'a str,
+    db: &'a str,
+    api: &'a str,
+    mode: &'a str,
+    snapshot: &'a str,
+    slot: &'a str,
+    linger: &'a str,
+    publication: &'a str,
+    mappings: &'a str,
+}
+
 struct Env {
     opts: Opts,
     bin: PathBuf,
@@ -169,7 +239,8 @@ impl Env {
         self.work.join(name)
     }
 
-    /// Writes `<name>.toml` (with a fresh state dir `<name>-state/`).
+    /// Writes `<name>.toml` for the integer-key `purchase` mappings (with a
+    /// fresh state dir `<name>-state/`).
     #[allow(clippy::too_many_arguments)]
     fn config(
         &self,
@@ -181,6 +252,32 @@ impl Env {
         slot: &str,
         linger: &str,
     ) -> Result<PathBuf> {
+        self.config_of(&Cfg {
+            name,
+            db,
+            api,
+            mode,
+            snapshot,
+            slot,
+            linger,
+            publication: PUBLICATION,
+            mappings: MAPPINGS,
+        })
+    }
+
+    /// Writes `<name>.toml` (with a fresh state dir `<name>-state/`).
+    fn config_of(&self, c: &Cfg) -> Result<PathBuf> {
+        let Cfg {
+            name,
+            db,
+            api,
+            mode,
+            snapshot,
+            slot,
+            linger,
+            publication,
+            mappings,
+        } = *c;
         let state = self.path(&format!("{name}-state"));
         let _ = std::fs::remove_dir_all(&state);
         let text = format!(
@@ -191,7 +288,7 @@ mode = "{mode}"
 
 [source.replication]
 slot = "{slot}"
-publication = "{PUBLICATION}"
+publication = "{publication}"
 snapshot = "{snapshot}"
 
 [api]
@@ -213,7 +310,7 @@ listen = ""
 format = "text"
 level = "{level}"
 
-{MAPPINGS}
+{mappings}
 "#,
             url = self.pg.url(db),
             key = self.key_file.display(),
@@ -619,23 +716,68 @@ async fn run(opts: Opts) -> Result<()> {
         python,
     };
 
+    let mut rows = Vec::new();
+    let mut extra = vec![format!(
+        "PostgreSQL {version}, {} CPUs, {}; integer dataset: rows = purchase rows ({MERCHANTS} shops are sent too and not counted); partner dataset: every record of the 5 types; logs in {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        if env.opts.quick { "QUICK mode" } else { "full mode" },
+        env.work.display()
+    )];
+    let mut targets = Vec::new();
+    let mut add = |o: support::partner::Outcome| {
+        rows.extend(o.rows);
+        extra.extend(o.extra);
+        targets.extend(o.targets);
+    };
+    if opts.integer {
+        add(integer_dataset(&env).await?);
+    }
+    if opts.partner {
+        add(support::partner::run(&env).await);
+    }
+    let report = Report {
+        title: format!(
+            "cobi-sync e2e benchmark: integer keys {}, partner shape {}",
+            if opts.integer {
+                format!("{} rows", opts.rows)
+            } else {
+                "skipped".into()
+            },
+            if opts.partner {
+                format!("~{} records", opts.partner_rows)
+            } else {
+                "skipped".into()
+            },
+        ),
+        rows,
+        extra,
+        targets,
+    };
+    print!("{}", report.text());
+    let md = env.target_dir.join("bench-e2e.md");
+    std::fs::write(&md, report.markdown())?;
+    println!("\n(Markdown: {})", md.display());
+    Ok(())
+}
+
+/// The integer-key `purchase` dataset: every phase of the first benchmark.
+async fn integer_dataset(env: &Env) -> Result<support::partner::Outcome> {
+    let opts = env.opts.clone();
     let n = opts.rows;
     let mut extra: Vec<String> = Vec::new();
 
     eprintln!("[1/8] generating data");
-    make_database(&env, "bench", n).await?;
+    make_database(env, "bench", n).await?;
 
     eprintln!("[2/8] reference: COPY to /dev/null");
-    let copy_bin = phase_copy(&env, "bench", n, true)
-        .await
-        .unwrap_or_else(|e| {
-            Row::failed("COPY binary → /dev/null (read ceiling)", format!("{e:#}"))
-        });
-    let copy_txt = phase_copy(&env, "bench", n, false)
+    let copy_bin = phase_copy(env, "bench", n, true).await.unwrap_or_else(|e| {
+        Row::failed("COPY binary → /dev/null (read ceiling)", format!("{e:#}"))
+    });
+    let copy_txt = phase_copy(env, "bench", n, false)
         .await
         .unwrap_or_else(|e| Row::failed("COPY text → /dev/null", format!("{e:#}")));
 
-    let copy_psql = phase_copy_psql(&env, "bench", n).await.unwrap_or_else(|e| {
+    let copy_psql = phase_copy_psql(env, "bench", n).await.unwrap_or_else(|e| {
         Row::failed("COPY binary via psql \\copy → /dev/null", format!("{e:#}"))
     });
 
@@ -644,7 +786,7 @@ async fn run(opts: Opts) -> Result<()> {
         Row::failed("mock-api ingest (in process, 2 clients)", format!("{e:#}"))
     });
     let mock_proc_row = async {
-        let m = MockProc::start(&env, "ingest-mock")?;
+        let m = MockProc::start(env, "ingest-mock")?;
         phase_mock_ingest(n, Some(&m)).await
     }
     .await
@@ -656,12 +798,12 @@ async fn run(opts: Opts) -> Result<()> {
     });
 
     eprintln!("[4/8] cobi-sync snapshot of {n} rows");
-    let snap = median_run(opts.runs, || phase_snapshot(&env, "bench", n, "snap"))
+    let snap = median_run(opts.runs, || phase_snapshot(env, "bench", n, "snap"))
         .await
         .unwrap_or_else(|e| Row::failed("cobi-sync snapshot → mock-api", format!("{e:#}")));
 
     eprintln!("[4b/8] cobi-sync run in poll mode, first read of {n} rows");
-    let mut poll_first = phase_poll_first_read(&env, "bench", n)
+    let mut poll_first = phase_poll_first_read(env, "bench", n)
         .await
         .unwrap_or_else(|e| Row::failed(POLL_FIRST_READ, format!("{e:#}")));
     if let (Some(a), Some(b)) = (poll_first.rate(), snap.rate()) {
@@ -669,15 +811,15 @@ async fn run(opts: Opts) -> Result<()> {
     }
 
     eprintln!("[5/8] Python peer snapshot");
-    let py_snap = median_run(opts.runs, || phase_python_snapshot(&env, "bench", n))
+    let py_snap = median_run(opts.runs, || phase_python_snapshot(env, "bench", n))
         .await
         .unwrap_or_else(|e| Row::failed("Python peer snapshot → mock-api", format!("{e:#}")));
 
     let big = if opts.big_rows > 0 {
         eprintln!("[6/8] cobi-sync snapshot of {} rows (RSS)", opts.big_rows);
         let r = async {
-            make_database(&env, "big", opts.big_rows).await?;
-            let r = phase_snapshot(&env, "big", opts.big_rows, "snap-big").await;
+            make_database(env, "big", opts.big_rows).await?;
+            let r = phase_snapshot(env, "big", opts.big_rows, "snap-big").await;
             let c = env.client("postgres").await?;
             c.batch_execute("DROP DATABASE big").await?;
             r
@@ -691,7 +833,7 @@ async fn run(opts: Opts) -> Result<()> {
     };
 
     eprintln!("[7/8] replication: pg_recvlogical, cobi-sync drain, Python peer");
-    let repl = phase_replication(&env, n).await;
+    let repl = phase_replication(env, n).await;
     let (recv_row, drain_row, py_cdc_row) = match repl {
         Ok(r) => r,
         Err(e) => (
@@ -705,7 +847,7 @@ async fn run(opts: Opts) -> Result<()> {
     };
 
     eprintln!("[8/8] latency at {} rows/s, then idle", opts.rate);
-    let lat = phase_latency(&env).await;
+    let lat = phase_latency(env).await;
 
     // ---- ratios
     let mut snap = snap;
@@ -914,26 +1056,11 @@ async fn run(opts: Opts) -> Result<()> {
     ];
     all.extend(big);
     all.extend([py_snap, recv_row, drain_row, py_cdc_row]);
-    extra.insert(
-        0,
-        format!(
-            "PostgreSQL {version}, {} CPUs, {}; rows = purchase rows ({MERCHANTS} shops are sent too and not counted); logs in {}",
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            if env.opts.quick { "QUICK mode" } else { "full mode" },
-            env.work.display()
-        ),
-    );
-    let report = Report {
-        title: format!("cobi-sync e2e benchmark, {n} rows"),
+    Ok(support::partner::Outcome {
         rows: all,
         extra,
         targets,
-    };
-    print!("{}", report.text());
-    let md = env.target_dir.join("bench-e2e.md");
-    std::fs::write(&md, report.markdown())?;
-    println!("\n(Markdown: {})", md.display());
-    Ok(())
+    })
 }
 
 // ---------------------------------------------------------------------------------
@@ -1239,6 +1366,9 @@ async fn phase_snapshot(env: &Env, db: &str, n: u64, name: &str) -> Result<Row> 
     let rejected: u64 = stats.records_rejected.values().sum();
     let mut row = Row::measured(&label, n, exit.wall.as_secs_f64());
     row.rss_mib = Some(p.peak_rss_mib());
+    row.cpu_us = Some(exit.cpu_secs * 1e6 / n as f64);
+    row.state_bpr =
+        Some(support::partner::dir_bytes(&env.path(&format!("{name}-state"))) as f64 / n as f64);
     row.add_note(format!(
         "{:.1} CPU s (mock-api: {:.1})",
         exit.cpu_secs,
@@ -1461,6 +1591,8 @@ async fn phase_replication(env: &Env, n: u64) -> Result<(Row, Row, Row)> {
     let e = d.term(Duration::from_secs(20)).await;
     let mut drain = Row::measured("cobi-sync replication drain → mock-api", n, secs);
     drain.rss_mib = Some(d.peak_rss_mib());
+    drain.cpu_us = Some(cpu * 1e6 / n as f64);
+    drain.state_bpr = Some(support::partner::dir_bytes(&env.path("repl-state")) as f64 / n as f64);
     drain.add_note(format!(
         "{cpu:.1} CPU s (mock-api: {:.1}); from process start to the mock holding all {n}; {} WAL MiB",
         mock.proc.cpu_secs_now().unwrap_or(f64::NAN) - mock_cpu0,
@@ -1611,64 +1743,107 @@ struct Latency {
     notes: String,
 }
 
+/// A latency run: the daemon streams from a fresh slot (`snapshot =
+/// "never"`, `linger = "100ms"`) to the in-harness receiver while two
+/// sessions commit `per_tx`-row transactions at `rate` rows/s.
+struct LatencySpec<'a> {
+    /// Config name, database, slot, publication and mappings (`api`,
+    /// `mode`, `snapshot` and `linger` are set here).
+    cfg: Cfg<'a>,
+    rate: u64,
+    per_tx: u64,
+    /// `INSERT … SELECT … FROM generate_series(1, $1::int) g RETURNING …`,
+    /// `$2::int` an offset for varied references; returns one row per
+    /// inserted row.
+    insert: &'a str,
+    /// The receiver's `transaction_id` of a returned row.
+    key_of: fn(&tokio_postgres::Row) -> String,
+    /// Measure the idle daemon afterwards.
+    idle: bool,
+}
+
+/// The integer-key latency run (and the idle daemon).
 async fn phase_latency(env: &Env) -> Result<Latency> {
-    let db = "repl";
+    latency_run(
+        env,
+        &LatencySpec {
+            cfg: Cfg {
+                name: "latency",
+                db: "repl",
+                api: "",
+                mode: "replication",
+                snapshot: "never",
+                slot: "cobi_lat",
+                linger: "100ms",
+                publication: PUBLICATION,
+                mappings: MAPPINGS,
+            },
+            rate: env.opts.rate,
+            per_tx: 1,
+            insert: "INSERT INTO purchase (shop_ref, member_ref, promo_ref, outlet_ref, country, channel, saved, total, modified_at)
+                     SELECT 1 + (g + $2) % 1000, 1 + (g + $2) % 50000, 1 + (g + $2) % 500, 1 + (g + $2) % 2000,
+                            'gb', 'online', 1.50, 12.34, clock_timestamp()
+                     FROM generate_series(1, $1::int) g RETURNING id",
+            key_of: |r| uuid5("transactions", r.get::<_, i64>(0) as u64).to_string(),
+            idle: true,
+        },
+    )
+    .await
+}
+
+async fn latency_run(env: &Env, spec: &LatencySpec<'_>) -> Result<Latency> {
+    let db = spec.cfg.db;
     let o = &env.opts;
     let receiver = Receiver::start().await?;
-    let cfg = env.config(
-        "latency",
-        db,
-        &receiver.base_url(),
-        "replication",
-        "never",
-        "cobi_lat",
-        "100ms",
-    )?;
-    let log = env.path("latency.log");
+    let api = receiver.base_url();
+    let cfg = env.config_of(&Cfg {
+        api: &api,
+        mode: "replication",
+        snapshot: "never",
+        linger: "100ms",
+        ..spec.cfg
+    })?;
+    let log = env.path(&format!("{}.log", spec.cfg.name));
     let c = env.client(db).await?;
     let mut d = Proc::spawn(
         "cobi-sync run (latency)",
         env.daemon_cmd(&cfg, &["run"]),
         &log,
     )?;
-    wait_slot(&c, "cobi_lat", true, &mut d, Duration::from_secs(60)).await?;
+    wait_slot(&c, spec.cfg.slot, true, &mut d, Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    // Inserting sessions: one row per transaction, synchronous_commit on.
+    // Inserting sessions: `per_tx` rows per transaction, synchronous_commit on.
     const SESSIONS: usize = 2;
-    let total = (o.latency_secs * o.rate) as usize;
-    let interval = Duration::from_secs_f64(1.0 / o.rate as f64);
+    let txs = (o.latency_secs * spec.rate / spec.per_tx) as usize;
+    let interval = Duration::from_secs_f64(spec.per_tx as f64 / spec.rate as f64);
     let start = tokio::time::Instant::now() + Duration::from_millis(200);
     let mut tasks = Vec::new();
     for s in 0..SESSIONS {
         let client = env.client(db).await?;
         client.batch_execute("SET synchronous_commit = on").await?;
+        let (insert, key_of, per_tx) = (spec.insert.to_owned(), spec.key_of, spec.per_tx as i32);
         tasks.push(tokio::spawn(async move {
-            let stmt = client
-                .prepare(
-                    "INSERT INTO purchase (shop_ref, member_ref, promo_ref, outlet_ref, country, channel, saved, total, modified_at)
-                     VALUES ($1, $2, $3, $4, 'gb', 'online', 1.50, 12.34, clock_timestamp()) RETURNING id",
-                )
-                .await?;
+            let stmt = client.prepare(&insert).await?;
             let mut out = Vec::new();
             let mut i = s;
-            while i < total {
+            while i < txs {
                 let due = start + interval * i as u32;
                 tokio::time::sleep_until(due).await;
                 let began = tokio::time::Instant::now();
-                let g = i as i32;
-                let row = client
-                    .query_one(&stmt, &[&(1 + g % MERCHANTS as i32), &(1 + g % 50000), &(1 + g % 500), &(1 + g % 2000)])
+                let rows = client
+                    .query(&stmt, &[&per_tx, &(i as i32 * per_tx)])
                     .await?;
                 let committed = Instant::now();
-                let id: i64 = row.get(0);
-                out.push((id as u64, committed, began - due, began.elapsed()));
+                for row in &rows {
+                    out.push((key_of(row), committed, began - due, began.elapsed()));
+                }
                 i += SESSIONS;
             }
             Ok::<_, anyhow::Error>(out)
         }));
     }
-    let mut commits = Vec::with_capacity(total);
+    let mut commits = Vec::with_capacity(txs * spec.per_tx as usize);
     for t in tasks {
         let deadline = Duration::from_secs(o.latency_secs * 3 + 30);
         commits.extend(
@@ -1688,10 +1863,7 @@ async fn phase_latency(env: &Env) -> Result<Latency> {
     commit_ms.sort_by(f64::total_cmp);
 
     // Wait for every row to arrive (at most 30 s after the last commit).
-    let ids: Vec<(String, Instant)> = commits
-        .iter()
-        .map(|(id, t, _, _)| (uuid5("transactions", *id).to_string(), *t))
-        .collect();
+    let ids: Vec<(String, Instant)> = commits.into_iter().map(|(k, t, _, _)| (k, t)).collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let got = {
@@ -1726,16 +1898,19 @@ async fn phase_latency(env: &Env) -> Result<Latency> {
     }
 
     // Idle.
-    let cpu0 = d
-        .cpu_secs_now()
-        .ok_or_else(|| anyhow!("cannot read /proc/PID/stat"))?;
-    let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(o.idle_secs)).await;
-    let cpu1 = d
-        .cpu_secs_now()
-        .ok_or_else(|| anyhow!("the daemon vanished while idle"))?;
-    let idle_cpu = cpu1 - cpu0;
-    let idle_pct = 100.0 * idle_cpu / t0.elapsed().as_secs_f64();
+    let (mut idle_cpu, mut idle_pct) = (f64::NAN, f64::NAN);
+    if spec.idle {
+        let cpu0 = d
+            .cpu_secs_now()
+            .ok_or_else(|| anyhow!("cannot read /proc/PID/stat"))?;
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(o.idle_secs)).await;
+        let cpu1 = d
+            .cpu_secs_now()
+            .ok_or_else(|| anyhow!("the daemon vanished while idle"))?;
+        idle_cpu = cpu1 - cpu0;
+        idle_pct = 100.0 * idle_cpu / t0.elapsed().as_secs_f64();
+    }
     d.sample_now();
     let e = d.term(Duration::from_secs(20)).await;
     if !e.success() {
@@ -1755,7 +1930,7 @@ async fn phase_latency(env: &Env) -> Result<Latency> {
             log.display()
         ));
     }
-    c.execute("SELECT pg_drop_replication_slot('cobi_lat')", &[])
+    c.execute("SELECT pg_drop_replication_slot($1)", &[&spec.cfg.slot])
         .await
         .ok();
     Ok(Latency {

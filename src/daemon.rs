@@ -10,7 +10,6 @@
 //! requests are abandoned — their records were never confirmed, so they
 //! are read again after restart — and the process exits 0.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,18 +96,12 @@ impl Pipeline {
             )
             .map_err(DaemonError::Config)?,
         );
-        let keep_last_sent: HashSet<std::sync::Arc<str>> = settings
-            .mappings
-            .iter()
-            .filter(|m| m.needs_last_sent(settings.source.mode))
-            .map(|m| m.id.clone())
-            .collect();
         let cfg = SinkConfig {
             max_records: settings.batch.max_records,
             max_bytes: settings.batch.max_bytes,
             linger: settings.batch.linger,
             concurrency: settings.api.concurrency,
-            keep_last_sent,
+            images: Arc::new(crate::state::ImagePolicy::new(settings)),
         };
         let (sink, sink_task) = sink::spawn(
             cfg,

@@ -1,5 +1,6 @@
 //! Helpers of the end-to-end benchmark (`benches/e2e.rs`).
 
+pub mod partner;
 pub mod poll_first_read;
 pub mod proc;
 pub mod purchase;

@@ -142,7 +142,6 @@ impl Proc {
         ))
     }
 
-    #[allow(dead_code)]
     pub fn pid(&self) -> i32 {
         self.pid
     }

@@ -11,6 +11,10 @@ pub struct Row {
     /// (ratio, what it is relative to)
     pub ratios: Vec<(f64, String)>,
     pub rss_mib: Option<f64>,
+    /// Daemon CPU (user + system) per record, µs.
+    pub cpu_us: Option<f64>,
+    /// State dir bytes per tracked record.
+    pub state_bpr: Option<f64>,
     pub notes: String,
 }
 
@@ -88,14 +92,18 @@ fn fmt_int(n: u64) -> String {
     out
 }
 
+const COLS: usize = 9;
+
 impl Report {
-    fn cells(r: &Row) -> [String; 7] {
+    fn cells(r: &Row) -> [String; COLS] {
+        let opt = |v: Option<f64>, digits: usize| {
+            v.map(|x| format!("{x:.digits$}"))
+                .unwrap_or_else(|| "-".into())
+        };
         [
             r.path.clone(),
             r.rows.map(fmt_int).unwrap_or_else(|| "-".into()),
-            r.secs
-                .map(|s| format!("{s:.2}"))
-                .unwrap_or_else(|| "-".into()),
+            opt(r.secs, 2),
             r.rate()
                 .map(|x| fmt_int(x.round() as u64))
                 .unwrap_or_else(|| "-".into()),
@@ -108,47 +116,54 @@ impl Report {
                     .collect::<Vec<_>>()
                     .join(", ")
             },
-            r.rss_mib
-                .map(|m| format!("{m:.1}"))
-                .unwrap_or_else(|| "-".into()),
+            opt(r.cpu_us, 2),
+            opt(r.rss_mib, 1),
+            opt(r.state_bpr, 1),
             r.notes.clone(),
         ]
     }
 
-    const HEAD: [&'static str; 7] = [
+    const HEAD: [&'static str; COLS] = [
         "path",
         "rows",
         "seconds",
         "rows/s",
         "ratio vs reference",
+        "daemon CPU µs/record",
         "peak RSS MiB",
+        "state B/record",
         "notes",
     ];
 
+    /// Right-aligned (numeric) columns.
+    fn right(i: usize) -> bool {
+        matches!(i, 1..=3 | 5..=7)
+    }
+
     pub fn text(&self) -> String {
-        let cells: Vec<[String; 7]> = self.rows.iter().map(Self::cells).collect();
-        let mut w = [0usize; 7];
+        let cells: Vec<[String; COLS]> = self.rows.iter().map(Self::cells).collect();
+        let mut w = [0usize; COLS];
         for (i, h) in Self::HEAD.iter().enumerate() {
             w[i] = h.chars().count();
         }
         for c in &cells {
-            for i in 0..6 {
+            for i in 0..COLS - 1 {
                 w[i] = w[i].max(c[i].chars().count());
             }
         }
         let mut out = String::new();
         let _ = writeln!(out, "\n== {} ==\n", self.title);
         let line = |out: &mut String, c: &[String]| {
-            for i in 0..7 {
+            for i in 0..COLS {
                 let pad = w[i].saturating_sub(c[i].chars().count());
-                if (1..=3).contains(&i) || i == 5 {
+                if Self::right(i) {
                     let _ = write!(out, "{}{}", " ".repeat(pad), c[i]);
-                } else if i == 6 {
+                } else if i == COLS - 1 {
                     let _ = write!(out, "{}", c[i]);
                 } else {
                     let _ = write!(out, "{}{}", c[i], " ".repeat(pad));
                 }
-                if i < 6 {
+                if i < COLS - 1 {
                     out.push_str(" | ");
                 }
             }
@@ -160,7 +175,7 @@ impl Report {
             out,
             "{}",
             w.iter()
-                .take(6)
+                .take(COLS - 1)
                 .map(|n| "-".repeat(*n))
                 .collect::<Vec<_>>()
                 .join("-+-")
@@ -190,7 +205,10 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(out, "# {}\n", self.title);
         let _ = writeln!(out, "| {} |", Self::HEAD.join(" | "));
-        let _ = writeln!(out, "|---|---:|---:|---:|---|---:|---|");
+        let align: Vec<&str> = (0..COLS)
+            .map(|i| if Self::right(i) { "---:" } else { "---" })
+            .collect();
+        let _ = writeln!(out, "|{}|", align.join("|"));
         for r in &self.rows {
             let c = Self::cells(r);
             let c: Vec<String> = c.iter().map(|s| s.replace('|', "\\|")).collect();

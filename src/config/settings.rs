@@ -290,16 +290,6 @@ impl MappingSettings {
         }
         cols
     }
-
-    /// Whether the state store must keep the last-sent record of each key
-    /// (soft deletes without a full old row, truncate, reconcile, and the
-    /// soft deletes of `snapshot` for keys a table no longer has — in both
-    /// modes, so `_mode` no longer matters).
-    pub fn needs_last_sent(&self, _mode: Mode) -> bool {
-        self.on_delete == OnDelete::Soft
-            || self.on_truncate == OnTruncate::SoftDelete
-            || self.reconcile.is_some()
-    }
 }
 
 /// Parses a human duration (`500ms`, `30s`, `5m`, `1h 30m`).

@@ -9,7 +9,7 @@
 //!   still dead-lettered with the letter's content: a newer version, a
 //!   delete, or an accept since then wins (DESIGN.md §5).
 //! - [`delete_from`]: what a soft delete is built from — the deleted row's
-//!   image, else the copy of what was last accepted. A key never accepted
+//!   image, else the delete image kept of what was last accepted. A key never accepted
 //!   needs no delete; one whose delete cannot be built is a dead letter
 //!   with the reason, never a silent skip (DESIGN.md §4.7).
 
@@ -93,7 +93,7 @@ pub enum DeleteFrom {
 }
 
 /// Builds the soft delete of a key of `ty` from the deleted row's image
-/// (`basis`) or the key's last-sent copy (`prior`). `None` for types
+/// (`basis`) or the key's delete image (`prior`). `None` for types
 /// without `is_deleted` (interactions).
 pub fn delete_from(
     ty: TypeId,
@@ -110,20 +110,20 @@ pub fn delete_from(
     }
     Some(match prior {
         None => DeleteFrom::Nothing,
-        Some(p) => match (&p.last_sent, p.status) {
-            (Some(copy), _) => match Record::from_json(ty, copy) {
+        Some(p) => match (&p.delete_image, p.status) {
+            (Some(image), _) => match crate::state::image::decode(ty, image) {
                 Ok(r) => mark(r),
                 Err(e) => DeleteFrom::Unbuildable(format!(
-                    "soft delete not sent: the copy of the record last accepted for this key no \
-                     longer reads as a {} record ({e}) — the mapping or schema changed since; \
-                     Cobi still holds it as not deleted",
+                    "soft delete not sent: the delete image kept for this key (the record as \
+                     last accepted) no longer reads as a {} record ({e}) — the schema changed \
+                     since; Cobi still holds it as not deleted",
                     schema().ty(ty).name
                 )),
             },
             (None, KeyStatus::DeadLettered) => DeleteFrom::Forget,
             (None, KeyStatus::Accepted) => DeleteFrom::Unbuildable(
-                "soft delete not sent: no copy of the record last accepted for this key is kept \
-                 (it was accepted before the mapping kept one) and the deleted row's image lacks \
+                "soft delete not sent: no delete image of the record last accepted for this key \
+                 is kept (it was accepted while the mapping kept none) and the deleted row's image lacks \
                  columns (set REPLICA IDENTITY FULL on the table); Cobi still holds it as not \
                  deleted"
                     .into(),
@@ -137,11 +137,11 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    fn state(status: KeyStatus, fingerprint: u64, last_sent: Option<&str>) -> KeyState {
+    fn state(status: KeyStatus, fingerprint: u64, image: Option<&[u8]>) -> KeyState {
         KeyState {
             status,
             fingerprint,
-            last_sent: last_sent.map(|s| Bytes::copy_from_slice(s.as_bytes())),
+            delete_image: image.map(Bytes::copy_from_slice),
         }
     }
 
@@ -196,21 +196,26 @@ mod tests {
             r.set(s.ty(shops).field("is_deleted").unwrap(), Json::Bool(true));
             DeleteFrom::Record(r)
         };
+        // The image of `copy`.
+        let image =
+            crate::state::image::encode(&Record::from_json(shops, copy.as_bytes()).unwrap())
+                .unwrap();
+        let copy_image = Some(&image[..]);
         let basis =
             Record::from_json(shops, br#"{"shop_id":"b","name":"B","region":"GB"}"#).unwrap();
         let cases: Vec<(Option<Record>, Option<KeyState>, DeleteFrom)> = vec![
             // The row image wins.
-            (Some(basis.clone()), Some(state(Accepted, 1, Some(copy))), {
+            (Some(basis.clone()), Some(state(Accepted, 1, copy_image)), {
                 let mut r = basis.clone();
                 r.set(s.ty(shops).field("is_deleted").unwrap(), Json::Bool(true));
                 DeleteFrom::Record(r)
             }),
-            (None, Some(state(Accepted, 1, Some(copy))), deleted(copy)),
+            (None, Some(state(Accepted, 1, copy_image)), deleted(copy)),
             // Accepted once, then a newer version dead-lettered: the copy
             // of the accepted one.
             (
                 None,
-                Some(state(DeadLettered, 1, Some(copy))),
+                Some(state(DeadLettered, 1, copy_image)),
                 deleted(copy),
             ),
             (None, None, DeleteFrom::Nothing),
@@ -227,15 +232,15 @@ mod tests {
         let gone = delete_from(
             shops,
             None,
-            Some(&state(
-                Accepted,
-                1,
-                Some(r#"{"shop_id":"x","colour":"red"}"#),
-            )),
+            // A damaged image (an unknown field id).
+            Some(&state(Accepted, 1, Some(&[0xff, 0xff, 0xff][..]))),
         );
         match gone {
             Some(DeleteFrom::Unbuildable(r)) => {
-                assert!(r.contains("colour") && r.contains("not deleted"), "{r}")
+                assert!(
+                    r.contains("delete image") && r.contains("not deleted"),
+                    "{r}"
+                )
             }
             other => panic!("{other:?}"),
         }

@@ -33,7 +33,7 @@ pub enum Op {
     },
     /// Send a soft delete; the record to mark deleted comes from `basis`
     /// (the old row image, or a version superseded in this epoch) or the
-    /// last-sent copy in the state store.
+    /// delete image in the state store.
     Delete {
         /// Known content of the deleted record.
         basis: Option<Record>,

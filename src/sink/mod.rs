@@ -39,7 +39,6 @@ pub mod screen;
 mod task;
 pub mod verdicts;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +50,7 @@ use crate::model::record::Record;
 use crate::model::validate::{validate, Problem};
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
-use crate::state::{Checkpoint, ReplicationCheckpoint, StateKey, StateStore};
+use crate::state::{Checkpoint, ImagePolicy, ReplicationCheckpoint, StateKey, StateStore};
 use client::ApiClient;
 
 /// Most keys of one type in an epoch.
@@ -74,6 +73,9 @@ pub struct Outbound {
     /// Hashes of the parents its validated references name
     /// ([`screen::parent_refs`]).
     pub parents: Box<[u64]>,
+    /// What the state store keeps for a later soft delete, if the mapping
+    /// keeps one ([`crate::state::image`]).
+    pub image: Option<Bytes>,
 }
 
 impl Outbound {
@@ -87,6 +89,7 @@ impl Outbound {
             cobi_key: record.cobi_key(),
             problems,
             parents: screen::parent_refs(record),
+            image: crate::state::image::encode(record),
         }
     }
 }
@@ -177,6 +180,7 @@ pub struct Durable {
 pub struct SinkHandle {
     tx: mpsc::Sender<Vec<SinkItem>>,
     durable: watch::Receiver<Durable>,
+    images: Arc<ImagePolicy>,
 }
 
 impl SinkHandle {
@@ -193,6 +197,12 @@ impl SinkHandle {
         let (tx, rx) = oneshot::channel();
         self.send(vec![SinkItem::Barrier(tx)]).await?;
         rx.await.map_err(|_| SinkClosed)
+    }
+
+    /// Which mappings keep delete images (sources report each table's
+    /// replica identity here).
+    pub fn images(&self) -> &ImagePolicy {
+        &self.images
     }
 
     /// Durable progress, for confirming positions to PostgreSQL.
@@ -212,8 +222,9 @@ pub struct SinkConfig {
     pub linger: Duration,
     /// Requests in flight.
     pub concurrency: usize,
-    /// Mapping ids whose last-sent records are kept (soft deletes).
-    pub keep_last_sent: HashSet<std::sync::Arc<str>>,
+    /// Which mappings keep delete images (the source reports replica
+    /// identities to it).
+    pub images: Arc<ImagePolicy>,
 }
 
 /// Starts the sink task. `stop` abandons in-flight work (records stay
@@ -233,7 +244,15 @@ pub fn spawn(
             .ok()
             .flatten(),
     });
+    let images = cfg.images.clone();
     let shared = task::Shared::new(cfg, client, store, metrics, health, stop);
     let task = tokio::spawn(task::run(shared, rx, dtx));
-    (SinkHandle { tx, durable: drx }, task)
+    (
+        SinkHandle {
+            tx,
+            durable: drx,
+            images,
+        },
+        task,
+    )
 }

@@ -103,7 +103,7 @@ mod tests {
         KeyState {
             status: KeyStatus::Accepted,
             fingerprint: fp,
-            last_sent: None,
+            delete_image: None,
         }
     }
 

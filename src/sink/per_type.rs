@@ -6,7 +6,6 @@
 //! [`isolate`](super::isolate) and [`verdicts`](super::verdicts). Store
 //! reads run on blocking threads ([`with_store`]).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,7 +24,7 @@ use crate::sink::overlay::Overlay;
 use crate::sink::screen::{is_parent_type, is_suspect, key_hash};
 use crate::sink::task::{now_rfc3339, with_store, Shared, READ_FAILED};
 use crate::sink::{verdicts, Outbound};
-use crate::state::{KeyState, KeyStatus, StateKey, Write};
+use crate::state::{ImagePolicy, KeyState, KeyStatus, StateKey, Write};
 
 /// A record going to the API, with what is needed to record its verdict.
 struct Prepared {
@@ -119,7 +118,7 @@ fn judge(
         match v {
             Verdict::Accepted => {
                 sent += 1;
-                let copy = last_sent_copy(&shared.cfg.keep_last_sent, &p.key, &p.out.json);
+                let copy = delete_image(&shared.cfg.images, &p.key, &p.out);
                 let remove = verdicts::remove_letter(p.prior.as_ref(), lettered.contains(&p.key));
                 writes.extend(verdicts::accepted(p.key, p.out.fingerprint, copy, remove));
             }
@@ -170,10 +169,9 @@ fn resolve(ty: TypeId, entries: Vec<Entry>, priors: Vec<Option<KeyState>>) -> Re
                     continue;
                 }
                 Some(DeleteFrom::Unbuildable(reason)) => {
-                    let json = prior
-                        .as_ref()
-                        .and_then(|p| p.last_sent.clone())
-                        .unwrap_or_else(|| Bytes::from_static(b"{}"));
+                    // The key's delete image is not JSON (and is
+                    // missing or unreadable here): the letter names the key.
+                    let json = Bytes::from_static(b"{}");
                     r.rejected.push(Rejected {
                         fingerprint: xxhash_rust::xxh3::xxh3_64(&json),
                         key: entry.key,
@@ -311,10 +309,12 @@ fn note_letters(shared: &Shared, writes: &[Write]) {
     }
 }
 
-/// The copy of an accepted record kept for building its soft delete later,
-/// if its mapping needs one.
-fn last_sent_copy(keep: &HashSet<Arc<str>>, key: &StateKey, json: &Bytes) -> Option<Bytes> {
-    keep.contains(&key.mapping).then(|| json.clone())
+/// The delete image of an accepted record, kept for building its soft
+/// delete later, if its mapping needs one ([`ImagePolicy::keeps`]).
+fn delete_image(keep: &ImagePolicy, key: &StateKey, out: &Outbound) -> Option<Bytes> {
+    keep.keeps(&key.mapping)
+        .then(|| out.image.clone())
+        .flatten()
 }
 
 /// The writes of dead letters, each counting on from the key's latest
@@ -460,7 +460,7 @@ mod tests {
         KeyState {
             status,
             fingerprint: xxhash_rust::xxh3::xxh3_64(&json),
-            last_sent: copy.then_some(json),
+            delete_image: copy.then(|| crate::state::image::encode(r)).flatten(),
         }
     }
 

@@ -1,13 +1,13 @@
 //! The state-store writes that record a key's verdict (pure).
 //!
-//! - Accepted: the key's state (fingerprint, and the copy soft deletes
-//!   need) and the removal of the key's dead letter whenever it may have
+//! - Accepted: the key's state (fingerprint, and the delete image soft
+//!   deletes need) and the removal of the key's dead letter whenever it may have
 //!   one — its state says dead-lettered, *or* the store holds a letter for
 //!   it ([`remove_letter`]): a letter orphaned by a crash between two
 //!   writes of an earlier run never outlives the record's delivery.
 //! - Rejected: the dead letter (attempts counted on from the key's latest
 //!   letter, committed or still in the epoch before) and the key's state,
-//!   which keeps the copy of what Cobi last accepted.
+//!   which keeps the delete image of what Cobi last accepted.
 //! - Forgotten: a deleted key that was never accepted loses its state and
 //!   its letter.
 
@@ -26,7 +26,7 @@ pub fn remove_letter(prior: Option<&KeyState>, letter_known: bool) -> bool {
 pub fn accepted(
     key: StateKey,
     fingerprint: u64,
-    last_sent: Option<Bytes>,
+    delete_image: Option<Bytes>,
     remove_letter: bool,
 ) -> impl Iterator<Item = Write> {
     let remove = remove_letter.then(|| Write::RemoveDeadLetter(key.clone()));
@@ -35,7 +35,7 @@ pub fn accepted(
         KeyState {
             status: KeyStatus::Accepted,
             fingerprint,
-            last_sent,
+            delete_image,
         },
     );
     remove.into_iter().chain(std::iter::once(state))
@@ -73,7 +73,7 @@ pub fn letter(key: &StateKey, r: Rejection<'_>) -> DeadLetter {
 }
 
 /// Writes for a rejected record with `fingerprint`; `prior` is the key's
-/// state before (its copy of what Cobi accepted is kept).
+/// state before (its delete image of what Cobi accepted is kept).
 pub fn rejected(
     key: StateKey,
     fingerprint: u64,
@@ -87,7 +87,7 @@ pub fn rejected(
             KeyState {
                 status: KeyStatus::DeadLettered,
                 fingerprint,
-                last_sent: prior.and_then(|p| p.last_sent),
+                delete_image: prior.and_then(|p| p.delete_image),
             },
         ),
     ]
@@ -115,7 +115,7 @@ mod tests {
         let st = |status| KeyState {
             status,
             fingerprint: 1,
-            last_sent: None,
+            delete_image: None,
         };
         let (acc, dead) = (st(KeyStatus::Accepted), st(KeyStatus::DeadLettered));
         // (prior state, a letter known in the store) -> remove it
@@ -176,7 +176,7 @@ mod tests {
         let prior = KeyState {
             status: KeyStatus::Accepted,
             fingerprint: 1,
-            last_sent: Some(Bytes::from_static(b"{\"v\":1}")),
+            delete_image: Some(Bytes::from_static(b"\x01image")),
         };
         let l = letter(
             &key(),
@@ -193,7 +193,7 @@ mod tests {
             Write::Key(_, s) => {
                 assert_eq!(s.status, KeyStatus::DeadLettered);
                 assert_eq!(s.fingerprint, 2);
-                assert_eq!(s.last_sent.as_deref(), Some(&b"{\"v\":1}"[..]));
+                assert_eq!(s.delete_image.as_deref(), Some(&b"\x01image"[..]));
             }
             other => panic!("{other:?}"),
         }

@@ -43,7 +43,7 @@ pub async fn absent_keys<C: CopyOut>(
     };
     let known: Vec<String> = known
         .into_iter()
-        .filter(|(_, st)| st.status == KeyStatus::Accepted)
+        .filter(|(_, st)| *st == KeyStatus::Accepted)
         .map(|(k, _)| k)
         .collect();
     if known.is_empty() {

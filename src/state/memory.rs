@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{Checkpoint, DeadLetter, KeyState, StateError, StateKey, StateStore, TypeStats, Write};
+use super::{
+    Checkpoint, DeadLetter, KeyState, KeyStatus, StateError, StateKey, StateStore, TypeStats, Write,
+};
 use crate::model::schema::TypeId;
 
 #[derive(Default)]
@@ -45,15 +47,26 @@ impl StateStore for MemoryStore {
             .cloned())
     }
 
-    fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyState)>, StateError> {
+    fn scan_keys(
+        &self,
+        ty: TypeId,
+        mapping: &str,
+        visit: &mut dyn FnMut(String, KeyStatus),
+    ) -> Result<(), StateError> {
         let prefix = StateKey::mapping_prefix(ty, mapping);
-        let inner = self.inner.lock().expect("lock");
-        Ok(inner
-            .keys
-            .range(prefix.clone()..)
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .filter_map(|(k, v)| StateKey::source_key_of(k).map(|sk| (sk, v.clone())))
-            .collect())
+        let found: Vec<(String, KeyStatus)> = {
+            let inner = self.inner.lock().expect("lock");
+            inner
+                .keys
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .filter_map(|(k, v)| StateKey::source_key_of(k).map(|sk| (sk, v.status)))
+                .collect()
+        };
+        for (k, s) in found {
+            visit(k, s);
+        }
+        Ok(())
     }
 
     fn apply(&self, writes: &[Write]) -> Result<(), StateError> {

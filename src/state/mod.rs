@@ -6,8 +6,11 @@
 //! What it holds:
 //!
 //! - per record key `(type, mapping, source key)`: a [`KeyState`] — the
-//!   fingerprint of the last version accepted (or dead-lettered), and the
-//!   last-sent record where soft deletes need it;
+//!   status and fingerprint of the last version accepted (or
+//!   dead-lettered), and a compact delete image ([`image`]) where soft
+//!   deletes need one. The sled store keeps them in pages of neighbouring
+//!   keys, whatever the key's type ([`pages`] for integers, [`ranges`] for
+//!   the rest);
 //! - dead letters ([`DeadLetter`]) under the same key;
 //! - checkpoints ([`Checkpoint`]): the replication position with per-table
 //!   snapshot progress, per-mapping poll cursors, per-mapping snapshot
@@ -18,11 +21,16 @@
 //! Writes are grouped with [`StateStore::apply`] (checkpoints last) and
 //! become durable with
 //! [`StateStore::flush`], which the sink calls before any progress is
-//! confirmed to PostgreSQL. Keys are big-endian/ordered byte strings, so a
-//! type's keys are one prefix scan.
+//! confirmed to PostgreSQL. A mapping's keys are listed with
+//! [`StateStore::scan_keys`] (statuses only) or, from async code,
+//! [`stream_keys`].
 
+pub mod image;
+mod keycode;
+mod layout;
 mod memory;
 mod pages;
+mod ranges;
 mod sled_store;
 
 use std::collections::BTreeMap;
@@ -34,6 +42,7 @@ use crate::model::schema::schema;
 /// and statistics carry it.
 pub use crate::model::schema::TypeId;
 
+pub use image::ImagePolicy;
 pub use memory::MemoryStore;
 pub use sled_store::SledStore;
 
@@ -88,8 +97,10 @@ pub struct KeyState {
     pub status: KeyStatus,
     /// Fingerprint of that version's JSON.
     pub fingerprint: u64,
-    /// The JSON last accepted, where soft deletes need it.
-    pub last_sent: Option<bytes::Bytes>,
+    /// The fields of the version last accepted, compactly encoded
+    /// ([`image::encode`]), where soft deletes need them
+    /// ([`ImagePolicy`]).
+    pub delete_image: Option<bytes::Bytes>,
 }
 
 /// Bytes of a status and a fingerprint, as stored.
@@ -114,29 +125,6 @@ pub(crate) fn decode_fixed(b: &[u8]) -> Option<(KeyStatus, u64)> {
     };
     let fingerprint = u64::from_be_bytes(b.get(1..FIXED_BYTES)?.try_into().ok()?);
     Some((status, fingerprint))
-}
-
-impl KeyState {
-    fn encode(&self) -> Vec<u8> {
-        let mut v =
-            Vec::with_capacity(FIXED_BYTES + self.last_sent.as_ref().map_or(0, |l| l.len()));
-        encode_fixed(self.status, self.fingerprint, &mut v);
-        if let Some(l) = &self.last_sent {
-            v.extend_from_slice(l);
-        }
-        v
-    }
-
-    fn decode(b: &[u8]) -> Option<KeyState> {
-        let (status, fingerprint) = decode_fixed(b)?;
-        let last_sent =
-            (b.len() > FIXED_BYTES).then(|| bytes::Bytes::copy_from_slice(&b[FIXED_BYTES..]));
-        Some(KeyState {
-            status,
-            fingerprint,
-            last_sent,
-        })
-    }
 }
 
 /// A record the API (or local validation) rejected, kept for the operator.
@@ -366,8 +354,23 @@ pub trait StateStore: Send + Sync + 'static {
     fn get_keys(&self, keys: &[&StateKey]) -> Result<Vec<Option<KeyState>>, StateError> {
         keys.iter().map(|k| self.get_key(k)).collect()
     }
-    /// Every key of one mapping, with its state, in no particular order.
-    fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyState)>, StateError>;
+    /// Calls `visit` with every key of one mapping and its status, in no
+    /// particular order, reading a page at a time (applies are not held up
+    /// for the scan; a key written meanwhile is seen in its old or new
+    /// state).
+    fn scan_keys(
+        &self,
+        ty: TypeId,
+        mapping: &str,
+        visit: &mut dyn FnMut(String, KeyStatus),
+    ) -> Result<(), StateError>;
+    /// Every key of one mapping with its status, collected (tests and small
+    /// mappings; [`stream_keys`] bounds memory for large ones).
+    fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyStatus)>, StateError> {
+        let mut out = Vec::new();
+        self.scan_keys(ty, mapping, &mut |k, s| out.push((k, s)))?;
+        Ok(out)
+    }
     /// Applies a group of writes, checkpoints last: after a crash, a
     /// checkpoint is only present if the writes before it are (call
     /// [`StateStore::flush`] to make them durable).
@@ -401,6 +404,47 @@ pub trait StateStore: Send + Sync + 'static {
     fn recover(&self) -> Result<(), StateError> {
         Ok(())
     }
+}
+
+/// Keys streamed by [`stream_keys`], in chunks.
+pub type KeyChunks = tokio::sync::mpsc::Receiver<Result<Vec<(String, KeyStatus)>, StateError>>;
+
+/// Keys per chunk of [`stream_keys`].
+const KEY_CHUNK: usize = 1024;
+
+/// Streams every key of one mapping with its status from a blocking
+/// thread, in chunks of 1 024 through a channel of 4: at most ~5 000 keys
+/// are in memory at a time, whatever the mapping's size. A failed scan
+/// ends the stream with its error.
+pub fn stream_keys(
+    store: std::sync::Arc<dyn StateStore>,
+    ty: TypeId,
+    mapping: std::sync::Arc<str>,
+) -> KeyChunks {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let mut chunk = Vec::with_capacity(KEY_CHUNK);
+        let mut open = true;
+        let r = store.scan_keys(ty, &mapping, &mut |k, s| {
+            if !open {
+                return;
+            }
+            chunk.push((k, s));
+            if chunk.len() == KEY_CHUNK {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(KEY_CHUNK));
+                open = tx.blocking_send(Ok(full)).is_ok();
+            }
+        });
+        if open {
+            let last = match r {
+                Ok(()) if chunk.is_empty() => return,
+                Ok(()) => Ok(chunk),
+                Err(e) => Err(e),
+            };
+            let _ = tx.blocking_send(last);
+        }
+    });
+    rx
 }
 
 /// The replication checkpoint, if any.

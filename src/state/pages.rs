@@ -1,4 +1,4 @@
-//! Key pages: how [`super::SledStore`] keeps the states of integer keys.
+//! Integer pages: how [`super::SledStore`] keeps the states of integer keys.
 //!
 //! Most partner tables have integer primary keys, and a snapshot or a
 //! bulk load writes them in order. One sled entry per record made sled's
@@ -6,17 +6,23 @@
 //! 20 bytes per key. So a key whose source key is a canonical unsigned
 //! integer `n` (`"0"`, `"42"`, not `"007"` or `"-1"`) shares a *page* with
 //! the 63 integers next to it: page `n / 64`, slot `n % 64`. A page holds
-//! each present slot's status and fingerprint (at most 585 bytes); an epoch
-//! of 10 000 consecutive ids writes ~160 pages instead of 10 000 entries.
-//!
-//! States that carry the last-sent JSON (soft-delete mappings) stay one
-//! entry per key: a page holds fixed-size slots only. A key is stored in
-//! exactly one form at a time (see `SledStore::apply`).
+//! each present slot's status and fingerprint, and its delete image where
+//! the mapping keeps one; an epoch of 10 000 consecutive ids writes ~160
+//! pages instead of 10 000 entries. Every other key lives in a hashed page
+//! ([`super::hashed`]); which form a key takes depends on its text only.
 //!
 //! Page keys are `[type][mapping hash][0xFF][page, 8 bytes big-endian]`:
-//! 0xFF never occurs in UTF-8, so no per-key entry (whose suffix is the
-//! source key's UTF-8) shares or sorts into that range.
+//! 0xFF never occurs in UTF-8, so no per-key entry of the first layout
+//! (whose suffix is the source key's UTF-8) shares or sorts into that range.
+//!
+//! Encodings: version 1, `[1][present: u64 BE]` then per present slot
+//! `[status][fingerprint: u64 BE]` (no slot has an image); version 2, the
+//! same with each slot followed by its image as `[varint len + 1][bytes]`
+//! (`0`: none).
 
+use bytes::Bytes;
+
+use super::keycode::{canonical_u64, get_varint, put_varint};
 use super::{decode_fixed, encode_fixed, KeyState, KeyStatus, FIXED_BYTES};
 
 /// Slots per page.
@@ -25,8 +31,11 @@ pub const SLOTS: u64 = 64;
 /// Marks a page key after the mapping prefix.
 pub const PAGE_MARK: u8 = 0xFF;
 
-/// First byte of an encoded page (format version).
+/// First byte of an encoded page without images (format version).
 const VERSION: u8 = 1;
+
+/// First byte of an encoded page with images.
+const VERSION_IMAGES: u8 = 2;
 
 /// Bytes of one slot: status and fingerprint, as in a per-key entry.
 const SLOT_BYTES: usize = FIXED_BYTES;
@@ -34,14 +43,7 @@ const SLOT_BYTES: usize = FIXED_BYTES;
 /// The page and slot of a source key, if it is a canonical unsigned
 /// integer (the text `u64::to_string` would give back).
 pub fn locate(source_key: &str) -> Option<(u64, u8)> {
-    let b = source_key.as_bytes();
-    if b.is_empty() || b.len() > 20 || !b.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    if b.len() > 1 && b[0] == b'0' {
-        return None;
-    }
-    let n: u64 = source_key.parse().ok()?;
+    let n = canonical_u64(source_key)?;
     Some((n / SLOTS, (n % SLOTS) as u8))
 }
 
@@ -68,12 +70,14 @@ pub fn page_of_key(prefix_len: usize, key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(rest[1..].try_into().ok()?))
 }
 
-/// The key state a slot stands for (pages keep no last-sent record).
-fn slot_state((status, fingerprint): (KeyStatus, u64)) -> KeyState {
+/// One slot: status, fingerprint, delete image.
+type Slot = (KeyStatus, u64, Option<Bytes>);
+
+fn slot_state((status, fingerprint, image): &Slot) -> KeyState {
     KeyState {
-        status,
-        fingerprint,
-        last_sent: None,
+        status: *status,
+        fingerprint: *fingerprint,
+        delete_image: image.clone(),
     }
 }
 
@@ -81,7 +85,7 @@ fn slot_state((status, fingerprint): (KeyStatus, u64)) -> KeyState {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Page {
     present: u64,
-    slots: Vec<(KeyStatus, u64)>,
+    slots: Vec<Slot>,
 }
 
 impl Page {
@@ -101,13 +105,13 @@ impl Page {
     /// The state at `slot`.
     pub fn get(&self, slot: u8) -> Option<KeyState> {
         self.has(slot)
-            .then(|| slot_state(self.slots[self.index(slot)]))
+            .then(|| slot_state(&self.slots[self.index(slot)]))
     }
 
-    /// Sets `slot` (the state's `last_sent` is not kept).
+    /// Sets `slot`.
     pub fn set(&mut self, slot: u8, state: &KeyState) {
         let i = self.index(slot);
-        let v = (state.status, state.fingerprint);
+        let v = (state.status, state.fingerprint, state.delete_image.clone());
         if self.has(slot) {
             self.slots[i] = v;
         } else {
@@ -128,39 +132,80 @@ impl Page {
     }
 
     /// Present slots in order, with their states.
+    #[cfg(test)]
     pub fn iter(&self) -> impl Iterator<Item = (u8, KeyState)> + '_ {
-        (0..SLOTS as u8)
-            .filter(|&s| self.has(s))
+        self.slots_present()
             .zip(self.slots.iter())
-            .map(|(s, &v)| (s, slot_state(v)))
+            .map(|(s, v)| (s, slot_state(v)))
     }
 
-    /// `[version][present: u64 BE]` then per present slot `[status][fingerprint: u64 BE]`.
+    /// Present slots in order, with their statuses.
+    pub fn statuses(&self) -> impl Iterator<Item = (u8, KeyStatus)> + '_ {
+        self.slots_present()
+            .zip(self.slots.iter())
+            .map(|(s, v)| (s, v.0))
+    }
+
+    fn slots_present(&self) -> impl Iterator<Item = u8> + '_ {
+        (0..SLOTS as u8).filter(|&s| self.has(s))
+    }
+
+    /// The page's bytes (version 1 unless a slot has an image).
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(9 + self.slots.len() * SLOT_BYTES);
-        v.push(VERSION);
+        let images = self.slots.iter().any(|s| s.2.is_some());
+        let extra: usize = self
+            .slots
+            .iter()
+            .map(|s| s.2.as_ref().map_or(1, |i| i.len() + 2))
+            .sum();
+        let mut v =
+            Vec::with_capacity(9 + self.slots.len() * SLOT_BYTES + if images { extra } else { 0 });
+        v.push(if images { VERSION_IMAGES } else { VERSION });
         v.extend_from_slice(&self.present.to_be_bytes());
-        for &(status, fp) in &self.slots {
-            encode_fixed(status, fp, &mut v);
+        for (status, fp, image) in &self.slots {
+            encode_fixed(*status, *fp, &mut v);
+            if images {
+                match image {
+                    None => v.push(0),
+                    Some(i) => {
+                        put_varint(i.len() as u64 + 1, &mut v);
+                        v.extend_from_slice(i);
+                    }
+                }
+            }
         }
         v
     }
 
     /// Decodes [`Page::encode`]'s bytes; `None` if they are not a page.
     pub fn decode(b: &[u8]) -> Option<Page> {
-        if b.len() < 9 || b[0] != VERSION {
+        if b.len() < 9 || !matches!(b[0], VERSION | VERSION_IMAGES) {
             return None;
         }
+        let images = b[0] == VERSION_IMAGES;
         let present = u64::from_be_bytes(b[1..9].try_into().ok()?);
-        let body = &b[9..];
-        if body.len() != present.count_ones() as usize * SLOT_BYTES {
+        let mut body = &b[9..];
+        let n = present.count_ones() as usize;
+        if !images && body.len() != n * SLOT_BYTES {
             return None;
         }
-        let slots = body
-            .chunks_exact(SLOT_BYTES)
-            .map(decode_fixed)
-            .collect::<Option<Vec<_>>>()?;
-        Some(Page { present, slots })
+        let mut slots = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (status, fp) = decode_fixed(body)?;
+            body = &body[SLOT_BYTES..];
+            let mut image = None;
+            if images {
+                let (len, h) = get_varint(body)?;
+                body = &body[h..];
+                if len > 0 {
+                    let len = usize::try_from(len - 1).ok()?;
+                    image = Some(Bytes::copy_from_slice(body.get(..len)?));
+                    body = &body[len..];
+                }
+            }
+            slots.push((status, fp, image));
+        }
+        body.is_empty().then_some(Page { present, slots })
     }
 }
 
@@ -172,7 +217,7 @@ mod tests {
         KeyState {
             status: KeyStatus::Accepted,
             fingerprint: fp,
-            last_sent: None,
+            delete_image: None,
         }
     }
 
@@ -231,17 +276,26 @@ mod tests {
             &KeyState {
                 status: KeyStatus::DeadLettered,
                 fingerprint: 5,
-                last_sent: Some(bytes::Bytes::from_static(b"{}")),
+                delete_image: Some(bytes::Bytes::from_static(b"\x01\x02")),
             },
         );
         assert_eq!(p.get(17), Some(st(1700)));
         assert_eq!(p.get(5).unwrap().status, KeyStatus::DeadLettered);
-        assert_eq!(p.get(5).unwrap().last_sent, None);
+        assert_eq!(
+            p.get(5).unwrap().delete_image.as_deref(),
+            Some(&b"\x01\x02"[..])
+        );
+        // With an image the page is version 2; each other slot pays one byte.
+        assert_eq!(p.encode()[0], 2);
+        assert_eq!(p.encode().len(), 9 + 4 * 9 + 3 + 3);
+        assert_eq!(Page::decode(&p.encode()).unwrap(), p);
+        p.set(5, &st(5));
         assert_eq!(p.get(1), None);
         let slots: Vec<u8> = p.iter().map(|(s, _)| s).collect();
         assert_eq!(slots, [0, 5, 17, 63]);
         let back = Page::decode(&p.encode()).unwrap();
         assert_eq!(back, p);
+        assert_eq!(p.encode()[0], 1);
         assert_eq!(p.encode().len(), 9 + 4 * 9);
         assert!(p.clear(17));
         assert!(!p.clear(17));

@@ -1,20 +1,29 @@
 //! The sled-backed [`StateStore`] (sled 0.34).
 //!
-//! Trees: `keys` (record key → [`KeyState`], integer keys grouped in
-//! pages of 64, see [`super::pages`]), `dead_letters` (record key →
-//! JSON [`DeadLetter`]), `checkpoints` (name → JSON [`Checkpoint`]),
-//! `stats` (type id → JSON [`TypeStats`]). Checkpoints of a group of writes
-//! are written last (see [`StateStore::apply`] below).
+//! Trees: `keys` (key states in pages, see [`super::layout`]),
+//! `dead_letters` (record key → JSON [`DeadLetter`]), `checkpoints`
+//! (name → JSON [`Checkpoint`]), `stats` (type id → JSON [`TypeStats`]),
+//! `meta` (the layout marker). Checkpoints of a group of writes are
+//! written last (see [`StateStore::apply`] below).
+//!
+//! Memory: sled's page cache is bounded ([`CACHE_BYTES`]); key states are
+//! ~27 bytes each for UUID keys and ~9 for integers, so the cache holds
+//! the pages of a million UUID-keyed records. Beyond that, pages are read
+//! from the log (the OS page cache) as needed and RSS stays flat.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use rustc_hash::FxHashMap;
-
-use super::pages::{self, Page};
-use super::{Checkpoint, DeadLetter, KeyState, StateError, StateKey, StateStore, TypeStats, Write};
+use super::layout::{self, err, Dirs, Reader, Writer};
+use super::{
+    Checkpoint, DeadLetter, KeyState, KeyStatus, StateError, StateKey, StateStore, TypeStats, Write,
+};
 use crate::model::schema::TypeId;
+
+/// sled's cache: bounded, large enough for the key pages of a
+/// million-record UUID-keyed table.
+pub const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 fn is_lock_error(e: &sled::Error) -> bool {
     let t = e.to_string();
@@ -24,6 +33,7 @@ fn is_lock_error(e: &sled::Error) -> bool {
 /// One open sled database and its trees.
 struct Trees {
     db: sled::Db,
+    meta: sled::Tree,
     keys: sled::Tree,
     dead: sled::Tree,
     checkpoints: sled::Tree,
@@ -39,29 +49,30 @@ struct Trees {
 pub struct SledStore {
     dir: PathBuf,
     trees: RwLock<Option<Arc<Trees>>>,
-    /// Serialises [`StateStore::apply`] (a page is read, changed and
-    /// written back, so two applies must not interleave), and
-    /// [`StateStore::keys_of`] with it.
+    /// Serialises [`StateStore::apply`] (pages are read, changed and
+    /// written back, so two applies must not interleave).
     apply_lock: Mutex<()>,
-}
-
-fn err(op: &'static str) -> impl Fn(sled::Error) -> StateError {
-    move |e| StateError {
-        op,
-        detail: e.to_string(),
-    }
+    /// Range-page directories (see [`super::layout`]).
+    dirs: parking_lot::RwLock<Dirs>,
 }
 
 impl SledStore {
     /// Opens (or creates) the store in `dir`. Fails with a clear message if
     /// another process holds it (sled locks the directory): stop the daemon
-    /// or ask it through its HTTP endpoint.
+    /// or ask it through its HTTP endpoint. A store of the first layout is
+    /// converted on the way.
     pub fn open(dir: &Path) -> Result<SledStore, StateError> {
         let trees = Self::open_trees(dir)?;
+        let dirs = parking_lot::RwLock::new(Dirs::default());
+        let converted = layout::migrate(&trees.keys, &trees.meta, &dirs)?;
+        if converted > 0 {
+            tracing::info!(entries = converted, dir = %dir.display(), "state store converted to key pages");
+        }
         Ok(SledStore {
             dir: dir.to_path_buf(),
             trees: RwLock::new(Some(Arc::new(trees))),
             apply_lock: Mutex::new(()),
+            dirs,
         })
     }
 
@@ -88,7 +99,7 @@ impl SledStore {
         let db = loop {
             let result = sled::Config::new()
                 .path(dir)
-                .cache_capacity(4 * 1024 * 1024)
+                .cache_capacity(CACHE_BYTES)
                 .flush_every_ms(None)
                 .open();
             match result {
@@ -115,12 +126,31 @@ impl SledStore {
         };
         let open = |name: &str| db.open_tree(name).map_err(err("open"));
         Ok(Trees {
+            meta: open("meta")?,
             keys: open("keys")?,
             dead: open("dead_letters")?,
             checkpoints: open("checkpoints")?,
             stats: open("stats")?,
             db,
         })
+    }
+
+    /// Makes sure the directories of `prefixes` are in memory.
+    fn load_dirs<'p>(
+        &self,
+        tree: &sled::Tree,
+        prefixes: impl Iterator<Item = &'p [u8]> + Clone,
+    ) -> Result<(), StateError> {
+        if prefixes.clone().all(|p| self.dirs.read().has(p)) {
+            return Ok(());
+        }
+        let mut d = self.dirs.write();
+        for p in prefixes {
+            if !d.has(p) {
+                d.load(tree, p)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -136,22 +166,62 @@ impl SledStore {
     pub(crate) fn keys_tree(&self) -> sled::Tree {
         self.t().expect("open").keys.clone()
     }
-}
 
-/// A stored page, or an error naming the damage: treating it as empty
-/// would silently forget up to 64 keys' states.
-fn decode_page(v: &[u8]) -> Result<Page, StateError> {
-    Page::decode(v).ok_or_else(|| StateError {
-        op: "read",
-        detail: "a key page in the state store is damaged; stop the daemon, move state.dir \
-                 aside and run `cobi-sync snapshot` to rebuild it (records are re-sent, \
-                 the API upserts them)"
-            .into(),
-    })
+    /// Removes the layout marker (as in a store of the first layout).
+    #[cfg(test)]
+    pub(crate) fn forget_layout_marker(&self) {
+        self.t()
+            .expect("open")
+            .meta
+            .remove("layout")
+            .expect("remove");
+    }
+
+    /// Range pages of a mapping, for tests.
+    #[cfg(test)]
+    pub(crate) fn range_pages(&self, ty: TypeId, mapping: &str) -> usize {
+        let prefix = StateKey::mapping_prefix(ty, mapping);
+        let tree = self.t().expect("open").keys.clone();
+        self.load_dirs(&tree, std::iter::once(prefix.as_slice()))
+            .expect("load");
+        self.dirs.read().pages(&prefix)
+    }
+
+    /// Bytes of the database on disk (sled's files), for measurements.
+    pub fn disk_bytes(&self) -> Result<u64, StateError> {
+        self.t()?.db.size_on_disk().map_err(err("size"))
+    }
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("state values serialise")
+}
+
+/// The mapping prefixes of a group of keys, without repeats (keys of one
+/// mapping come in runs).
+fn prefixes_of<'k>(keys: impl Iterator<Item = &'k StateKey>) -> Vec<(Vec<u8>, TypeId, Arc<str>)> {
+    let mut out: Vec<(Vec<u8>, TypeId, Arc<str>)> = Vec::new();
+    for k in keys {
+        if !out
+            .iter()
+            .any(|(_, t, m)| *t == k.ty && (Arc::ptr_eq(m, &k.mapping) || **m == *k.mapping))
+        {
+            out.push((
+                StateKey::mapping_prefix(k.ty, &k.mapping),
+                k.ty,
+                k.mapping.clone(),
+            ));
+        }
+    }
+    out
+}
+
+fn prefix_of<'a>(prefixes: &'a [(Vec<u8>, TypeId, Arc<str>)], k: &StateKey) -> &'a [u8] {
+    prefixes
+        .iter()
+        .find(|(_, t, m)| *t == k.ty && (Arc::ptr_eq(m, &k.mapping) || **m == *k.mapping))
+        .map(|(p, _, _)| p.as_slice())
+        .expect("every key's prefix is listed")
 }
 
 impl StateStore for SledStore {
@@ -161,32 +231,23 @@ impl StateStore for SledStore {
 
     fn get_keys(&self, keys: &[&StateKey]) -> Result<Vec<Option<KeyState>>, StateError> {
         let tr = self.t()?;
-        let mut layout = Layout::new(&tr.keys);
-        keys.iter().map(|k| layout.get(k)).collect()
+        let prefixes = prefixes_of(keys.iter().copied());
+        self.load_dirs(&tr.keys, prefixes.iter().map(|p| p.0.as_slice()))?;
+        let dirs = self.dirs.read();
+        let mut reader = Reader::new(&tr.keys, &dirs);
+        keys.iter()
+            .map(|k| reader.get(prefix_of(&prefixes, k), &k.source_key))
+            .collect()
     }
 
-    fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyState)>, StateError> {
-        // Not while an apply moves keys between a page and a per-key entry:
-        // the scan could miss a key on its way.
-        let _no_apply = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+    fn scan_keys(
+        &self,
+        ty: TypeId,
+        mapping: &str,
+        visit: &mut dyn FnMut(String, KeyStatus),
+    ) -> Result<(), StateError> {
         let tr = self.t()?;
-        let prefix = StateKey::mapping_prefix(ty, mapping);
-        let mut out = Vec::new();
-        for item in tr.keys.scan_prefix(&prefix) {
-            let (k, v) = item.map_err(err("scan"))?;
-            if let Some(page) = pages::page_of_key(prefix.len(), &k) {
-                let p = decode_page(&v)?;
-                out.extend(
-                    p.iter()
-                        .map(|(slot, st)| (pages::source_key(page, slot), st)),
-                );
-            } else if let (Some(sk), Some(state)) =
-                (StateKey::source_key_of(&k), KeyState::decode(&v))
-            {
-                out.push((sk, state));
-            }
-        }
-        Ok(out)
+        layout::scan(&tr.keys, &StateKey::mapping_prefix(ty, mapping), visit)
     }
 
     fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
@@ -195,50 +256,12 @@ impl StateStore for SledStore {
         if writes.is_empty() {
             return Ok(());
         }
-        // Checkpoint monotonicity is decided against what is stored.
-        let mut resolved = Vec::with_capacity(writes.len());
-        for w in writes {
-            if let Write::Checkpoint(c) = w {
-                if let Some(old) = self.checkpoint(&c.name())? {
-                    if c.is_behind(&old) {
-                        continue;
-                    }
-                }
-            }
-            resolved.push(w);
+        let r = self.apply_locked(&tr, writes);
+        if r.is_err() {
+            // Pages may be half written: read the directories again.
+            self.dirs.write().clear();
         }
-        // Plain inserts, checkpoints last. sled recovers a prefix of its
-        // log after a crash, so a checkpoint that survives implies every
-        // write before it did. (Batches and multi-tree transactions hold
-        // each write in memory several times over: measured ~100 MiB for
-        // one 20 000-record epoch, against ~10 MiB for plain inserts.)
-        // Key pages are written after the per-key entries and before the
-        // checkpoints.
-        let mut layout = Layout::new(&tr.keys);
-        let mut checkpoints = Vec::new();
-        for w in resolved {
-            match w {
-                Write::Key(k, s) => layout.set(k, s)?,
-                Write::RemoveKey(k) => layout.remove(k)?,
-                Write::DeadLetter(k, d) => {
-                    tr.dead.insert(k.encode(), json(d)).map_err(err("write"))?;
-                }
-                Write::RemoveDeadLetter(k) => {
-                    tr.dead.remove(k.encode()).map_err(err("write"))?;
-                }
-                Write::Checkpoint(c) => checkpoints.push(c),
-                Write::Stats(ty, s) => {
-                    tr.stats.insert([*ty], json(s)).map_err(err("write"))?;
-                }
-            }
-        }
-        layout.write_pages()?;
-        for c in checkpoints {
-            tr.checkpoints
-                .insert(c.name().as_bytes(), json(c))
-                .map_err(err("write"))?;
-        }
-        Ok(())
+        r
     }
 
     fn flush(&self) -> Result<(), StateError> {
@@ -314,7 +337,9 @@ impl StateStore for SledStore {
     }
 
     fn recover(&self) -> Result<(), StateError> {
+        let _no_apply = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut slot = self.trees.write().expect("lock");
+        self.dirs.write().clear();
         // Drop the failed database first: sled locks the directory.
         if let Some(old) = slot.take() {
             drop(old);
@@ -325,171 +350,62 @@ impl StateStore for SledStore {
     }
 }
 
-/// Reads and writes key states in their two forms (see [`super::pages`]):
-/// a page slot for canonical integer keys without a last-sent record, one
-/// entry per key otherwise. A key is kept in one form only: writing it in
-/// one form removes it from the other when that form is in use for the
-/// mapping (checked once per mapping and call, so the common case costs no
-/// extra lookups). Pages read or changed are cached for the call.
-struct Layout<'a> {
-    tree: &'a sled::Tree,
-    /// Page key → (page, changed).
-    pages: FxHashMap<Vec<u8>, (Page, bool)>,
-    /// Mapping prefix → (has per-key entries with a digit-led key, has pages).
-    forms: FxHashMap<Vec<u8>, (bool, bool)>,
-}
-
-impl<'a> Layout<'a> {
-    fn new(tree: &'a sled::Tree) -> Self {
-        Layout {
-            tree,
-            pages: FxHashMap::default(),
-            forms: FxHashMap::default(),
-        }
-    }
-
-    /// Which forms a mapping uses (as of this call's first look).
-    fn forms(&mut self, prefix: &[u8]) -> Result<(bool, bool), StateError> {
-        if let Some(f) = self.forms.get(prefix) {
-            return Ok(*f);
-        }
-        let mut lo = prefix.to_vec();
-        lo.push(b'0');
-        let mut hi = prefix.to_vec();
-        hi.push(b'9' + 1);
-        let per_key = self
-            .tree
-            .range(lo..hi)
-            .next()
-            .transpose()
-            .map_err(err("read"))?
-            .is_some();
-        let mut mark = prefix.to_vec();
-        mark.push(pages::PAGE_MARK);
-        let paged = self
-            .tree
-            .scan_prefix(mark)
-            .next()
-            .transpose()
-            .map_err(err("read"))?
-            .is_some();
-        self.forms.insert(prefix.to_vec(), (per_key, paged));
-        Ok((per_key, paged))
-    }
-
-    fn page(&mut self, key: Vec<u8>) -> Result<&mut (Page, bool), StateError> {
-        use std::collections::hash_map::Entry;
-        match self.pages.entry(key) {
-            Entry::Occupied(e) => Ok(e.into_mut()),
-            Entry::Vacant(e) => {
-                let page = match self.tree.get(e.key()).map_err(err("read"))? {
-                    Some(v) => decode_page(&v)?,
-                    None => Page::default(),
-                };
-                Ok(e.insert((page, false)))
-            }
-        }
-    }
-
-    /// A key's state. The per-key entry is read before the page slot: a
-    /// key that moves into per-key form (it gains a last-sent record) has
-    /// its entry written before its slot is cleared, so after a crash
-    /// between the two the newer entry wins; the opposite move removes the
-    /// entry first, so a crash there only forgets the state (a re-send).
-    fn get(&mut self, key: &StateKey) -> Result<Option<KeyState>, StateError> {
-        let Some((page, slot)) = pages::locate(&key.source_key) else {
-            return self.get_entry(key);
-        };
-        let prefix = StateKey::mapping_prefix(key.ty, &key.mapping);
-        let (per_key, paged) = self.forms(&prefix)?;
-        if per_key {
-            if let Some(s) = self.get_entry(key)? {
-                return Ok(Some(s));
-            }
-        }
-        if paged {
-            return Ok(self.page(pages::page_key(&prefix, page))?.0.get(slot));
-        }
-        Ok(None)
-    }
-
-    fn get_entry(&self, key: &StateKey) -> Result<Option<KeyState>, StateError> {
-        Ok(self
-            .tree
-            .get(key.encode())
-            .map_err(err("read"))?
-            .and_then(|v| KeyState::decode(&v)))
-    }
-
-    fn set(&mut self, key: &StateKey, state: &KeyState) -> Result<(), StateError> {
-        match pages::locate(&key.source_key) {
-            Some((page, slot)) if state.last_sent.is_none() => {
-                let prefix = StateKey::mapping_prefix(key.ty, &key.mapping);
-                let (per_key, _) = self.forms(&prefix)?;
-                if per_key {
-                    self.tree.remove(key.encode()).map_err(err("write"))?;
-                }
-                // From now on this mapping has pages.
-                if let Some(f) = self.forms.get_mut(&prefix) {
-                    f.1 = true;
-                }
-                let p = self.page(pages::page_key(&prefix, page))?;
-                p.0.set(slot, state);
-                p.1 = true;
-            }
-            located => {
-                self.tree
-                    .insert(key.encode(), state.encode())
-                    .map_err(err("write"))?;
-                if let Some((page, slot)) = located {
-                    let prefix = StateKey::mapping_prefix(key.ty, &key.mapping);
-                    let (_, paged) = self.forms(&prefix)?;
-                    if let Some(f) = self.forms.get_mut(&prefix) {
-                        f.0 = true;
+impl SledStore {
+    fn apply_locked(&self, tr: &Trees, writes: &[Write]) -> Result<(), StateError> {
+        // Checkpoint monotonicity is decided against what is stored.
+        let mut resolved = Vec::with_capacity(writes.len());
+        for w in writes {
+            if let Write::Checkpoint(c) = w {
+                if let Some(old) = self.checkpoint(&c.name())? {
+                    if c.is_behind(&old) {
+                        continue;
                     }
-                    if paged {
-                        self.clear_slot(&prefix, page, slot)?;
+                }
+            }
+            resolved.push(w);
+        }
+        let prefixes = prefixes_of(resolved.iter().filter_map(|w| match w {
+            Write::Key(k, _) | Write::RemoveKey(k) => Some(k),
+            _ => None,
+        }));
+        self.load_dirs(&tr.keys, prefixes.iter().map(|p| p.0.as_slice()))?;
+        // Plain inserts, checkpoints last. sled recovers a prefix of its
+        // log after a crash, so a checkpoint that survives implies every
+        // write before it did. (Batches and multi-tree transactions hold
+        // each write in memory several times over: measured ~100 MiB for
+        // one 20 000-record epoch, against ~10 MiB for plain inserts.)
+        // Key pages are written after the dead letters and before the
+        // checkpoints.
+        let mut writer = Writer::new(&tr.keys);
+        let mut checkpoints = Vec::new();
+        {
+            let dirs = self.dirs.read();
+            for w in resolved {
+                match w {
+                    Write::Key(k, s) => {
+                        writer.set(&dirs, prefix_of(&prefixes, k), &k.source_key, Some(s))?
+                    }
+                    Write::RemoveKey(k) => {
+                        writer.set(&dirs, prefix_of(&prefixes, k), &k.source_key, None)?
+                    }
+                    Write::DeadLetter(k, d) => {
+                        tr.dead.insert(k.encode(), json(d)).map_err(err("write"))?;
+                    }
+                    Write::RemoveDeadLetter(k) => {
+                        tr.dead.remove(k.encode()).map_err(err("write"))?;
+                    }
+                    Write::Checkpoint(c) => checkpoints.push(c),
+                    Write::Stats(ty, s) => {
+                        tr.stats.insert([*ty], json(s)).map_err(err("write"))?;
                     }
                 }
             }
         }
-        Ok(())
-    }
-
-    fn remove(&mut self, key: &StateKey) -> Result<(), StateError> {
-        self.tree.remove(key.encode()).map_err(err("write"))?;
-        if let Some((page, slot)) = pages::locate(&key.source_key) {
-            let prefix = StateKey::mapping_prefix(key.ty, &key.mapping);
-            if self.forms(&prefix)?.1 {
-                self.clear_slot(&prefix, page, slot)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn clear_slot(&mut self, prefix: &[u8], page: u64, slot: u8) -> Result<(), StateError> {
-        let p = self.page(pages::page_key(prefix, page))?;
-        if p.0.clear(slot) {
-            p.1 = true;
-        }
-        Ok(())
-    }
-
-    /// Writes the changed pages (an empty page is removed).
-    fn write_pages(&mut self) -> Result<(), StateError> {
-        let mut changed: Vec<_> = self
-            .pages
-            .drain()
-            .filter(|(_, (_, changed))| *changed)
-            .collect();
-        // In key order: sled appends to the same nodes.
-        changed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        for (k, (page, _)) in changed {
-            if page.is_empty() {
-                self.tree.remove(k).map_err(err("write"))?;
-            } else {
-                self.tree.insert(k, page.encode()).map_err(err("write"))?;
-            }
+        writer.write(&self.dirs)?;
+        for c in checkpoints {
+            tr.checkpoints
+                .insert(c.name().as_bytes(), json(c))
+                .map_err(err("write"))?;
         }
         Ok(())
     }

@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use super::*;
+use super::{keycode, ranges};
 use crate::mapping::value::oid;
 
 fn key(ty: &str, sk: &str) -> StateKey {
@@ -15,12 +16,42 @@ fn key(ty: &str, sk: &str) -> StateKey {
     }
 }
 
-fn accepted(fp: u64, last: Option<&str>) -> KeyState {
+fn accepted(fp: u64, image: Option<&str>) -> KeyState {
     KeyState {
         status: KeyStatus::Accepted,
         fingerprint: fp,
-        last_sent: last.map(|s| bytes::Bytes::copy_from_slice(s.as_bytes())),
+        delete_image: image.map(|s| bytes::Bytes::copy_from_slice(s.as_bytes())),
     }
+}
+
+/// Every key of a mapping with its full state, sorted (keys from
+/// `keys_of`, states from `get_keys`, which must agree on statuses).
+fn all_states(store: &dyn StateStore, ty: TypeId, mapping: &str) -> Vec<(String, KeyState)> {
+    let mut listed = store.keys_of(ty, mapping).unwrap();
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    let keys: Vec<StateKey> = listed
+        .iter()
+        .map(|(k, _)| StateKey {
+            ty,
+            mapping: mapping.into(),
+            source_key: k.clone(),
+        })
+        .collect();
+    let refs: Vec<&StateKey> = keys.iter().collect();
+    let states = store.get_keys(&refs).unwrap();
+    listed
+        .into_iter()
+        .zip(states)
+        .map(|((k, status), st)| {
+            let st = st.unwrap_or_else(|| panic!("{k} is listed but has no state"));
+            assert_eq!(st.status, status, "{k}");
+            (k, st)
+        })
+        .collect()
+}
+
+fn uuid_key(n: u64) -> String {
+    uuid::Uuid::from_u64_pair(n.wrapping_mul(0x9e37_79b9_7f4a_7c15), n).to_string()
 }
 
 fn int_pos(v: i64) -> Position {
@@ -51,13 +82,15 @@ fn contract(store: &dyn StateStore) {
         store.get_key(&a).unwrap(),
         Some(accepted(11, Some("{\"a\":1}")))
     );
-    let shop_keys: Vec<String> = store
-        .keys_of(a.ty, &a.mapping)
-        .unwrap()
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
-    assert_eq!(shop_keys, ["1", "2"]);
+    let mut shop_keys = store.keys_of(a.ty, &a.mapping).unwrap();
+    shop_keys.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        shop_keys,
+        [
+            ("1".to_string(), KeyStatus::Accepted),
+            ("2".to_string(), KeyStatus::Accepted)
+        ]
+    );
     store.apply(&[Write::RemoveKey(b.clone())]).unwrap();
     assert_eq!(store.get_key(&b).unwrap(), None);
 
@@ -178,18 +211,33 @@ fn contract(store: &dyn StateStore) {
     assert_eq!(store.stats().unwrap().get(&a.ty), Some(&st));
 }
 
-/// Integer keys (pages in the sled store) and the switch between the two
-/// forms of a key (with and without a last-sent record): every store must
-/// answer like a plain map of keys.
+/// Integer keys (integer pages in the sled store), UUID, text and
+/// composite keys (hashed pages), delete images coming and going: every
+/// store must answer like a plain map of keys.
 fn key_forms_contract(store: &dyn StateStore) {
     let k = |n: &str| key("transactions", n);
     let fp = |n: u64, round: u64| n * 1000 + round;
-    // 0..200 spans four pages; "007" and "7" are different keys.
+    let (ty, mapping) = (k("1").ty, k("1").mapping.clone());
+    // 0..200 spans four integer pages; "007" and "7" are different keys.
     let mut writes: Vec<Write> = (0..200u64)
         .map(|n| Write::Key(k(&n.to_string()), accepted(fp(n, 1), None)))
         .collect();
     writes.push(Write::Key(k("007"), accepted(7007, None)));
     writes.push(Write::Key(k("18446744073709551615"), accepted(42, None)));
+    // 600 UUID keys: several hashed pages (a split on the way).
+    writes.extend((0..600u64).map(|n| Write::Key(k(&uuid_key(n)), accepted(fp(n, 1), None))));
+    // Text and composite keys, with and without images.
+    for (sk, fp) in [
+        ("CUST-0001", 1u64),
+        ("", 2),
+        ("a|b", 3),
+        ("a\\|b", 4),
+        ("\\N|7", 5),
+        ("550e8400-e29b-41d4-a716-446655440000|12", 6),
+        ("Zoë", 7),
+    ] {
+        writes.push(Write::Key(k(sk), accepted(fp, Some("img"))));
+    }
     store.apply(&writes).unwrap();
     store.flush().unwrap();
     let all: Vec<StateKey> = (0..200u64).map(|n| k(&n.to_string())).collect();
@@ -197,6 +245,11 @@ fn key_forms_contract(store: &dyn StateStore) {
     let got = store.get_keys(&refs).unwrap();
     for (n, g) in got.iter().enumerate() {
         assert_eq!(g, &Some(accepted(fp(n as u64, 1), None)), "key {n}");
+    }
+    let uuids: Vec<StateKey> = (0..600u64).map(|n| k(&uuid_key(n))).collect();
+    let refs: Vec<&StateKey> = uuids.iter().collect();
+    for (n, g) in store.get_keys(&refs).unwrap().iter().enumerate() {
+        assert_eq!(g, &Some(accepted(fp(n as u64, 1), None)), "uuid {n}");
     }
     assert_eq!(
         store.get_key(&k("7")).unwrap(),
@@ -206,22 +259,45 @@ fn key_forms_contract(store: &dyn StateStore) {
         store.get_key(&k("007")).unwrap(),
         Some(accepted(7007, None))
     );
+    assert_eq!(
+        store.get_key(&k("a\\|b")).unwrap(),
+        Some(accepted(4, Some("img")))
+    );
+    assert_eq!(
+        store.get_key(&k("a|b")).unwrap(),
+        Some(accepted(3, Some("img")))
+    );
+    assert_eq!(
+        store.get_key(&k("")).unwrap(),
+        Some(accepted(2, Some("img")))
+    );
     assert_eq!(store.get_key(&k("200")).unwrap(), None);
     assert_eq!(store.get_key(&k("0007")).unwrap(), None);
+    assert_eq!(store.get_key(&k(&uuid_key(600))).unwrap(), None);
+    assert_eq!(store.get_key(&k("a|c")).unwrap(), None);
+    // Another mapping of the same type sees none of it.
+    let other = StateKey {
+        mapping: "transactions/public.other".into(),
+        ..k("5")
+    };
+    assert_eq!(store.get_key(&other).unwrap(), None);
+    assert!(store.keys_of(ty, &other.mapping).unwrap().is_empty());
 
-    // Key 5 gains a last-sent record, key 64 is dead-lettered, 63 removed.
+    // Key 5 gains an image, key 64 is dead-lettered, 63 removed; the same
+    // for UUIDs 5, 64, 63.
+    let dead = |fp| KeyState {
+        status: KeyStatus::DeadLettered,
+        fingerprint: fp,
+        delete_image: None,
+    };
     store
         .apply(&[
             Write::Key(k("5"), accepted(fp(5, 2), Some("{\"v\":5}"))),
-            Write::Key(
-                k("64"),
-                KeyState {
-                    status: KeyStatus::DeadLettered,
-                    fingerprint: fp(64, 2),
-                    last_sent: None,
-                },
-            ),
+            Write::Key(k("64"), dead(fp(64, 2))),
             Write::RemoveKey(k("63")),
+            Write::Key(k(&uuid_key(5)), accepted(fp(5, 2), Some("u5"))),
+            Write::Key(k(&uuid_key(64)), dead(fp(64, 2))),
+            Write::RemoveKey(k(&uuid_key(63))),
         ])
         .unwrap();
     assert_eq!(
@@ -233,12 +309,21 @@ fn key_forms_contract(store: &dyn StateStore) {
         KeyStatus::DeadLettered
     );
     assert_eq!(store.get_key(&k("63")).unwrap(), None);
-    // ... and loses it again; key 6 goes through both forms in one call.
+    assert_eq!(
+        store.get_key(&k(&uuid_key(5))).unwrap(),
+        Some(accepted(fp(5, 2), Some("u5")))
+    );
+    assert_eq!(store.get_key(&k(&uuid_key(63))).unwrap(), None);
+    // ... and loses it again; keys 6 go through both states in one call.
     store
         .apply(&[
             Write::Key(k("5"), accepted(fp(5, 3), None)),
             Write::Key(k("6"), accepted(fp(6, 2), Some("{}"))),
             Write::Key(k("6"), accepted(fp(6, 3), None)),
+            Write::Key(k(&uuid_key(5)), accepted(fp(5, 3), None)),
+            Write::Key(k(&uuid_key(6)), accepted(fp(6, 2), Some("{}"))),
+            Write::Key(k(&uuid_key(6)), accepted(fp(6, 3), None)),
+            Write::RemoveKey(k("a|b")),
         ])
         .unwrap();
     assert_eq!(
@@ -249,36 +334,47 @@ fn key_forms_contract(store: &dyn StateStore) {
         store.get_key(&k("6")).unwrap(),
         Some(accepted(fp(6, 3), None))
     );
+    assert_eq!(
+        store.get_key(&k(&uuid_key(6))).unwrap(),
+        Some(accepted(fp(6, 3), None))
+    );
 
-    let mut listed = store.keys_of(k("1").ty, &k("1").mapping).unwrap();
-    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    let want_of = |n: u64| match n {
+        5 => accepted(fp(5, 3), None),
+        6 => accepted(fp(6, 3), None),
+        64 => dead(fp(64, 2)),
+        _ => accepted(fp(n, 1), None),
+    };
     let mut want: Vec<(String, KeyState)> = (0..200u64)
         .filter(|&n| n != 63)
-        .map(|n| {
-            let st = match n {
-                5 => accepted(fp(5, 3), None),
-                6 => accepted(fp(6, 3), None),
-                64 => KeyState {
-                    status: KeyStatus::DeadLettered,
-                    fingerprint: fp(64, 2),
-                    last_sent: None,
-                },
-                _ => accepted(fp(n, 1), None),
-            };
-            (n.to_string(), st)
-        })
+        .map(|n| (n.to_string(), want_of(n)))
+        .chain(
+            (0..600u64)
+                .filter(|&n| n != 63)
+                .map(|n| (uuid_key(n), want_of(n))),
+        )
         .collect();
     want.push(("007".into(), accepted(7007, None)));
     want.push(("18446744073709551615".into(), accepted(42, None)));
+    for (sk, fp) in [
+        ("CUST-0001", 1u64),
+        ("", 2),
+        ("a\\|b", 4),
+        ("\\N|7", 5),
+        ("550e8400-e29b-41d4-a716-446655440000|12", 6),
+        ("Zoë", 7),
+    ] {
+        want.push((sk.into(), accepted(fp, Some("img"))));
+    }
     want.sort_by(|a, b| a.0.cmp(&b.0));
-    assert_eq!(listed, want);
+    assert_eq!(all_states(store, ty, &mapping), want);
 
     // Removing every key of a page leaves nothing behind.
     let page: Vec<Write> = (128..192u64)
         .map(|n| Write::RemoveKey(k(&n.to_string())))
         .collect();
     store.apply(&page).unwrap();
-    let left = store.keys_of(k("1").ty, &k("1").mapping).unwrap();
+    let left = store.keys_of(ty, &mapping).unwrap();
     assert_eq!(left.len(), want.len() - 64);
     assert!(left
         .iter()
@@ -290,6 +386,11 @@ fn memory_store_key_forms() {
     key_forms_contract(&MemoryStore::new());
 }
 
+fn sorted_states(s: &dyn StateStore) -> Vec<(String, KeyState)> {
+    let k = key("transactions", "1");
+    all_states(s, k.ty, &k.mapping)
+}
+
 #[test]
 fn sled_store_key_forms_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -297,24 +398,10 @@ fn sled_store_key_forms_and_reopen() {
         let s = SledStore::open(dir.path()).unwrap();
         key_forms_contract(&s);
         s.flush().unwrap();
-        let mut l = s
-            .keys_of(
-                key("transactions", "1").ty,
-                &key("transactions", "1").mapping,
-            )
-            .unwrap();
-        l.sort_by(|a, b| a.0.cmp(&b.0));
-        l
+        sorted_states(&s)
     };
     let s = SledStore::open(dir.path()).unwrap();
-    let mut after = s
-        .keys_of(
-            key("transactions", "1").ty,
-            &key("transactions", "1").mapping,
-        )
-        .unwrap();
-    after.sort_by(|a, b| a.0.cmp(&b.0));
-    assert_eq!(after, before);
+    assert_eq!(sorted_states(&s), before);
     assert_eq!(
         s.get_key(&key("transactions", "5"))
             .unwrap()
@@ -322,6 +409,72 @@ fn sled_store_key_forms_and_reopen() {
             .fingerprint,
         5003
     );
+    assert_eq!(
+        s.get_key(&key("transactions", &uuid_key(6)))
+            .unwrap()
+            .unwrap()
+            .fingerprint,
+        6003
+    );
+}
+
+#[test]
+fn keys_with_long_common_prefixes_lose_nothing() {
+    // Synthetic UUIDs (twelve zero bytes, then a counter) and text keys
+    // that differ only at their end: pages still split between keys.
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    let keys: Vec<StateKey> = (0..3000u64)
+        .flat_map(|n| {
+            [
+                key("transactions", &format!("00000000-0000-0000-0000-{n:012x}")),
+                key(
+                    "transactions",
+                    &format!("CUSTOMER-ACCOUNT-REFERENCE-{n:08}"),
+                ),
+            ]
+        })
+        .collect();
+    for chunk in keys.chunks(1000) {
+        let writes: Vec<Write> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Write::Key(k.clone(), accepted(i as u64, None)))
+            .collect();
+        s.apply(&writes).unwrap();
+    }
+    let refs: Vec<&StateKey> = keys.iter().collect();
+    let got = s.get_keys(&refs).unwrap();
+    assert!(got.iter().all(Option::is_some));
+    let k = &keys[0];
+    assert!(s.range_pages(k.ty, &k.mapping) > 100);
+    assert_eq!(s.keys_of(k.ty, &k.mapping).unwrap().len(), 6000);
+}
+
+#[test]
+fn a_snapshot_in_key_order_appends_pages() {
+    // Sorted UUID keys (a table read in key order) fill pages in order:
+    // each epoch writes about as many pages as its keys fill, and a
+    // lookup of the next epoch's (new) keys reads one page.
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    let mut all: Vec<String> = (0..20_000u64).map(uuid_key).collect();
+    all.sort();
+    for chunk in all.chunks(5000) {
+        let before = s.entries_in_keys_tree().unwrap();
+        let writes: Vec<Write> = chunk
+            .iter()
+            .map(|u| Write::Key(key("transactions", u), accepted(1, None)))
+            .collect();
+        s.apply(&writes).unwrap();
+        let added = s.entries_in_keys_tree().unwrap() - before;
+        // ~27 bytes a key, pages of ~TARGET_BYTES.
+        let fill = 5000 * 27 / ranges::TARGET_BYTES;
+        assert!(
+            (fill - 5..=fill + 5).contains(&added),
+            "{added} pages for {fill}"
+        );
+    }
 }
 
 #[test]
@@ -337,9 +490,51 @@ fn sled_store_pages_integer_keys() {
 }
 
 #[test]
+fn sled_store_pages_uuid_keys_and_splits_them_as_they_grow() {
+    // 20 000 UUID keys written in epochs of 2 000: a few hundred pages of
+    // at most MAX_BYTES, not 20 000 entries; every key readable after
+    // each epoch and after a reopen.
+    let dir = tempfile::tempdir().unwrap();
+    let k = |n: u64| key("transactions", &uuid_key(n));
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        for epoch in 0..10u64 {
+            let writes: Vec<Write> = (epoch * 2000..(epoch + 1) * 2000)
+                .map(|n| Write::Key(k(n), accepted(n, None)))
+                .collect();
+            s.apply(&writes).unwrap();
+            let keys: Vec<StateKey> = (0..(epoch + 1) * 2000).map(k).collect();
+            let refs: Vec<&StateKey> = keys.iter().collect();
+            let got = s.get_keys(&refs).unwrap();
+            assert!(
+                got.iter()
+                    .enumerate()
+                    .all(|(n, g)| g.as_ref().map(|g| g.fingerprint) == Some(n as u64)),
+                "epoch {epoch}"
+            );
+        }
+        let entries = s.entries_in_keys_tree().unwrap();
+        assert!(
+            (20_000 * 27 / ranges::MAX_BYTES..=20_000 * 27 / (ranges::TARGET_BYTES / 2))
+                .contains(&entries),
+            "{entries} pages"
+        );
+        for (pk, v) in s.keys_tree().iter().map(Result::unwrap) {
+            assert!(v.len() <= ranges::MAX_BYTES, "{pk:?}: {} bytes", v.len());
+        }
+        s.flush().unwrap();
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    let listed = s.keys_of(k(0).ty, &k(0).mapping).unwrap();
+    assert_eq!(listed.len(), 20_000);
+    assert_eq!(s.get_key(&k(12_345)).unwrap().unwrap().fingerprint, 12_345);
+}
+
+#[test]
 fn concurrent_applies_to_one_page_lose_nothing() {
     // Pages are read, changed and written back: applies from several
-    // threads (the sink's commit, a future admin path) must not lose slots.
+    // threads (the sink's commit, a future admin path) must not lose
+    // slots, and readers racing page splits must find every key.
     let dir = tempfile::tempdir().unwrap();
     let s = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
     let threads: Vec<_> = (0..4u64)
@@ -347,15 +542,41 @@ fn concurrent_applies_to_one_page_lose_nothing() {
             let s = s.clone();
             std::thread::spawn(move || {
                 // Thread t owns ids ≡ t (mod 4): every apply touches the
-                // same two pages as the other threads.
+                // same two integer pages as the other threads, and the
+                // same hashed pages (which split as they fill).
                 for round in 0..50u64 {
                     let writes: Vec<Write> = (0..128u64)
                         .filter(|n| n % 4 == t)
-                        .map(|n| {
-                            Write::Key(key("transactions", &n.to_string()), accepted(round, None))
+                        .flat_map(|n| {
+                            let u = n + 1000 * round;
+                            [
+                                Write::Key(
+                                    key("transactions", &n.to_string()),
+                                    accepted(round, None),
+                                ),
+                                Write::Key(key("transactions", &uuid_key(u)), accepted(u, None)),
+                            ]
                         })
                         .collect();
                     s.apply(&writes).unwrap();
+                    // What this thread wrote before is there, whatever
+                    // the others split meanwhile.
+                    let mine: Vec<StateKey> = (0..=round)
+                        .flat_map(|r| {
+                            (0..128u64)
+                                .filter(|n| n % 4 == t)
+                                .map(move |n| n + 1000 * r)
+                        })
+                        .map(|u| key("transactions", &uuid_key(u)))
+                        .collect();
+                    let refs: Vec<&StateKey> = mine.iter().collect();
+                    for (st, k) in s.get_keys(&refs).unwrap().iter().zip(&mine) {
+                        assert!(
+                            st.is_some(),
+                            "thread {t} round {round}: {} lost",
+                            k.source_key
+                        );
+                    }
                 }
             })
         })
@@ -363,44 +584,164 @@ fn concurrent_applies_to_one_page_lose_nothing() {
     for t in threads {
         t.join().unwrap();
     }
-    let listed = s
-        .keys_of(
-            key("transactions", "1").ty,
-            &key("transactions", "1").mapping,
-        )
-        .unwrap();
-    assert_eq!(listed.len(), 128);
-    assert!(listed.iter().all(|(_, st)| st.fingerprint == 49));
+    let k = key("transactions", "1");
+    let listed = all_states(s.as_ref(), k.ty, &k.mapping);
+    assert_eq!(listed.len(), 128 + 128 * 50);
+    assert!(listed
+        .iter()
+        .filter(|(sk, _)| sk.len() < 4)
+        .all(|(_, st)| st.fingerprint == 49));
+    assert!(s.range_pages(k.ty, &k.mapping) > 1);
 }
 
 #[test]
-fn after_a_crash_mid_move_the_per_key_entry_wins_and_damage_is_named() {
+fn after_a_crash_mid_split_the_new_pages_win_and_damage_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let s = SledStore::open(dir.path()).unwrap();
-    let k = key("transactions", "70");
-    // Key 70 in its page (fingerprint 1) ...
-    s.apply(&[Write::Key(k.clone(), accepted(1, None))])
+    let k = |n: u64| key("transactions", &uuid_key(n));
+    let prefix = StateKey::mapping_prefix(k(0).ty, &k(0).mapping);
+    // One range page (start: empty) holding 20 keys (fingerprint 1).
+    s.apply(
+        &(0..20)
+            .map(|n| Write::Key(k(n), accepted(1, None)))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert_eq!(s.range_pages(k(0).ty, &k(0).mapping), 1);
+    let whole = s
+        .keys_tree()
+        .get(ranges::page_key(&prefix, &[]))
+        .unwrap()
         .unwrap();
-    // ... then moved to a per-key entry with a last-sent record, the crash
-    // landing after the entry was written and before the slot was cleared.
+    // A split cut it at the median code and wrote the upper piece (with
+    // newer states: fingerprint 2) — then the process died before the
+    // lower page was rewritten: the old whole page is still at the start.
+    let mut codes: Vec<(Vec<u8>, u64)> =
+        (0..20).map(|n| (keycode::code(&uuid_key(n)), n)).collect();
+    codes.sort();
+    let cut = codes[10].0.clone();
+    let upper: Vec<ranges::Change> = codes[10..]
+        .iter()
+        .map(|(c, _)| (c.clone(), Some(accepted(2, None))))
+        .collect();
+    let piece = ranges::rebuild(&ranges::empty(), &upper, &cut, None).unwrap();
     s.keys_tree()
-        .insert(k.encode(), accepted(2, Some("{}")).encode())
+        .insert(ranges::page_key(&prefix, &cut), piece)
         .unwrap();
-    assert_eq!(s.get_key(&k).unwrap(), Some(accepted(2, Some("{}"))));
+    s.keys_tree()
+        .insert(ranges::page_key(&prefix, &[]), whole)
+        .unwrap();
+    s.flush().unwrap();
+    drop(s);
+    let s = SledStore::open(dir.path()).unwrap();
+    let want = |n: u64| {
+        if codes[10..].iter().any(|c| c.1 == n) {
+            2
+        } else {
+            1
+        }
+    };
+    for n in 0..20 {
+        assert_eq!(
+            s.get_key(&k(n)).unwrap().unwrap().fingerprint,
+            want(n),
+            "key {n}"
+        );
+    }
+    let listed = all_states(&s, k(0).ty, &k(0).mapping);
+    assert_eq!(
+        listed.len(),
+        20,
+        "the old page's copies are not listed twice"
+    );
+    // The next write to the lower page drops the leftovers.
+    s.apply(&[Write::Key(k(codes[0].1), accepted(3, None))])
+        .unwrap();
+    let lower = s
+        .keys_tree()
+        .get(ranges::page_key(&prefix, &[]))
+        .unwrap()
+        .unwrap();
+    assert_eq!(ranges::slots(&lower).unwrap().len(), 10);
 
     // A damaged page is an error that says what to do, never "no state".
-    let prefix = StateKey::mapping_prefix(k.ty, &k.mapping);
     s.keys_tree()
-        .insert(super::pages::page_key(&prefix, 3), &b"\x01garbage"[..])
+        .insert(ranges::page_key(&prefix, &cut), &b"\x01garbage"[..])
         .unwrap();
-    let damaged = key("transactions", "200"); // page 3
-    let e = s.get_key(&damaged).unwrap_err().to_string();
+    let e = s.get_key(&k(codes[15].1)).unwrap_err().to_string();
     assert!(
         e.contains("damaged") && e.contains("cobi-sync snapshot"),
         "{e}"
     );
-    let e = s.keys_of(k.ty, &k.mapping).unwrap_err().to_string();
+    let e = s.keys_of(k(0).ty, &k(0).mapping).unwrap_err().to_string();
     assert!(e.contains("damaged"), "{e}");
+    let e = s
+        .apply(&[Write::Key(k(codes[15].1), accepted(4, None))])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("damaged"), "{e}");
+    s.keys_tree()
+        .insert(super::pages::page_key(&prefix, 3), &b"\x01garbage"[..])
+        .unwrap();
+    let e = s
+        .get_key(&key("transactions", "200"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("damaged"), "{e}");
+}
+
+#[test]
+fn a_store_of_the_first_layout_is_converted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let tx = schema().type_id("transactions").unwrap();
+    let u = uuid_key(1);
+    let json = format!(
+        r#"{{"transaction_id":"{u}","shop_id":"{u}","region":"GB","savings":0.1,"amount":12.5,"source":"online"}}"#
+    );
+    // The first layout: `[prefix][source key]` → `[status][fp][JSON]`.
+    let legacy = |k: &StateKey, fp: u64, json: Option<&str>| {
+        let mut v = Vec::new();
+        encode_fixed(KeyStatus::Accepted, fp, &mut v);
+        v.extend_from_slice(json.unwrap_or("").as_bytes());
+        (k.encode(), v)
+    };
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        let t = s.keys_tree();
+        let (k1, v1) = legacy(&key("transactions", &u), 10, Some(&json));
+        t.insert(k1, v1).unwrap();
+        let (k2, v2) = legacy(&key("transactions", "text-key"), 11, None);
+        t.insert(k2, v2).unwrap();
+        // Key 70: in its integer page (fingerprint 1), and — a crash
+        // leftover of the first layout — as an entry with a record
+        // (fingerprint 2), which was read first and so wins.
+        s.apply(&[Write::Key(key("transactions", "70"), accepted(1, None))])
+            .unwrap();
+        let (k3, v3) = legacy(&key("transactions", "70"), 2, Some(&json));
+        t.insert(k3, v3).unwrap();
+        // A store written by the first layout has no layout marker.
+        s.forget_layout_marker();
+        s.flush().unwrap();
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    let st = s.get_key(&key("transactions", &u)).unwrap().unwrap();
+    assert_eq!(st.fingerprint, 10);
+    let r = image::decode(tx, st.delete_image.as_ref().unwrap()).unwrap();
+    let back = String::from_utf8(r.to_json()).unwrap();
+    assert!(back.contains(r#""amount":12.5"#), "{back}");
+    assert!(back.contains("online"), "optional fields kept: {back}");
+    assert_eq!(
+        s.get_key(&key("transactions", "text-key")).unwrap(),
+        Some(accepted(11, None))
+    );
+    let st70 = s.get_key(&key("transactions", "70")).unwrap().unwrap();
+    assert_eq!(st70.fingerprint, 2);
+    assert!(st70.delete_image.is_some());
+    // No entry of the first layout is left: only pages.
+    for (k, _) in s.keys_tree().iter().map(Result::unwrap) {
+        assert!(matches!(k[9], 0xFE | 0xFF), "{k:?}");
+    }
+    assert_eq!(sorted_states(&s).len(), 3);
 }
 
 #[test]

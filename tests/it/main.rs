@@ -21,5 +21,6 @@ mod shaped;
 mod sink;
 mod sink_edges;
 mod snapshot;
+mod state;
 mod tls;
 mod types;

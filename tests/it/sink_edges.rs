@@ -380,7 +380,7 @@ async fn an_orphan_letter_goes_with_the_next_accept() {
                 KeyState {
                     status: KeyStatus::Accepted,
                     fingerprint: 1,
-                    last_sent: None,
+                    delete_image: None,
                 },
             ),
         ])
@@ -403,8 +403,13 @@ impl StateStore for SlowStore {
     fn get_key(&self, key: &StateKey) -> Result<Option<KeyState>, StateError> {
         self.0.get_key(key)
     }
-    fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyState)>, StateError> {
-        self.0.keys_of(ty, mapping)
+    fn scan_keys(
+        &self,
+        ty: TypeId,
+        mapping: &str,
+        visit: &mut dyn FnMut(String, KeyStatus),
+    ) -> Result<(), StateError> {
+        self.0.scan_keys(ty, mapping, visit)
     }
     fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
         std::thread::sleep(Duration::from_millis(1500));
@@ -498,29 +503,32 @@ async fn soft_deletes_that_cannot_be_built_are_dead_letters() {
     let wd = Workdir::new();
     let mock = mock().await;
     let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
-    let accepted = |copy: Option<&str>| KeyState {
+    let accepted = |image: Option<bytes::Bytes>| KeyState {
         status: KeyStatus::Accepted,
         fingerprint: 1,
-        last_sent: copy.map(|c| bytes::Bytes::copy_from_slice(c.as_bytes())),
+        delete_image: image,
     };
-    // Shop 1: its copy names a field this schema no longer has. Shop 2: no
-    // copy kept. Shop 3: a good copy (the control).
-    let old = format!(
-        r#"{{"shop_id":"{}","name":"Old","region":"GB","colour":"red"}}"#,
-        shop_id(1)
-    );
-    let good = format!(
-        r#"{{"shop_id":"{}","name":"Kept","region":"GB"}}"#,
-        shop_id(3)
-    );
+    // Shop 1: its delete image names a field id this schema does not have.
+    // Shop 2: no image kept. Shop 3: accepted through the pipeline, which
+    // keeps its image (the control).
+    let unreadable = bytes::Bytes::from_static(&[0xff, 0xff, 0xff]);
     store
         .apply(&[
-            Write::Key(key(SHOPS, 1), accepted(Some(&old))),
+            Write::Key(key(SHOPS, 1), accepted(Some(unreadable))),
             Write::Key(key(SHOPS, 2), accepted(None)),
-            Write::Key(key(SHOPS, 3), accepted(Some(&good))),
         ])
         .unwrap();
     let p = Pipeline::start(&settings(&wd, &mock.base_url(), true), store.clone()).unwrap();
+    send(&p, vec![shop(3)]).await;
+    assert!(
+        store
+            .get_key(&key(SHOPS, 3))
+            .unwrap()
+            .unwrap()
+            .delete_image
+            .is_some(),
+        "shop 3's image kept"
+    );
     let delete = |i| SinkItem::Delete {
         key: key(SHOPS, i),
         basis: None,
@@ -530,6 +538,8 @@ async fn soft_deletes_that_cannot_be_built_are_dead_letters() {
     assert_eq!(shops.len(), 1, "{shops:?}");
     assert_eq!(shops[0]["shop_id"], shop_id(3).as_str());
     assert_eq!(shops[0]["is_deleted"], true);
+    assert_eq!(shops[0]["name"], "Shop 3");
+    assert_eq!(shops[0]["region"], "GB");
     let mut letters = store.dead_letters(None).unwrap();
     letters.sort_by(|a, b| a.source_key.cmp(&b.source_key));
     let reasons: Vec<(&str, &str)> = letters
@@ -539,12 +549,12 @@ async fn soft_deletes_that_cannot_be_built_are_dead_letters() {
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert_eq!(reasons[0].0, "1");
     assert!(
-        reasons[0].1.contains("soft delete not sent") && reasons[0].1.contains("colour"),
+        reasons[0].1.contains("soft delete not sent") && reasons[0].1.contains("delete image"),
         "{reasons:?}"
     );
     assert_eq!(reasons[1].0, "2");
     assert!(
-        reasons[1].1.contains("soft delete not sent") && reasons[1].1.contains("no copy"),
+        reasons[1].1.contains("soft delete not sent") && reasons[1].1.contains("no delete image"),
         "{reasons:?}"
     );
     p.drain(Duration::from_secs(5)).await;
@@ -1042,9 +1052,14 @@ impl StateStore for OffWorkers {
         self.probe();
         self.inner.get_key(key)
     }
-    fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyState)>, StateError> {
+    fn scan_keys(
+        &self,
+        ty: TypeId,
+        mapping: &str,
+        visit: &mut dyn FnMut(String, KeyStatus),
+    ) -> Result<(), StateError> {
         self.probe();
-        self.inner.keys_of(ty, mapping)
+        self.inner.scan_keys(ty, mapping, visit)
     }
     fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
         self.probe();

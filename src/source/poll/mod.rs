@@ -723,25 +723,24 @@ impl PollSource {
                 present.insert(xxhash_rust::xxh3::xxh3_64(source_key(r.iter()).as_bytes()));
             }
         }
-        let store = self.store.clone();
         let (ty, id) = (t.mapping.ty, t.mapping.id.clone());
-        let known = tokio::task::spawn_blocking(move || store.keys_of(ty, &id))
-            .await
-            .expect("no panic")
-            .map_err(|e| TickError::Decode(e.to_string()))?;
+        let mut known = crate::state::stream_keys(self.store.clone(), ty, id);
         let mut items = Vec::new();
-        for (sk, st) in known {
-            if st.status == crate::state::KeyStatus::Accepted
-                && !present.contains(&xxhash_rust::xxh3::xxh3_64(sk.as_bytes()))
-            {
-                items.push(SinkItem::Delete {
-                    key: StateKey {
-                        ty,
-                        mapping: t.mapping.id.clone(),
-                        source_key: sk,
-                    },
-                    basis: None,
-                });
+        while let Some(chunk) = known.recv().await {
+            let chunk = chunk.map_err(|e| TickError::Decode(e.to_string()))?;
+            for (sk, status) in chunk {
+                if status == crate::state::KeyStatus::Accepted
+                    && !present.contains(&xxhash_rust::xxh3::xxh3_64(sk.as_bytes()))
+                {
+                    items.push(SinkItem::Delete {
+                        key: StateKey {
+                            ty,
+                            mapping: t.mapping.id.clone(),
+                            source_key: sk,
+                        },
+                        basis: None,
+                    });
+                }
             }
         }
         if !items.is_empty() {

@@ -269,7 +269,7 @@ impl Replicator {
                 .map_err(|e| SessionError::fatal(format!("reading the state store: {e}")))?
                 .map_err(|e| SessionError::fatal(e.to_string()))?
                 .into_iter()
-                .filter(|(_, st)| st.status == KeyStatus::Accepted)
+                .filter(|(_, st)| *st == KeyStatus::Accepted)
                 .map(|(k, _)| k)
                 .collect()
         };

@@ -1,0 +1,532 @@
+//! Where each key's state lives in the sled `keys` tree, and how a group
+//! of key writes becomes page writes.
+//!
+//! A key's form depends on its source key only: a canonical unsigned
+//! integer lives in an integer page ([`super::pages`]), anything else in a
+//! range page ([`super::ranges`]). Keys never move between forms, so no
+//! write order between forms matters for crash safety.
+//!
+//! [`Dirs`] is the in-memory directory of range pages: per mapping, the
+//! sorted starts of its pages (a key code, ~20 bytes, per page of ~40
+//! keys; read once per mapping by a scan). Readers hold it shared while they look a page up and read it;
+//! a split is published under it exclusively (upper pieces, then the
+//! lower page, then the new starts), so a reader never routes a key to a
+//! page that no longer holds it.
+//!
+//! The first layout of the store (one entry per non-integer key and per
+//! key with a last-sent record, `[prefix][source key UTF-8]` →
+//! `[status][fingerprint][last-sent JSON]`) is converted once, when a
+//! store without a layout marker is opened ([`migrate`]).
+
+use rustc_hash::FxHashMap;
+use sled::IVec;
+
+use super::keycode;
+use super::pages::{self, Page};
+use super::ranges::{self, Change};
+use super::{decode_fixed, KeyState, KeyStatus, StateError, FIXED_BYTES};
+use crate::model::record::Record;
+use crate::model::schema::schema;
+
+/// Bytes of a mapping prefix (`[type][mapping hash]`).
+pub const PREFIX: usize = 9;
+
+pub(super) fn err(op: &'static str) -> impl Fn(sled::Error) -> StateError {
+    move |e| StateError {
+        op,
+        detail: e.to_string(),
+    }
+}
+
+/// A stored page that cannot be read: an error naming the damage
+/// (treating it as empty would silently forget its keys' states).
+pub(super) fn damaged() -> StateError {
+    StateError {
+        op: "read",
+        detail: "a key page in the state store is damaged; stop the daemon, move state.dir \
+                 aside and run `cobi-sync snapshot` to rebuild it (records are re-sent, \
+                 the API upserts them)"
+            .into(),
+    }
+}
+
+fn decode_page(v: &[u8]) -> Result<Page, StateError> {
+    Page::decode(v).ok_or_else(damaged)
+}
+
+/// The range-page starts of each mapping read so far, sorted.
+#[derive(Default)]
+pub struct Dirs {
+    map: FxHashMap<Vec<u8>, Vec<Box<[u8]>>>,
+}
+
+impl Dirs {
+    /// Whether a mapping's directory is in memory.
+    pub fn has(&self, prefix: &[u8]) -> bool {
+        self.map.contains_key(prefix)
+    }
+
+    /// Reads a mapping's page starts from the tree.
+    pub fn load(&mut self, tree: &sled::Tree, prefix: &[u8]) -> Result<(), StateError> {
+        let mut mark = prefix.to_vec();
+        mark.push(ranges::MARK);
+        let mut starts = Vec::new();
+        for item in tree.scan_prefix(&mark) {
+            let (k, _) = item.map_err(err("scan"))?;
+            starts.push(Box::from(
+                ranges::start_of_key(prefix.len(), &k).ok_or_else(damaged)?,
+            ));
+        }
+        // The tree returns them in order.
+        self.map.insert(prefix.to_vec(), starts);
+        Ok(())
+    }
+
+    /// The page whose range holds `code`, as `(start, next page's start)`,
+    /// if the mapping has range pages.
+    pub fn page_for(&self, prefix: &[u8], code: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+        let starts = self.map.get(prefix)?;
+        // The first start above `code`; the page is the one before it.
+        let i = starts.partition_point(|s| &**s <= code);
+        let start = starts.get(i.checked_sub(1)?)?;
+        Some((start, starts.get(i).map(|s| &**s)))
+    }
+
+    /// Adds page starts to a mapping's directory (one merge per call).
+    fn add(&mut self, prefix: &[u8], mut new: Vec<Vec<u8>>) {
+        let starts = self.map.entry(prefix.to_vec()).or_default();
+        new.sort_unstable();
+        new.dedup();
+        new.retain(|n| {
+            starts
+                .binary_search_by(|s| (**s).cmp(n.as_slice()))
+                .is_err()
+        });
+        if new.is_empty() {
+            return;
+        }
+        let old = std::mem::take(starts);
+        let mut merged = Vec::with_capacity(old.len() + new.len());
+        let mut new = new.into_iter().map(Vec::into_boxed_slice).peekable();
+        for s in old {
+            while new.peek().is_some_and(|n| *n < s) {
+                merged.extend(new.next());
+            }
+            merged.push(s);
+        }
+        merged.extend(new);
+        *starts = merged;
+    }
+
+    /// Forgets every directory (after a failed write: reread from disk).
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    /// Pages in a mapping's directory.
+    #[cfg(test)]
+    pub fn pages(&self, prefix: &[u8]) -> usize {
+        self.map.get(prefix).map_or(0, Vec::len)
+    }
+}
+
+/// Where a key lives.
+enum Place<'m> {
+    Int {
+        key: Vec<u8>,
+        slot: u8,
+    },
+    /// The key's range page (`None`: the mapping has no range page yet),
+    /// and its code.
+    Range {
+        page: Option<&'m RangeOf>,
+        code: Vec<u8>,
+    },
+}
+
+/// A range page located in the directory.
+pub struct RangeOf {
+    prefix: Vec<u8>,
+    start: Vec<u8>,
+    next: Option<Vec<u8>>,
+    /// Its sled key.
+    key: Vec<u8>,
+}
+
+/// Locates keys, remembering the last range page found: keys read in key
+/// order (a snapshot's) mostly fall in the page of the key before.
+#[derive(Default)]
+struct Locator {
+    last: Option<RangeOf>,
+}
+
+impl Locator {
+    fn place(&mut self, dirs: &Dirs, prefix: &[u8], source_key: &str) -> Place<'_> {
+        if let Some((page, slot)) = pages::locate(source_key) {
+            return Place::Int {
+                key: pages::page_key(prefix, page),
+                slot,
+            };
+        }
+        let code = keycode::code(source_key);
+        let hit = self.last.as_ref().is_some_and(|l| {
+            l.prefix == prefix && ranges::in_range(&code, &l.start, l.next.as_deref())
+        });
+        if !hit {
+            self.last = dirs.page_for(prefix, &code).map(|(start, next)| RangeOf {
+                prefix: prefix.to_vec(),
+                start: start.to_vec(),
+                next: next.map(<[u8]>::to_vec),
+                key: ranges::page_key(prefix, start),
+            });
+        }
+        Place::Range {
+            page: self.last.as_ref(),
+            code,
+        }
+    }
+}
+
+/// Reads key states; pages read are kept for the call.
+pub struct Reader<'a> {
+    tree: &'a sled::Tree,
+    dirs: &'a Dirs,
+    locator: Locator,
+    ints: FxHashMap<Vec<u8>, Option<Page>>,
+    ranges: FxHashMap<Vec<u8>, Option<IVec>>,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader over `tree` (every prefix read must be loaded in `dirs`).
+    pub fn new(tree: &'a sled::Tree, dirs: &'a Dirs) -> Self {
+        Reader {
+            tree,
+            dirs,
+            locator: Locator::default(),
+            ints: FxHashMap::default(),
+            ranges: FxHashMap::default(),
+        }
+    }
+
+    /// The state of `source_key` under a mapping prefix.
+    pub fn get(&mut self, prefix: &[u8], source_key: &str) -> Result<Option<KeyState>, StateError> {
+        match self.locator.place(self.dirs, prefix, source_key) {
+            Place::Int { key, slot } => {
+                let page = match self.ints.entry(key) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let p = match self.tree.get(e.key()).map_err(err("read"))? {
+                            Some(v) => Some(decode_page(&v)?),
+                            None => None,
+                        };
+                        e.insert(p)
+                    }
+                };
+                Ok(page.as_ref().and_then(|p| p.get(slot)))
+            }
+            Place::Range { page: None, .. } => Ok(None),
+            Place::Range {
+                page: Some(r),
+                code,
+            } => {
+                let bytes = match self.ranges.get(&r.key) {
+                    Some(v) => v,
+                    None => {
+                        let v = self.tree.get(&r.key).map_err(err("read"))?;
+                        self.ranges.entry(r.key.clone()).or_insert(v)
+                    }
+                };
+                match bytes {
+                    None => Ok(None),
+                    Some(p) => Ok(ranges::find(p, &code)
+                        .ok_or_else(damaged)?
+                        .map(|s| s.state())),
+                }
+            }
+        }
+    }
+}
+
+/// A group of key writes, turned into page writes by [`Writer::write`].
+pub struct Writer<'a> {
+    tree: &'a sled::Tree,
+    locator: Locator,
+    ints: FxHashMap<Vec<u8>, (Page, bool)>,
+    /// Page key → the page's changes.
+    ranges: FxHashMap<Vec<u8>, PageChanges>,
+}
+
+/// The writes to one range page: `(mapping prefix, page start, changes)`.
+type PageChanges = (Vec<u8>, Vec<u8>, Vec<Change>);
+
+/// Pages split by a write: `(prefix, pieces)`, the first piece at the old
+/// page's start.
+type Splits = Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)>;
+
+impl<'a> Writer<'a> {
+    /// A writer over `tree`.
+    pub fn new(tree: &'a sled::Tree) -> Self {
+        Writer {
+            tree,
+            locator: Locator::default(),
+            ints: FxHashMap::default(),
+            ranges: FxHashMap::default(),
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) a key's state. `dirs` must hold
+    /// the prefix.
+    pub fn set(
+        &mut self,
+        dirs: &Dirs,
+        prefix: &[u8],
+        source_key: &str,
+        state: Option<&KeyState>,
+    ) -> Result<(), StateError> {
+        match self.locator.place(dirs, prefix, source_key) {
+            Place::Int { key, slot } => {
+                let page = match self.ints.entry(key) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let p = match self.tree.get(e.key()).map_err(err("read"))? {
+                            Some(v) => decode_page(&v)?,
+                            None => Page::default(),
+                        };
+                        e.insert((p, false))
+                    }
+                };
+                match state {
+                    Some(s) => {
+                        page.0.set(slot, s);
+                        page.1 = true;
+                    }
+                    None => page.1 |= page.0.clear(slot),
+                }
+            }
+            Place::Range { page, code } => {
+                let group = match page {
+                    // Most keys of a group share a few pages: no copies then.
+                    Some(r) if self.ranges.contains_key(&r.key) => {
+                        self.ranges.get_mut(&r.key).expect("present")
+                    }
+                    Some(r) => self
+                        .ranges
+                        .entry(r.key.clone())
+                        .or_insert_with(|| (prefix.to_vec(), r.start.clone(), Vec::new())),
+                    None => self
+                        .ranges
+                        .entry(ranges::page_key(prefix, &[]))
+                        .or_insert_with(|| (prefix.to_vec(), Vec::new(), Vec::new())),
+                };
+                group.2.push((code, state.cloned()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every changed page: range pages that keep their size, then
+    /// split ones (under `dirs` exclusively, see the module doc), then
+    /// integer pages. An empty integer page is removed; range pages never
+    /// are.
+    pub fn write(self, dirs: &parking_lot::RwLock<Dirs>) -> Result<(), StateError> {
+        let Writer {
+            tree, ints, ranges, ..
+        } = self;
+        let mut changed: Vec<_> = ranges.into_iter().collect();
+        changed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut splits: Splits = Vec::new();
+        let mut created: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        {
+            let d = dirs.read();
+            for (key, (prefix, start, changes)) in changed {
+                let page = d
+                    .page_for(&prefix, &start)
+                    .filter(|p| p.0 == start.as_slice());
+                if page.is_none() {
+                    created.push((prefix.clone(), start.clone()));
+                }
+                let end = page.and_then(|p| p.1);
+                let old = tree.get(&key).map_err(err("read"))?;
+                let new = ranges::rebuild(
+                    old.as_deref().unwrap_or(&ranges::empty()),
+                    &changes,
+                    &start,
+                    end,
+                )
+                .ok_or_else(damaged)?;
+                if new.len() <= ranges::MAX_BYTES {
+                    tree.insert(key, new).map_err(err("write"))?;
+                } else {
+                    let pieces = ranges::split(new, &start).ok_or_else(damaged)?;
+                    splits.push((prefix, pieces));
+                }
+            }
+        }
+        if !splits.is_empty() || !created.is_empty() {
+            let mut d = dirs.write();
+            let mut starts: FxHashMap<Vec<u8>, Vec<Vec<u8>>> = FxHashMap::default();
+            for (prefix, start) in created {
+                starts.entry(prefix).or_default().push(start);
+            }
+            for (prefix, pieces) in splits {
+                // Upper pieces first, the page at the old start last.
+                for (start, bytes) in pieces.iter().skip(1) {
+                    tree.insert(ranges::page_key(&prefix, start), bytes.as_slice())
+                        .map_err(err("write"))?;
+                }
+                let (start, bytes) = &pieces[0];
+                tree.insert(ranges::page_key(&prefix, start), bytes.as_slice())
+                    .map_err(err("write"))?;
+                starts
+                    .entry(prefix)
+                    .or_default()
+                    .extend(pieces.into_iter().map(|p| p.0));
+            }
+            for (prefix, new) in starts {
+                d.add(&prefix, new);
+            }
+        }
+        let mut ints: Vec<_> = ints
+            .into_iter()
+            .filter(|(_, (_, changed))| *changed)
+            .collect();
+        // In key order: sled appends to the same nodes.
+        ints.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (k, (page, _)) in ints {
+            if page.is_empty() {
+                tree.remove(k).map_err(err("write"))?;
+            } else {
+                tree.insert(k, page.encode()).map_err(err("write"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every key of a mapping with its status, page by page (see
+/// [`super::StateStore::scan_keys`]). Range pages come first in the tree,
+/// in order; each is read with the start of the next one, and only its
+/// slots in that range count (a leftover of an interrupted split is
+/// skipped).
+pub fn scan(
+    tree: &sled::Tree,
+    prefix: &[u8],
+    visit: &mut dyn FnMut(String, KeyStatus),
+) -> Result<(), StateError> {
+    let mut pending: Option<(IVec, IVec)> = None;
+    let flush =
+        |p: Option<(IVec, IVec)>, end: Option<&[u8]>, visit: &mut dyn FnMut(String, KeyStatus)| {
+            if let Some((key, bytes)) = p {
+                let start = ranges::start_of_key(prefix.len(), &key).ok_or_else(damaged)?;
+                for s in ranges::slots(&bytes).ok_or_else(damaged)? {
+                    if ranges::in_range(s.code, start, end) {
+                        visit(keycode::decode(s.code).ok_or_else(damaged)?, s.status);
+                    }
+                }
+            }
+            Ok::<(), StateError>(())
+        };
+    for item in tree.scan_prefix(prefix) {
+        let (k, v) = item.map_err(err("scan"))?;
+        if let Some(start) = ranges::start_of_key(prefix.len(), &k) {
+            let start = start.to_vec();
+            let prev = pending.replace((k, v));
+            flush(prev, Some(&start), visit)?;
+        } else if let Some(page) = pages::page_of_key(prefix.len(), &k) {
+            flush(pending.take(), None, visit)?;
+            for (slot, status) in decode_page(&v)?.statuses() {
+                visit(pages::source_key(page, slot), status);
+            }
+        }
+    }
+    flush(pending.take(), None, visit)
+}
+
+/// The marker of the current layout in the `meta` tree.
+const LAYOUT_KEY: &[u8] = b"layout";
+const LAYOUT: &[u8] = b"2";
+
+/// Entries of the first layout converted per group.
+const MIGRATE_GROUP: usize = 10_000;
+
+/// Converts entries of the first layout into pages, once: each group of
+/// entries is written to pages, then the entries are removed (a crash in
+/// between converts the same entries again on the next open). A last-sent
+/// record becomes a delete image; one that no longer parses is dropped
+/// (its key then gets no soft delete built from the store). Returns how
+/// many entries were converted.
+pub fn migrate(
+    tree: &sled::Tree,
+    meta: &sled::Tree,
+    dirs: &parking_lot::RwLock<Dirs>,
+) -> Result<usize, StateError> {
+    if meta.get(LAYOUT_KEY).map_err(err("read"))?.is_some() {
+        return Ok(0);
+    }
+    let mut converted = 0;
+    let mut after: Option<IVec> = None;
+    loop {
+        let range = match &after {
+            None => tree.range::<&[u8], _>(..),
+            Some(k) => tree.range((
+                std::ops::Bound::Excluded(k.to_vec()),
+                std::ops::Bound::Unbounded,
+            )),
+        };
+        let mut group: Vec<(IVec, IVec)> = Vec::new();
+        for item in range {
+            let (k, v) = item.map_err(err("scan"))?;
+            let is_page = match k.get(PREFIX) {
+                Some(&ranges::MARK) => true,
+                Some(&pages::PAGE_MARK) => k.len() == PREFIX + 9,
+                _ => false,
+            };
+            if !is_page {
+                group.push((k, v));
+                if group.len() == MIGRATE_GROUP {
+                    break;
+                }
+            }
+        }
+        let Some(last) = group.last().map(|(k, _)| k.clone()) else {
+            break;
+        };
+        let mut w = Writer::new(tree);
+        for (k, v) in &group {
+            let (Some(prefix), Some(sk)) = (k.get(..PREFIX), super::StateKey::source_key_of(k))
+            else {
+                continue;
+            };
+            {
+                let mut d = dirs.write();
+                if !d.has(prefix) {
+                    d.load(tree, prefix)?;
+                }
+            }
+            let Some((status, fingerprint)) = decode_fixed(v) else {
+                continue;
+            };
+            let delete_image = v
+                .get(FIXED_BYTES..)
+                .filter(|j| !j.is_empty() && (prefix[0] as usize) < schema().types.len())
+                .and_then(|j| Record::from_json(prefix[0], j).ok())
+                .and_then(|r| super::image::encode(&r));
+            let state = KeyState {
+                status,
+                fingerprint,
+                delete_image,
+            };
+            w.set(&dirs.read(), prefix, &sk, Some(&state))?;
+        }
+        w.write(dirs)?;
+        for (k, _) in &group {
+            tree.remove(k).map_err(err("write"))?;
+        }
+        converted += group.len();
+        after = Some(last);
+    }
+    tree.flush().map_err(err("flush"))?;
+    meta.insert(LAYOUT_KEY, LAYOUT).map_err(err("write"))?;
+    meta.flush().map_err(err("flush"))?;
+    Ok(converted)
+}
