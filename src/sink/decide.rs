@@ -5,7 +5,8 @@
 //!   identical to the version the API last *accepted* (DESIGN.md §4.5): a
 //!   dead-lettered record is sent again when its row changes, even if the
 //!   new record is the same as the rejected one (its parent may have
-//!   arrived since). A `dlq replay` item is sent only while its key is
+//!   arrived since) — unless the row was only read again, not changed
+//!   ([`Resend::Reread`]). A `dlq replay` item is sent only while its key is
 //!   still dead-lettered with the letter's content: a newer version, a
 //!   delete, or an accept since then wins (DESIGN.md §5).
 //! - [`delete_from`]: what a soft delete is built from — the deleted row's
@@ -17,14 +18,34 @@ use crate::model::record::{Json, Record};
 use crate::model::schema::{schema, TypeId};
 use crate::state::{KeyState, KeyStatus};
 
+/// What a source version of a key says about its row, for the skip rule.
+/// Ordered: when versions of a key meet in one epoch the greater stands
+/// ([`Resend::max`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Resend {
+    /// The row was read again without evidence that it changed (a poll
+    /// re-read: a table without a cursor read in full every tick, the
+    /// `lookback` window, the late-commit guard's window, NULL-cursor
+    /// rows): identical to what was accepted *or dead-lettered*, it is
+    /// skipped — re-sending a rejected record every tick would only churn
+    /// its letter. `dlq replay` or a change of the row sends it again.
+    Reread,
+    /// A change of the row (a replication change, a poll row past the
+    /// saved position, a first read): skipped only when identical to what
+    /// the API accepted.
+    #[default]
+    Changed,
+    /// `snapshot --force`: sent even if unchanged.
+    Forced,
+}
+
 /// Where a change comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
-    /// The source (a row version); `force` sends it even if unchanged
-    /// (`snapshot --force`).
+    /// The source (a row version).
     Source {
-        /// Send even if identical to what was accepted.
-        force: bool,
+        /// How an identical prior verdict is treated.
+        resend: Resend,
     },
     /// `dlq replay` of a letter whose record has this fingerprint.
     Replay {
@@ -60,15 +81,18 @@ pub fn decide(
         Origin::Replay { letter } if last != Some((KeyStatus::DeadLettered, letter)) => {
             return Decision::StaleReplay
         }
-        Origin::Source { force: false } if last == Some((KeyStatus::Accepted, fingerprint)) => {
-            return Decision::Unchanged
-        }
-        // Validation is deterministic: the same invalid record dead-lettered
-        // again would only churn the letter.
-        Origin::Source { force: false }
-            if invalid && last == Some((KeyStatus::DeadLettered, fingerprint)) =>
-        {
-            return Decision::Unchanged
+        Origin::Source { resend } if resend != Resend::Forced => {
+            if last == Some((KeyStatus::Accepted, fingerprint)) {
+                return Decision::Unchanged;
+            }
+            // Validation is deterministic: the same invalid record
+            // dead-lettered again would only churn the letter; so would a
+            // re-read of a row that did not change.
+            if (invalid || resend == Resend::Reread)
+                && last == Some((KeyStatus::DeadLettered, fingerprint))
+            {
+                return Decision::Unchanged;
+            }
         }
         _ => {}
     }
@@ -149,8 +173,15 @@ mod tests {
     fn the_send_table() {
         use Decision::*;
         use KeyStatus::*;
-        let src = Origin::Source { force: false };
-        let forced = Origin::Source { force: true };
+        let src = Origin::Source {
+            resend: Resend::Changed,
+        };
+        let forced = Origin::Source {
+            resend: Resend::Forced,
+        };
+        let reread = Origin::Source {
+            resend: Resend::Reread,
+        };
         let replay = Origin::Replay { letter: 7 };
         let acc = |fp| Some(state(Accepted, fp, None));
         let dead = |fp| Some(state(DeadLettered, fp, None));
@@ -168,6 +199,13 @@ mod tests {
             (src, 1, true, dead(1), Unchanged),
             (src, 1, true, dead(2), Invalid),
             (forced, 1, true, dead(1), Invalid),
+            // A re-read without a change: a dead letter stays a letter
+            // unless the record differs.
+            (reread, 1, false, dead(1), Unchanged),
+            (reread, 1, false, dead(2), Send),
+            (reread, 1, false, acc(1), Unchanged),
+            (reread, 1, false, None, Send),
+            (reread, 1, true, dead(1), Unchanged),
             // A replay only while its letter stands.
             (replay, 9, false, dead(7), Send),
             (replay, 9, true, dead(7), Invalid),

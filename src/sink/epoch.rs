@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 
 use crate::model::record::{Json, Record};
 use crate::model::schema::{schema, TypeId};
+use crate::sink::decide::Resend;
 use crate::sink::Outbound;
 use crate::state::{Checkpoint, StateKey};
 
@@ -49,8 +50,10 @@ pub enum Op {
 }
 
 /// The change that stands when `new` arrives for a key holding `old` in
-/// the same epoch (with the `force` flag of the result).
-pub fn merge(ty: TypeId, old: (Op, bool), new: (Op, bool)) -> (Op, bool) {
+/// the same epoch (with the [`Resend`] of the result: the greater of the
+/// two — a forced version stays forced, a change is not demoted to a
+/// re-read).
+pub fn merge(ty: TypeId, old: (Op, Resend), new: (Op, Resend)) -> (Op, Resend) {
     match (old, new) {
         // A replay never replaces a change from the source.
         (old @ (Op::Upsert { .. } | Op::Delete { .. }, _), (Op::Replay { .. }, _)) => old,
@@ -65,7 +68,7 @@ pub fn merge(ty: TypeId, old: (Op, bool), new: (Op, bool)) -> (Op, bool) {
         ((Op::Delete { basis }, _), (Op::Delete { basis: None }, f)) => (Op::Delete { basis }, f),
         // A source change after a replay: the source's, on its own terms.
         ((Op::Replay { .. }, _), new) => new,
-        ((_, old_force), (op, f)) => (op, f || old_force),
+        ((_, old_resend), (op, r)) => (op, r.max(old_resend)),
     }
 }
 
@@ -85,8 +88,8 @@ pub struct Entry {
     pub key: StateKey,
     /// The change.
     pub op: Op,
-    /// Send even if identical to the last accepted version (dlq replay).
-    pub force: bool,
+    /// How an identical prior verdict is treated.
+    pub resend: Resend,
 }
 
 /// An epoch being filled.
@@ -139,7 +142,7 @@ impl Epoch {
 
     /// Adds a change; an older change of the same key is replaced as
     /// [`merge`] says.
-    pub fn add(&mut self, key: StateKey, op: Op, force: bool) {
+    pub fn add(&mut self, key: StateKey, op: Op, resend: Resend) {
         self.touch();
         let t = key.ty as usize;
         if self.types[t].len() == BUSY_KEYS {
@@ -148,14 +151,14 @@ impl Epoch {
             self.types[t].reserve(super::EPOCH_RECORDS);
             self.index[t].reserve(super::EPOCH_RECORDS);
         }
-        let (op, force) = match self.index[t].get(&key) {
+        let (op, resend) = match self.index[t].get(&key) {
             Some(&i) => {
                 let old = self.types[t][i].take().expect("indexed entries are live");
                 self.bytes -= op_size(&old.key, &old.op);
                 self.live[t] -= 1;
-                merge(key.ty, (old.op, old.force), (op, force))
+                merge(key.ty, (old.op, old.resend), (op, resend))
             }
-            None => (op, force),
+            None => (op, resend),
         };
         self.bytes += op_size(&key, &op);
         // The newest version goes to the end, so it is sent in order of
@@ -163,7 +166,7 @@ impl Epoch {
         self.types[t].push(Some(Entry {
             key: key.clone(),
             op,
-            force,
+            resend,
         }));
         self.index[t].insert(key, self.types[t].len() - 1);
         self.live[t] += 1;
@@ -258,9 +261,21 @@ mod tests {
     #[test]
     fn newest_version_of_a_key_wins_and_keeps_arrival_order() {
         let mut e = Epoch::new();
-        e.add(key("shops", "1"), upsert(rec("shops", "v1")), false);
-        e.add(key("shops", "2"), upsert(rec("shops", "a")), false);
-        e.add(key("shops", "1"), upsert(rec("shops", "v2")), false);
+        e.add(
+            key("shops", "1"),
+            upsert(rec("shops", "v1")),
+            Resend::Changed,
+        );
+        e.add(
+            key("shops", "2"),
+            upsert(rec("shops", "a")),
+            Resend::Changed,
+        );
+        e.add(
+            key("shops", "1"),
+            upsert(rec("shops", "v2")),
+            Resend::Changed,
+        );
         assert_eq!(e.len_of(key("shops", "1").ty), 2);
         let entries = e.take_type(key("shops", "1").ty);
         let names: Vec<_> = entries
@@ -283,8 +298,12 @@ mod tests {
     #[test]
     fn delete_after_insert_keeps_the_inserted_record_as_basis() {
         let mut e = Epoch::new();
-        e.add(key("tags", "9"), upsert(rec("tags", "t")), false);
-        e.add(key("tags", "9"), Op::Delete { basis: None }, false);
+        e.add(key("tags", "9"), upsert(rec("tags", "t")), Resend::Changed);
+        e.add(
+            key("tags", "9"),
+            Op::Delete { basis: None },
+            Resend::Changed,
+        );
         let entries = e.take_type(key("tags", "9").ty);
         assert_eq!(entries.len(), 1);
         match &entries[0].op {
@@ -294,8 +313,16 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // An insert after a delete is a plain upsert.
-        e.add(key("tags", "9"), Op::Delete { basis: None }, false);
-        e.add(key("tags", "9"), upsert(rec("tags", "back")), false);
+        e.add(
+            key("tags", "9"),
+            Op::Delete { basis: None },
+            Resend::Changed,
+        );
+        e.add(
+            key("tags", "9"),
+            upsert(rec("tags", "back")),
+            Resend::Changed,
+        );
         assert!(matches!(
             e.take_type(key("tags", "9").ty)[0].op,
             Op::Upsert { .. }
@@ -348,33 +375,38 @@ mod tests {
         ];
         for (old, new, want) in cases {
             let what = format!("{} then {}", kind(&old), kind(&new));
-            let (op, _) = merge(ty, (old, false), (new, false));
+            let (op, _) = merge(ty, (old, Resend::Changed), (new, Resend::Changed));
             assert_eq!(kind(&op), want, "{what}");
         }
         // The source's version is the one kept, by content too.
         let mut e = Epoch::new();
-        e.add(k.clone(), up(), false);
-        e.add(k.clone(), rp(), false);
+        e.add(k.clone(), up(), Resend::Changed);
+        e.add(k.clone(), rp(), Resend::Changed);
         let got = e.take_type(ty);
         assert_eq!(got.len(), 1);
         assert_eq!(name_of(&got[0]), Some(Json::Str("v2".into())));
         // A delete after a replay is not built from the replayed record
         // (it never reached Cobi).
-        let (op, _) = merge(ty, (rp(), false), (del(), false));
+        let (op, _) = merge(ty, (rp(), Resend::Changed), (del(), Resend::Changed));
         assert!(matches!(op, Op::Delete { basis: None }));
-        // force (snapshot --force) survives a newer source version.
-        let (_, force) = merge(ty, (up(), true), (up(), false));
-        assert!(force);
+        // force (snapshot --force) survives a newer source version, and a
+        // change is not demoted by a later re-read of the same row.
+        let (_, r) = merge(ty, (up(), Resend::Forced), (up(), Resend::Changed));
+        assert_eq!(r, Resend::Forced);
+        let (_, r) = merge(ty, (up(), Resend::Changed), (up(), Resend::Reread));
+        assert_eq!(r, Resend::Changed);
+        let (_, r) = merge(ty, (up(), Resend::Reread), (up(), Resend::Reread));
+        assert_eq!(r, Resend::Reread);
     }
 
     #[test]
     fn replaced_entries_give_their_bytes_back() {
         let mut e = Epoch::new();
         let k = key("tags", "1");
-        e.add(k.clone(), upsert(rec("tags", "x")), false);
+        e.add(k.clone(), upsert(rec("tags", "x")), Resend::Changed);
         let one = e.bytes();
         for _ in 0..100 {
-            e.add(k.clone(), upsert(rec("tags", "x")), false);
+            e.add(k.clone(), upsert(rec("tags", "x")), Resend::Changed);
         }
         assert_eq!(e.bytes(), one, "one key's versions count once");
         assert!(!e.is_full(usize::MAX, one + 1));
@@ -400,7 +432,7 @@ mod tests {
             e.add(
                 key("shops", &i.to_string()),
                 upsert(rec("shops", "x")),
-                false,
+                Resend::Changed,
             );
         }
         assert!(e.is_full(10, usize::MAX));

@@ -52,6 +52,7 @@ use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
 use crate::state::{Checkpoint, ImagePolicy, ReplicationCheckpoint, StateKey, StateStore};
 use client::ApiClient;
+pub use decide::Resend;
 
 /// Most keys of one type in an epoch.
 pub const EPOCH_RECORDS: usize = 10_000;
@@ -103,8 +104,9 @@ pub enum SinkItem {
         key: StateKey,
         /// The record, ready to send.
         record: Outbound,
-        /// Send even if unchanged (`snapshot --force`).
-        force: bool,
+        /// How an identical prior verdict is treated (a change, a re-read,
+        /// `snapshot --force`).
+        resend: Resend,
     },
     /// The source row was deleted: send a soft delete.
     Delete {
@@ -136,11 +138,16 @@ pub enum SinkItem {
 impl SinkItem {
     /// An upsert of a mapped record (validated and serialised now, on the
     /// caller's task).
-    pub fn upsert(key: StateKey, record: &Record, problems: Vec<Problem>, force: bool) -> SinkItem {
+    pub fn upsert(
+        key: StateKey,
+        record: &Record,
+        problems: Vec<Problem>,
+        resend: Resend,
+    ) -> SinkItem {
         SinkItem::Upsert {
             key,
             record: Outbound::new(record, problems),
-            force,
+            resend,
         }
     }
 
@@ -151,7 +158,7 @@ impl SinkItem {
     /// wrong kind is an error naming it.
     pub fn upsert_json(key: StateKey, json: &[u8]) -> Result<SinkItem, String> {
         let record = Record::from_json(key.ty, json)?;
-        Ok(SinkItem::upsert(key, &record, vec![], false))
+        Ok(SinkItem::upsert(key, &record, vec![], Resend::Changed))
     }
 }
 

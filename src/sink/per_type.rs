@@ -16,7 +16,7 @@ use tracing::{debug, trace, warn};
 use crate::model::schema::{schema, TypeId};
 use crate::model::validate::describe;
 use crate::ops::metrics::Metrics;
-use crate::sink::decide::{decide, delete_from, Decision, DeleteFrom, Origin};
+use crate::sink::decide::{decide, delete_from, Decision, DeleteFrom, Origin, Resend};
 use crate::sink::deliver::{cut_batches, deliver_batch, deliver_single, Outgoing};
 use crate::sink::epoch::{Entry, Op};
 use crate::sink::isolate::Verdict;
@@ -158,7 +158,12 @@ fn resolve(ty: TypeId, entries: Vec<Entry>, priors: Vec<Option<KeyState>>) -> Re
     let mut r = Resolved::default();
     for (entry, prior) in entries.into_iter().zip(priors) {
         let (out, origin) = match entry.op {
-            Op::Upsert { record } => (record, Origin::Source { force: entry.force }),
+            Op::Upsert { record } => (
+                record,
+                Origin::Source {
+                    resend: entry.resend,
+                },
+            ),
             Op::Replay { record, letter } => (record, Origin::Replay { letter }),
             Op::Delete { basis } => match delete_from(ty, basis, prior.as_ref()) {
                 // No soft delete for the type (interactions), or a key
@@ -185,7 +190,9 @@ fn resolve(ty: TypeId, entries: Vec<Entry>, priors: Vec<Option<KeyState>>) -> Re
                 }
                 Some(DeleteFrom::Record(rec)) => (
                     Outbound::new(&rec, Vec::new()),
-                    Origin::Source { force: false },
+                    Origin::Source {
+                        resend: Resend::Changed,
+                    },
                 ),
             },
         };
@@ -451,7 +458,7 @@ mod tests {
         Entry {
             key: key(k),
             op,
-            force: false,
+            resend: Resend::Changed,
         }
     }
 

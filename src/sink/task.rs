@@ -25,6 +25,7 @@ use crate::sink::client::ApiClient;
 use crate::sink::epoch::{Epoch, Op};
 use crate::sink::overlay::Overlay;
 use crate::sink::screen::Seen;
+use crate::sink::Resend;
 use crate::sink::{per_type, policy, Durable, SinkConfig, SinkItem, EPOCH_BYTES, EPOCH_RECORDS};
 use crate::state::{Checkpoint, StateError, StateKey, StateStore, TypeStats, Write};
 
@@ -219,14 +220,18 @@ async fn join<T>(h: &mut Option<tokio::task::JoinHandle<Option<T>>>) -> Option<T
 
 fn intake(shared: &Shared, open: &mut Epoch, item: SinkItem) {
     match item {
-        SinkItem::Upsert { key, record, force } => {
+        SinkItem::Upsert {
+            key,
+            record,
+            resend,
+        } => {
             shared
                 .metrics
                 .records_read
                 .get_or_create(&Metrics::ty(key.ty))
                 .inc();
             bump_read(shared, key.ty);
-            open.add(key, Op::Upsert { record }, force);
+            open.add(key, Op::Upsert { record }, resend);
         }
         SinkItem::Delete { key, basis } => {
             shared
@@ -235,14 +240,14 @@ fn intake(shared: &Shared, open: &mut Epoch, item: SinkItem) {
                 .get_or_create(&Metrics::ty(key.ty))
                 .inc();
             bump_read(shared, key.ty);
-            open.add(key, Op::Delete { basis }, false);
+            open.add(key, Op::Delete { basis }, Resend::Changed);
         }
         // Not a read from the source: not counted as one.
         SinkItem::Replay {
             key,
             record,
             letter,
-        } => open.add(key, Op::Replay { record, letter }, false),
+        } => open.add(key, Op::Replay { record, letter }, Resend::Changed),
         SinkItem::Mark(c) => open.mark(c),
         SinkItem::Flush => open.flush = true,
         SinkItem::Barrier(tx) => open.barrier(tx),

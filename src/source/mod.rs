@@ -56,7 +56,7 @@ pub fn mapped_items(t: &SourceTable, rows: Vec<Vec<Value>>) -> Vec<SinkItem> {
                 },
                 &mapped.record,
                 mapped.problems,
-                false,
+                crate::sink::Resend::Changed,
             )
         })
         .collect()

@@ -164,8 +164,8 @@ pub async fn run(
                 let mut items = mapped_items(t, batch);
                 if force {
                     for it in &mut items {
-                        if let SinkItem::Upsert { force, .. } = it {
-                            *force = true;
+                        if let SinkItem::Upsert { resend, .. } = it {
+                            *resend = crate::sink::Resend::Forced;
                         }
                     }
                 }

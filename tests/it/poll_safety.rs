@@ -411,3 +411,113 @@ async fn check_warns_about_a_cached_sequence_behind_an_integer_cursor() {
         "UTC and Etc/UTC are the same: {out}"
     );
 }
+
+/// Rows the API rejects (their shop is not at Cobi) are dead-lettered
+/// once, not re-sent by every later tick that reads them again unchanged:
+/// a table without a cursor (read in full every tick) and the lookback
+/// window of a cursor mapping.
+#[tokio::test]
+async fn rereads_do_not_resend_rejected_rows_every_tick() {
+    let db = Db::start().await;
+    db.exec(MERCHANT).await;
+    db.exec(
+        "CREATE TABLE outlet (id serial PRIMARY KEY, merchant_id uuid NOT NULL, \
+           label text NOT NULL, country text NOT NULL);
+         CREATE TABLE stand (id serial PRIMARY KEY, merchant_id uuid NOT NULL, \
+           label text NOT NULL, country text NOT NULL, \
+           modified_at timestamptz NOT NULL DEFAULT now());
+         ALTER SEQUENCE stand_id_seq RESTART 1000; -- its own branch ids
+         INSERT INTO merchant (id, trade_name, country)
+           VALUES ('00000000-0000-4000-8000-000000000001', 'Shop 1', 'gb');
+         INSERT INTO outlet (merchant_id, label, country) VALUES
+           ('00000000-0000-4000-8000-000000000001', 'Outlet good', 'gb'),
+           ('00000000-0000-4000-8000-0000000000ff', 'Outlet orphan', 'gb');
+         INSERT INTO stand (merchant_id, label, country) VALUES
+           ('00000000-0000-4000-8000-000000000001', 'Stand good', 'gb');
+         INSERT INTO stand (merchant_id, label, country) VALUES
+           ('00000000-0000-4000-8000-0000000000ff', 'Stand orphan', 'gb');",
+    )
+    .await;
+    let url = db
+        .least_privilege_url(false, &["public.merchant", "public.outlet", "public.stand"])
+        .await;
+    let m = mock().await;
+    let wd = Workdir::new();
+    let body = format!(
+        "{SHOPS}
+[[mapping]]
+type = \"branches\"
+table = \"public.outlet\"
+[mapping.fields]
+branch_id = {{ column = \"id\", transform = \"uuid5\" }}
+shop_id = \"merchant_id\"
+name = \"label\"
+region = {{ column = \"country\", transform = \"upper\" }}
+
+[[mapping]]
+type = \"branches\"
+table = \"public.stand\"
+cursor = \"modified_at\"
+[mapping.fields]
+branch_id = {{ column = \"id\", transform = \"uuid5\" }}
+shop_id = \"merchant_id\"
+name = \"label\"
+region = {{ column = \"country\", transform = \"upper\" }}
+"
+    );
+    let cfg = config(&wd, &url, &m.base_url(), &body, 500);
+    // `dlq list` asks the running daemon over its endpoint.
+    let (mut d, _) = Daemon::start_with_http(&cfg, &wd.path("daemon.log"), "info").await;
+    arrives(&m, "branches", "Outlet good", &d).await;
+    arrives(&m, "branches", "Stand good", &d).await;
+    wait_until(Duration::from_secs(30), "two dead letters", || {
+        let n = crate::common::dead_letters(&cfg).len();
+        async move { n == 2 }
+    })
+    .await;
+    let rejected = || {
+        m.stats()
+            .records_rejected
+            .get("branches")
+            .copied()
+            .unwrap_or(0)
+    };
+    let before = rejected();
+    assert!(before >= 2, "both orphans were sent and rejected: {before}");
+    // Two later ticks, each seen by a new row arriving: each read the
+    // whole outlet table and stand's lookback window again, orphans
+    // included.
+    for name in ["Outlet later 1", "Outlet later 2"] {
+        db.exec(&format!(
+            "INSERT INTO outlet (merchant_id, label, country) \
+             VALUES ('00000000-0000-4000-8000-000000000001', '{name}', 'gb');"
+        ))
+        .await;
+        arrives(&m, "branches", name, &d).await;
+    }
+    assert_eq!(
+        rejected(),
+        before,
+        "an unchanged rejected row was sent again by a re-read\n{}",
+        d.log_text()
+    );
+    let letters = crate::common::dead_letters(&cfg);
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for l in &letters {
+        assert_eq!(l["attempts"], 1, "{l}");
+    }
+    // A change of the row still sends it again (and, its shop still
+    // missing, it is rejected again).
+    db.exec("UPDATE outlet SET label = 'Outlet orphan v2' WHERE label = 'Outlet orphan';")
+        .await;
+    wait_until(
+        Duration::from_secs(30),
+        "the changed orphan re-sent",
+        || {
+            let n = rejected();
+            async move { n > before }
+        },
+    )
+    .await;
+    assert!(d.term().await.success(), "{}", d.log_text());
+}

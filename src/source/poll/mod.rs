@@ -47,7 +47,7 @@ use crate::mapping::engine::{source_key, MapContext};
 use crate::mapping::value::Value;
 use crate::model::validate::Problem;
 use crate::ops::health::Health;
-use crate::sink::{SinkHandle, SinkItem};
+use crate::sink::{Resend, SinkHandle, SinkItem};
 use crate::source::pg;
 use crate::source::reader::{RowStream, SetupError, SourceTable};
 use crate::source::{backoff_sleep, mapped_items, progress::Progress, SourceError};
@@ -544,6 +544,7 @@ impl PollSource {
         t: &SourceTable,
         sql: &str,
         progress: &mut Option<Progress>,
+        seen: &mut Seen,
     ) -> Result<(u64, Option<Position>), TickError> {
         let mut rows = RowStream::start(tx, sql, t.types()).await?;
         let mut n = 0u64;
@@ -564,7 +565,7 @@ impl PollSource {
             if let Some(p) = progress {
                 p.add(batch.len() as u64);
             }
-            self.send(items_of(t, batch, bad)).await?;
+            self.send(items_of(t, batch, bad, seen)).await?;
         }
         Ok((n, last))
     }
@@ -591,10 +592,13 @@ impl PollSource {
         // No lower bound at all (a bound said "every row"): from the first
         // row, not from the position.
         let mut after = from.as_ref().and(pm.position.clone());
+        // Rows up to the position at the start were read before: the
+        // lookback and the guard's windows are re-reads.
+        let mut seen = Seen::up_to(pm.position.clone(), true);
         let mut read = 0u64;
         loop {
             let sql = t.poll_page_sql(after.as_ref(), from.as_deref(), page);
-            let (n, last) = self.stream(tx, t, &sql, &mut progress).await?;
+            let (n, last) = self.stream(tx, t, &sql, &mut progress, &mut seen).await?;
             read += n;
             if let Some(pos) = last {
                 self.advance(pm.table.mapping.id.to_string(), &mut pm.position, &pos)
@@ -642,8 +646,16 @@ impl PollSource {
     ) -> Result<u64, TickError> {
         let t = &pm.table;
         let mut progress = Some(Progress::new(&t.mapping.label(), None));
+        // In key order: each row is compared with the position.
+        let mut seen = Seen::up_to(pm.position.clone(), false);
         let (n, _) = self
-            .stream(tx, t, &t.key_chunk_sql(None, None), &mut progress)
+            .stream(
+                tx,
+                t,
+                &t.key_chunk_sql(None, None),
+                &mut progress,
+                &mut seen,
+            )
             .await?;
         if let Some(p) = progress {
             p.finish();
@@ -682,7 +694,8 @@ impl PollSource {
                 }
                 n += batch.len();
                 after = batch.last().map(|r| t.position_of(r).key);
-                self.send(items_of(t, batch, bad)).await?;
+                // No cursor: nothing tells a change from a re-read.
+                self.send(items_of(t, batch, bad, &mut Seen::All)).await?;
             }
             read += n as u64;
             if let Some(p) = &mut progress {
@@ -707,7 +720,9 @@ impl PollSource {
     ) -> Result<(), TickError> {
         let t = &pm.table;
         if t.cursor.is_some() {
-            let (n, _) = self.stream(tx, t, &t.null_cursor_sql(), &mut None).await?;
+            let (n, _) = self
+                .stream(tx, t, &t.null_cursor_sql(), &mut None, &mut Seen::All)
+                .await?;
             if n > 0 {
                 debug!(mapping = %t.mapping.label(), rows = n, "re-read rows with a NULL cursor");
             }
@@ -811,43 +826,98 @@ fn position_mismatch(
     None
 }
 
+/// Which rows of a read the poller has read before (DESIGN.md §4.5): a
+/// re-read of a row is [`Resend::Reread`] — identical to its dead letter,
+/// it is not sent again every tick — while a row past the saved position
+/// is a change.
+enum Seen {
+    /// Every row was read before (no cursor, NULL-cursor rows).
+    All,
+    /// Rows at or below this position were read before; `None`: none
+    /// (a first read). `ordered`: rows come in `(cursor, key)` order, so
+    /// once one is past the position every later one is.
+    UpTo {
+        position: Option<Position>,
+        ordered: bool,
+    },
+}
+
+impl Seen {
+    fn up_to(position: Option<Position>, ordered: bool) -> Seen {
+        Seen::UpTo { position, ordered }
+    }
+
+    fn resend(&mut self, t: &SourceTable, row: &[Value]) -> Resend {
+        match self {
+            Seen::All => Resend::Reread,
+            Seen::UpTo { position: None, .. } => Resend::Changed,
+            Seen::UpTo {
+                position: Some(p),
+                ordered,
+            } => {
+                if t.position_of(row).cmp_values(p).is_gt() {
+                    if *ordered {
+                        *self = Seen::up_to(None, true);
+                    }
+                    Resend::Changed
+                } else {
+                    Resend::Reread
+                }
+            }
+        }
+    }
+}
+
 /// Rows to sink items; rows that failed to decode become dead letters
 /// naming why (the rest of the record as far as it mapped).
-fn items_of(t: &SourceTable, rows: Vec<Vec<Value>>, bad: Vec<(usize, String)>) -> Vec<SinkItem> {
-    if bad.is_empty() {
-        return mapped_items(t, rows);
-    }
+fn items_of(
+    t: &SourceTable,
+    rows: Vec<Vec<Value>>,
+    bad: Vec<(usize, String)>,
+    seen: &mut Seen,
+) -> Vec<SinkItem> {
+    let resends: Vec<Resend> = rows.iter().map(|r| seen.resend(t, r)).collect();
     let reasons: std::collections::HashMap<usize, String> = bad.into_iter().collect();
-    rows.into_iter()
-        .enumerate()
-        .map(|(i, row)| {
-            let mapped = t.compiled.map_row(&row);
-            let mut problems = mapped.problems;
-            if let Some(r) = reasons.get(&i) {
-                warn!(mapping = %t.mapping.label(), reason = %r, "a source row could not be decoded; it is kept as a dead letter (see `cobi-sync dlq list`) and read again when it changes");
-                problems.insert(
-                    0,
-                    Problem {
-                        field: "source row".into(),
-                        reason: format!(
-                            "could not be decoded ({r}); fix the value (or the database encoding) \
-                             and the row is read again when it changes"
-                        ),
+    let mut items = if reasons.is_empty() {
+        mapped_items(t, rows)
+    } else {
+        rows.into_iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let mapped = t.compiled.map_row(&row);
+                let mut problems = mapped.problems;
+                if let Some(r) = reasons.get(&i) {
+                    warn!(mapping = %t.mapping.label(), reason = %r, "a source row could not be decoded; it is kept as a dead letter (see `cobi-sync dlq list`) and read again when it changes");
+                    problems.insert(
+                        0,
+                        Problem {
+                            field: "source row".into(),
+                            reason: format!(
+                                "could not be decoded ({r}); fix the value (or the database \
+                                 encoding) and the row is read again when it changes"
+                            ),
+                        },
+                    );
+                }
+                SinkItem::upsert(
+                    StateKey {
+                        ty: t.mapping.ty,
+                        mapping: t.mapping.id.clone(),
+                        source_key: t.compiled.source_key(&row),
                     },
-                );
-            }
-            SinkItem::upsert(
-                StateKey {
-                    ty: t.mapping.ty,
-                    mapping: t.mapping.id.clone(),
-                    source_key: t.compiled.source_key(&row),
-                },
-                &mapped.record,
-                problems,
-                false,
-            )
-        })
-        .collect()
+                    &mapped.record,
+                    problems,
+                    Resend::Changed,
+                )
+            })
+            .collect()
+    };
+    for (item, r) in items.iter_mut().zip(resends) {
+        if let SinkItem::Upsert { resend, .. } = item {
+            *resend = r;
+        }
+    }
+    items
 }
 
 #[derive(Debug)]

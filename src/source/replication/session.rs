@@ -24,7 +24,7 @@ use crate::model::schema::schema;
 use crate::model::validate::Problem;
 use crate::ops::health::Health;
 use crate::ops::metrics::{Metrics, TypeLabel};
-use crate::sink::{SinkHandle, SinkItem};
+use crate::sink::{Resend, SinkHandle, SinkItem};
 use crate::source::pg;
 use crate::source::progress::Progress;
 use crate::source::reader::{SetupError, SourceTable};

@@ -176,7 +176,7 @@ impl Replicator {
                     reason: e.clone(),
                 };
                 let key = self.state_key(m.table, sk);
-                let item = SinkItem::upsert(key, &Record::new(ty), vec![problem], false);
+                let item = SinkItem::upsert(key, &Record::new(ty), vec![problem], Resend::Changed);
                 return self.push(item).await;
             }
         };
@@ -192,7 +192,7 @@ impl Replicator {
             key,
             &mapped.record,
             mapped.problems,
-            false,
+            Resend::Changed,
         ))
         .await
     }

@@ -296,6 +296,10 @@ fn upsert_of(
         },
         &mapped.record,
         mapped.problems,
-        force,
+        if force {
+            Resend::Forced
+        } else {
+            Resend::Changed
+        },
     )
 }
