@@ -35,27 +35,25 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::Settings;
 use crate::model::schema::{schema, TypeId};
 use crate::ops::health::Health;
+use crate::ops::live::Live;
 use crate::ops::metrics::Metrics;
 use crate::ops::{dlq, status};
-use crate::sink::SinkHandle;
 use crate::state::StateStore;
 
 /// What the handlers need.
 #[derive(Clone)]
 pub struct AppState {
-    /// Settings.
-    pub settings: Arc<Settings>,
+    /// The settings in force and the running sink (a SIGHUP may replace
+    /// both).
+    pub live: Arc<Live>,
     /// The state store.
     pub store: Arc<dyn StateStore>,
     /// Health flags.
     pub health: Arc<Health>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// The running sink (for replay).
-    pub sink: SinkHandle,
     /// The endpoint token the protected routes require; `None` refuses
     /// them all.
     pub token: Option<Arc<str>>,
@@ -219,9 +217,10 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    let types: Vec<TypeId> = s.settings.mappings.iter().map(|m| m.ty).collect();
+    let settings = s.live.settings();
+    let types: Vec<TypeId> = settings.mappings.iter().map(|m| m.ty).collect();
     let dead = s.store.dead_letter_counts().unwrap_or_default();
-    s.metrics.refresh(&dead, &types, &s.settings.state.dir);
+    s.metrics.refresh(&dead, &types, &settings.state.dir);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -242,7 +241,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 async fn status_handler(State(s): State<AppState>) -> Response {
     let h = s.health.report();
-    let (settings, store) = (s.settings.clone(), s.store.clone());
+    let (settings, store) = (s.live.settings(), s.store.clone());
     match blocking(move || status::build(&settings, store.as_ref(), Some(&h))).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
@@ -266,7 +265,15 @@ async fn dlq_replay(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Re
         Ok(t) => t,
         Err(r) => return *r,
     };
-    match dlq::replay(s.store.clone(), &s.sink, ty).await {
+    let Some(sink) = s.live.sink() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pipeline is restarting to apply a reloaded configuration; try again in a few \
+             seconds\n",
+        )
+            .into_response();
+    };
+    match dlq::replay(s.store.clone(), &sink, ty).await {
         Ok(r) => {
             info!(
                 replayed = r.replayed,

@@ -350,11 +350,13 @@ region = { column = "country", transform = "upper" }
         std::sync::Arc::new(cobi_sync::state::MemoryStore::new());
     let pipeline = cobi_sync::daemon::Pipeline::start(&settings, store.clone()).unwrap();
     let state = cobi_sync::ops::http::AppState {
-        settings: std::sync::Arc::new(settings),
+        live: cobi_sync::ops::live::Live::new(
+            std::sync::Arc::new(settings),
+            Some(pipeline.sink.clone()),
+        ),
         store,
         health: pipeline.health.clone(),
         metrics: pipeline.metrics.clone(),
-        sink: pipeline.sink.clone(),
         token: Some(TOKEN.into()),
     };
     (pipeline, state)
@@ -583,12 +585,12 @@ async fn sighup_applies_the_log_level_and_keeps_running() {
         async move { n == 5 }
     })
     .await;
-    // debug, and a batch size that needs a restart.
+    // debug, and a poll page size that needs a restart.
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(
         &cfg,
         text.replace("level = \"info\"", "level = \"debug\"")
-            .replace("[batch]\n", "[batch]\nmax_records = 100\n"),
+            .replace("page_size = 500", "page_size = 100"),
     )
     .unwrap();
     let lines_before = d.log_text().lines().count();
@@ -614,7 +616,7 @@ async fn sighup_applies_the_log_level_and_keeps_running() {
     );
     let log = d.log_text();
     assert!(
-        log.contains("SIGHUP: batch changed but cannot change while running"),
+        log.contains("SIGHUP: source.poll changed but cannot change while running"),
         "{log}"
     );
     assert!(

@@ -1130,11 +1130,10 @@ async fn store_calls_run_off_the_async_workers() {
     let port = free_port();
     let stop = tokio_util::sync::CancellationToken::new();
     let state = cobi_sync::ops::http::AppState {
-        settings: Arc::new(settings.clone()),
+        live: cobi_sync::ops::live::Live::new(Arc::new(settings.clone()), Some(p.sink.clone())),
         store: dyn_store.clone(),
         health: p.health.clone(),
         metrics: p.metrics.clone(),
-        sink: p.sink.clone(),
         token: Some("t0ken".into()),
     };
     let server = cobi_sync::ops::http::serve(

@@ -503,6 +503,7 @@ impl Replicator {
         };
         self.reference = PgSnapshot::parse(&snap_text);
         let result = loop {
+            crate::ops::heartbeat::tick();
             if self.in_tx.is_none() && self.pending.is_none() {
                 match self.snapshot_remaining() {
                     Some(i) => {
