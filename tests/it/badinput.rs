@@ -2,6 +2,9 @@
 //! mappings (exit 2 with a message), and property tests ("fuzzing") of the
 //! configuration loader and the mapping engine. The pgoutput decoder and
 //! the value decoders have their own property tests next to their code.
+//! Bad rows end to end: rows the daemon or the API must reject become
+//! exactly the dead letters, against an API that names failing records and
+//! one that does not (`--opaque-errors`), and everything else arrives.
 //!
 //! CI runs the default number of cases; a longer run:
 //! `PROPTEST_CASES=100000 cargo test --release never_panic` (all fuzz targets).
@@ -12,7 +15,10 @@ use cobi_sync::config::load_str;
 use cobi_sync::mapping::engine::{Column, CompiledMapping, MapContext};
 use cobi_sync::mapping::value::{oid, PgType, Value};
 
-use crate::common::run_cli;
+use std::time::Duration;
+
+use crate::common::{dead_letters, mock, mock_opaque, run_cli, wait_until, Daemon, Workdir};
+use crate::partner::{self, wait_in_sync_except};
 
 const BASE: &str = r#"
 [source]
@@ -250,4 +256,139 @@ proptest! {
             let _ = m.source_key(&row);
         }
     }
+}
+
+/// Three shops with an invalid region (the daemon dead-letters them) and,
+/// for each, children the API must reject because their shop is unknown:
+/// two branches, an offer, a transaction, a shop-category, a favourite.
+const REJECTED_ROWS: &str = "
+INSERT INTO merchant (trade_name, country) SELECT 'Rejected ' || g, 'germany' FROM generate_series(1, 3) g;
+INSERT INTO outlet (merchant_id, label, country)
+  SELECT m.id, 'Orphan ' || m.id || '/' || g, 'gb' FROM merchant m, generate_series(1, 2) g WHERE m.country = 'germany';
+INSERT INTO promo (merchant_id, title, kind, amount, country, outlet_ids)
+  SELECT m.id, 'Orphan promo', 'fixed', 5, 'gb', ARRAY(SELECT o.id FROM outlet o WHERE o.merchant_id = m.id)
+  FROM merchant m WHERE m.country = 'germany';
+INSERT INTO purchase (merchant_id, country, total) SELECT id, 'gb', 9.5 FROM merchant WHERE country = 'germany';
+INSERT INTO merchant_genre (merchant_id, genre_id, country) SELECT id, 1, 'gb' FROM merchant WHERE country = 'germany';
+INSERT INTO favourite (member_id, merchant_id) SELECT 1, id FROM merchant WHERE country = 'germany';
+";
+
+/// How the oracle names the rejected rows.
+async fn rejected_labels(
+    settings: &cobi_sync::config::Settings,
+    client: &tokio_postgres::Client,
+) -> std::collections::BTreeSet<String> {
+    let bad = "SELECT id FROM merchant WHERE country = 'germany'";
+    let mut out = std::collections::BTreeSet::new();
+    for (ty, sql) in [
+        ("shops", bad.to_string()),
+        (
+            "branches",
+            format!("SELECT id FROM outlet WHERE merchant_id IN ({bad})"),
+        ),
+        (
+            "offers",
+            format!("SELECT id FROM promo WHERE merchant_id IN ({bad})"),
+        ),
+        (
+            "transactions",
+            format!("SELECT id FROM purchase WHERE merchant_id IN ({bad})"),
+        ),
+        (
+            "shop-categories",
+            format!("SELECT id FROM merchant_genre WHERE merchant_id IN ({bad})"),
+        ),
+        (
+            "student-favourites",
+            format!("SELECT id FROM favourite WHERE merchant_id IN ({bad})"),
+        ),
+    ] {
+        out.extend(partner::uuid5_labels(settings, client, ty, &sql).await);
+    }
+    out
+}
+
+/// The rejected rows are dead letters, each with its reason; nothing else
+/// is missing, different or extra at the mock.
+async fn rejected_rows_end_as_exactly_the_dead_letters(mode: &str, opaque: bool) {
+    let db = partner::start_db(60).await;
+    db.exec(REJECTED_ROWS).await;
+    let wd = Workdir::new();
+    let mock = if opaque {
+        mock_opaque().await
+    } else {
+        mock().await
+    };
+    let cfg = wd.config(&db.url(), &mock.base_url(), mode, partner::MAPPINGS);
+    let settings = cobi_sync::config::load(&cfg).unwrap();
+    let client = db.client().await;
+    let absent = rejected_labels(&settings, &client).await;
+    assert_eq!(absent.len(), 21);
+    let (d, _) = Daemon::start_with_http(&cfg, &wd.path("daemon.log"), "info").await;
+    wait_in_sync_except(
+        &settings,
+        &client,
+        &mock,
+        Duration::from_secs(120),
+        &d.log,
+        &absent,
+    )
+    .await;
+    // The rejected rows are absent from the start: the positive signal
+    // is their dead letters (the orphans may still be on their way).
+    wait_until(
+        Duration::from_secs(60),
+        "every rejected row dead-lettered",
+        || {
+            let done = dead_letters(&cfg).len() >= absent.len();
+            async move { done }
+        },
+    )
+    .await;
+    // Whether the orphans reached the API (and got a 207/400 naming them,
+    // or not) or were held back by the daemon, the outcome is the same.
+    println!(
+        "badinput/{mode} opaque={opaque}: {} records rejected by the API, answers {:?}",
+        mock.stats().records_rejected.values().sum::<u64>(),
+        mock.stats().requests_by_status
+    );
+    let rows = dead_letters(&cfg);
+    drop(d);
+    let letters: std::collections::BTreeSet<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["type"].as_str().unwrap(),
+                r["cobi_key"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    assert_eq!(
+        letters,
+        absent,
+        "dead letters (type key: reason): {:#?}",
+        rows.iter()
+            .map(|r| format!("{} {}: {}", r["type"], r["cobi_key"], r["reason"]))
+            .collect::<Vec<_>>()
+    );
+    for r in &rows {
+        let reason = r["reason"].as_str().unwrap_or_default();
+        assert!(!reason.is_empty(), "a dead letter without a reason: {r}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_rows_end_as_dead_letters_replication_naming_api() {
+    rejected_rows_end_as_exactly_the_dead_letters("replication", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_rows_end_as_dead_letters_replication_opaque_api() {
+    rejected_rows_end_as_exactly_the_dead_letters("replication", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_rows_end_as_dead_letters_poll_opaque_api() {
+    rejected_rows_end_as_exactly_the_dead_letters("poll", true).await;
 }

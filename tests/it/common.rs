@@ -107,6 +107,26 @@ pub async fn mock_opaque() -> MockServer {
     .expect("start mock api")
 }
 
+/// Starts the mock API in `--opaque-errors` mode with faults.
+pub async fn mock_opaque_with(
+    fail: f64,
+    throttle: f64,
+    drop: f64,
+    latency: Duration,
+) -> MockServer {
+    MockServer::start(MockOptions {
+        fail_rate: fail,
+        throttle_rate: throttle,
+        drop_rate: drop,
+        latency,
+        seed: 7,
+        opaque_errors: true,
+        ..MockOptions::local(API_KEY)
+    })
+    .await
+    .expect("start mock api")
+}
+
 /// Starts the mock API with faults.
 pub async fn mock_with(fail: f64, throttle: f64, drop: f64, latency: Duration) -> MockServer {
     MockServer::start(MockOptions {
@@ -246,13 +266,21 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM and wait for the exit status (with a deadline).
-    pub fn term(&mut self) -> std::process::ExitStatus {
+    /// SIGTERM and wait for the exit status (deadline 20 s). Waits
+    /// asynchronously, so that an in-process mock API keeps answering the
+    /// requests the daemon finishes while it shuts down.
+    pub async fn term(&mut self) -> std::process::ExitStatus {
+        self.term_timed().await.0
+    }
+
+    /// [`Daemon::term`], also returning how long the exit took.
+    pub async fn term_timed(&mut self) -> (std::process::ExitStatus, Duration) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let asked = Instant::now();
+        let deadline = asked + Duration::from_secs(20);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
+                return (s, asked.elapsed());
             }
             if Instant::now() > deadline {
                 self.kill9();
@@ -261,8 +289,43 @@ impl Daemon {
                     self.log_text()
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Starts the daemon with its HTTP endpoint on a free port of
+    /// 127.0.0.1 (log level `level`); returns it and the port once
+    /// `/healthz` answers. When the port was taken meanwhile (the daemon
+    /// exits naming `http.listen`), tries another.
+    pub async fn start_with_http(config: &Path, log: &Path, level: &str) -> (Daemon, u16) {
+        let original = std::fs::read_to_string(config).unwrap();
+        for _ in 0..5 {
+            let port = free_port();
+            std::fs::write(config, &original).unwrap();
+            with_http(config, port, level);
+            let mut d = Daemon::start(config, log);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if !d.is_running() {
+                    let text = d.log_text();
+                    if text.contains("http.listen") && text.contains(&port.to_string()) {
+                        break; // taken meanwhile: another port
+                    }
+                    panic!("the daemon exited at start\n{text}");
+                }
+                if reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+                    .await
+                    .is_ok()
+                {
+                    return (d, port);
+                }
+                if Instant::now() > deadline {
+                    panic!("no /healthz on port {port} after 60 s\n{}", d.log_text());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        panic!("could not start the daemon's HTTP endpoint on 5 ports in a row")
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -300,6 +363,30 @@ where
     }
 }
 
+/// Records that part or all of the current test could not run here: prints
+/// `SKIPPED: <test>: <why>` on the real stderr (not captured, so it shows
+/// in every run) and appends the line to the file named by
+/// `COBI_TEST_SKIPS` when set. `.ci/run` sets it and fails when any test
+/// skipped: CI (root, every tool installed) runs everything. The caller
+/// returns (or leaves out the part) right after.
+pub fn skip(why: &str) {
+    use std::io::Write as _;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("(unnamed test)")
+        .to_string();
+    let line = format!("SKIPPED: {test}: {why}");
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+    if let Some(path) = std::env::var_os("COBI_TEST_SKIPS") {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("COBI_TEST_SKIPS={path:?}: {e}"));
+        writeln!(f, "{line}").unwrap();
+    }
+}
+
 /// Runs the binary to completion; returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(bin());
@@ -315,6 +402,23 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     )
 }
 
+/// `cobi-sync dlq list --json` for this config: through the running
+/// daemon's endpoint when it has one, else from the state dir.
+pub fn dead_letters(config: &Path) -> Vec<serde_json::Value> {
+    let (code, out, err) = run_cli(
+        &[
+            "dlq",
+            "list",
+            "--json",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "dlq list: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("dlq list --json: {e}: {out}"))
+}
+
 /// Lines of a log file containing `needle`.
 pub fn log_lines(path: &Path, needle: &str) -> Vec<String> {
     let Ok(f) = std::fs::File::open(path) else {
@@ -327,13 +431,35 @@ pub fn log_lines(path: &Path, needle: &str) -> Vec<String> {
         .collect()
 }
 
-/// A TCP port free on 127.0.0.1 right now.
+/// A TCP port free on 127.0.0.1 right now, and not handed out before by
+/// this process. Ports come from below the kernel's ephemeral range
+/// (32768+), where port-0 binds and outgoing connections of every test
+/// (and of other processes on the machine) take theirs, starting at an
+/// offset derived from the process id, so concurrent test processes
+/// rarely meet. A process that binds it later can still lose a race with
+/// another program: [`Daemon::start_with_http`] retries on "address in
+/// use".
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 97) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free TCP port on 127.0.0.1 between {LOW} and {}",
+        LOW + SPAN
+    )
 }
 
 /// Turns on the config's HTTP endpoint on `port`, with log level `level`.

@@ -168,7 +168,7 @@ async fn a_mapping_added_later_is_published_and_snapshotted_while_streaming() {
         async move { n == 15 }
     })
     .await;
-    assert!(d.term().success());
+    assert!(d.term().await.success());
     assert!(mock.records("courses").is_empty());
     let client = db.client().await;
     assert_eq!(published(&client).await, 0);

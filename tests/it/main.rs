@@ -17,6 +17,7 @@ mod partner;
 mod poll;
 mod poll_safety;
 mod replication;
+mod shaped;
 mod sink;
 mod sink_edges;
 mod snapshot;

@@ -553,6 +553,36 @@ pub async fn uuid5_labels(
         .collect()
 }
 
+/// A cheap necessary condition for being in sync: for every type, the
+/// mock holds at least as many records as the source has rows, short of
+/// at most `slack` records in all (the expected dead letters). Lets a wait
+/// loop skip the full comparison while a big delivery is under way.
+pub async fn counts_reached(
+    settings: &Settings,
+    client: &tokio_postgres::Client,
+    mock: &MockServer,
+    slack: usize,
+) -> bool {
+    let mut want: BTreeMap<String, u64> = BTreeMap::new();
+    for m in &settings.mappings {
+        let q = query_for(m);
+        let n: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {}", q.from), &[])
+            .await
+            .unwrap_or_else(|e| panic!("counting {}: {e}", q.from))
+            .get(0);
+        *want
+            .entry(facts(q.id.split('/').next().unwrap()).name.clone())
+            .or_default() += n as u64;
+    }
+    let stored = mock.stats().stored;
+    let short: u64 = want
+        .iter()
+        .map(|(t, n)| n.saturating_sub(stored.get(t).copied().unwrap_or(0)))
+        .sum();
+    short <= slack as u64
+}
+
 /// What the mock holds, read from the exact text it stored.
 pub fn actual(mock: &MockServer) -> Holdings {
     let mut out = Holdings::default();

@@ -389,7 +389,7 @@ pub async fn wait_in_sync(
     timeout: std::time::Duration,
     log: &std::path::Path,
 ) -> Diff {
-    wait(settings, client, mock, timeout, log, Diff::is_clean).await
+    wait(settings, client, mock, timeout, log, 0, Diff::is_clean).await
 }
 
 /// As [`wait_in_sync`], for tests that kill the daemon or drop connections:
@@ -408,6 +408,7 @@ pub async fn wait_in_sync_at_least_once(
         mock,
         timeout,
         log,
+        0,
         Diff::is_clean_at_least_once,
     )
     .await
@@ -425,14 +426,22 @@ pub async fn wait_in_sync_except(
     log: &std::path::Path,
     absent: &std::collections::BTreeSet<String>,
 ) -> Diff {
-    wait(settings, client, mock, timeout, log, |d: &Diff| {
-        let missing: std::collections::BTreeSet<String> = d.missing.iter().cloned().collect();
-        missing == *absent
-            && missing.len() == d.missing.len()
-            && d.different.is_empty()
-            && d.extra.is_empty()
-            && d.duplicates.is_empty()
-    })
+    wait(
+        settings,
+        client,
+        mock,
+        timeout,
+        log,
+        absent.len(),
+        |d: &Diff| {
+            let missing: std::collections::BTreeSet<String> = d.missing.iter().cloned().collect();
+            missing == *absent
+                && missing.len() == d.missing.len()
+                && d.different.is_empty()
+                && d.extra.is_empty()
+                && d.duplicates.is_empty()
+        },
+    )
     .await
 }
 
@@ -447,28 +456,42 @@ pub async fn uuid5_labels(
     oracle::uuid5_labels(settings, client, ty, values_sql).await
 }
 
+/// Polls until `clean` holds for the comparison of the source with the
+/// mock. The full comparison runs only once the mock holds enough records
+/// (short of at most `slack`), and the pause between rounds grows with
+/// what a round costs, so that the oracle never takes more than about a
+/// third of the machine from the daemon under test.
 async fn wait(
     settings: &Settings,
     client: &tokio_postgres::Client,
     mock: &MockServer,
     timeout: std::time::Duration,
     log: &std::path::Path,
+    slack: usize,
     clean: impl Fn(&Diff) -> bool,
 ) -> Diff {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let d = compare(&expected(settings, client).await, &actual(mock));
-        if clean(&d) {
-            return d;
+        let round = std::time::Instant::now();
+        if oracle::counts_reached(settings, client, mock, slack).await {
+            let d = compare(&expected(settings, client).await, &actual(mock));
+            if clean(&d) {
+                return d;
+            }
         }
         if std::time::Instant::now() > deadline {
+            let d = compare(&expected(settings, client).await, &actual(mock));
+            if clean(&d) {
+                return d;
+            }
             panic!(
                 "not in sync after {timeout:?}: {}\n--- daemon log tail ---\n{}",
                 d.report(),
                 tail(&std::fs::read_to_string(log).unwrap_or_default(), 60)
             );
         }
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let pause = (round.elapsed() * 2).max(std::time::Duration::from_millis(300));
+        tokio::time::sleep(pause).await;
     }
 }
 

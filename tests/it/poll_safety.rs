@@ -228,7 +228,7 @@ name = \"label\"
     arrives(&m, "shops", "Shop after", &d).await;
     arrives(&m, "tags", "Tag after", &d).await;
     assert_eq!(m.records("shops").len(), 10);
-    assert!(d.term().success(), "{}", d.log_text());
+    assert!(d.term().await.success(), "{}", d.log_text());
     let (code, out, err) = run_cli(
         &["dlq", "list", "--json", "--config", cfg.to_str().unwrap()],
         &[],
@@ -256,7 +256,7 @@ async fn a_cursor_changed_between_runs_starts_the_mapping_over() {
     let log = wd.path("daemon.log");
     let mut d = Daemon::start(&cfg, &log);
     arrives(&m, "shops", "Shop 30", &d).await;
-    assert!(d.term().success(), "{}", d.log_text());
+    assert!(d.term().await.success(), "{}", d.log_text());
 
     let body = SHOPS.replace("cursor = \"modified_at\"", "cursor = \"version\"");
     let cfg = config(&wd, &url, &m.base_url(), &body, 7);

@@ -55,7 +55,7 @@ async fn snapshot_then_stream_all_types() {
         .collect();
     assert_eq!(deleted.len(), 1, "{deleted:?}");
     assert!(deleted[0].get("amount").is_some() && deleted[0].get("shop_id").is_some());
-    assert!(d.term().success(), "{}", d.log_text());
+    assert!(d.term().await.success(), "{}", d.log_text());
     if std::env::var_os("COBI_TEST_SHOW_LOG").is_some() {
         eprintln!("{}", d.log_text());
     }

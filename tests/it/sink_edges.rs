@@ -491,14 +491,11 @@ async fn nothing_is_posted_without_a_key() {
         sink.barrier().await.unwrap();
     });
     let health = p.health.clone();
-    wait_until(
-        Duration::from_secs(20),
-        "the api reported not ready",
-        || {
-            let r = health.report();
-            async move { !r.api_ready }
-        },
-    )
+    // `api_ready` is false before the first attempt too: wait for the reason.
+    wait_until(Duration::from_secs(20), "the api reported no key", || {
+        let r = health.report();
+        async move { !r.api_ready && r.last_api_error.is_some() }
+    })
     .await;
     let why = p.health.report().last_api_error.unwrap_or_default();
     assert!(why.contains("no API key"), "{why}");
@@ -734,7 +731,9 @@ async fn paused_until_the_url_is_fixed(wrong: Wrong) {
         Wrong::LoginPage => (
             Fake::LoginPage,
             vec!["HTTP 200".to_string(), "<!DOCTYPE html>".to_string()],
-            "instead of",
+            // Both the sink's pause and the daemon's reachability probe
+            // say so (whichever answered last is shown).
+            "Cobi Data API",
         ),
     };
     let api = FakeApi::start(fake).await;
@@ -784,7 +783,7 @@ async fn paused_until_the_url_is_fixed(wrong: Wrong) {
         "nothing may reach the API"
     );
     assert_eq!(mock.stats().requests_by_status.values().sum::<u64>(), 0);
-    assert!(d.term().success(), "{}", d.log_text());
+    assert!(d.term().await.success(), "{}", d.log_text());
     let (code, out, err) = run_cli(
         &["status", "--json", "--config", cfg.to_str().unwrap()],
         &[],
@@ -822,7 +821,7 @@ async fn paused_until_the_url_is_fixed(wrong: Wrong) {
             ("During".into(), "US".into())
         ]
     );
-    assert!(d.term().success());
+    assert!(d.term().await.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -955,7 +954,7 @@ async fn a_dead_letter_is_resent_when_its_row_changes_after_its_parent_arrived()
         async move { n == 0 }
     })
     .await;
-    assert!(d.term().success());
+    assert!(d.term().await.success());
 }
 
 const THIRTY_DIGITS: &str = "12345678901234567890.1234567890";
@@ -1035,7 +1034,7 @@ async fn a_thirty_digit_numeric_survives_replay_and_soft_delete() {
             .any(|b| b.contains(&exact) && b.contains("\"is_deleted\":true")),
         "the soft delete lost digits: {deletes:?}"
     );
-    assert!(d.term().success());
+    assert!(d.term().await.success());
 }
 
 // ---- blocking store calls stay off the async workers -----------------------

@@ -88,7 +88,7 @@ async fn replication_slot_loss_is_reported_and_snapshot_recovers() {
     let client = db.client().await;
     let mut d = Daemon::start(&cfg, &wd.path("d1.log"));
     wait_in_sync(&settings, &client, &mock, Duration::from_secs(60), &d.log).await;
-    assert!(d.term().success());
+    assert!(d.term().await.success());
     // Someone drops the slot; changes happen meanwhile.
     client
         .batch_execute("SELECT pg_drop_replication_slot('cobi_test');")
@@ -184,7 +184,7 @@ async fn a_200k_row_transaction_is_streamed_in_bounded_memory() {
     let peak = vm_hwm_kib(d.child.id()).unwrap();
     let mut d = d;
     if std::env::var_os("COBI_TEST_WRAP").is_some() {
-        d.term();
+        d.term().await;
     }
     // Buffering the transaction would take at least its records' JSON.
     let json_mb = 200_000 * 330 / (1 << 20);
