@@ -189,7 +189,7 @@ async fn sighup_applies_batch_size_and_mapping_changes_by_restarting_the_pipelin
         "every row sent exactly once: {stats:?}"
     );
     assert!(d.is_running(), "{}", d.log_text());
-    assert!(d.term().success(), "{}", d.log_text());
+    assert!(d.term().await.success(), "{}", d.log_text());
 }
 
 /// Reads every datagram waiting on `sock`; returns how many were watchdog
@@ -284,5 +284,5 @@ async fn a_stalled_source_stops_the_watchdog_pings() {
     locker.batch_execute("ROLLBACK;").await.unwrap();
     wait_for_log(&d, "every task moves again", Duration::from_secs(30)).await;
     wait_for_ping(&sock, &d, Duration::from_secs(20)).await;
-    assert!(d.term().success(), "{}", d.log_text());
+    assert!(d.term().await.success(), "{}", d.log_text());
 }
