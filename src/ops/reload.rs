@@ -14,8 +14,8 @@
 //!   daemon drains the running pipeline exactly as on SIGTERM (the source
 //!   stops reading, the sink delivers and commits what it holds), then
 //!   starts source and sink again with the new settings from the durable
-//!   progress. Added and changed mappings are first checked against the
-//!   database ([`preflight`]); if they do not fit, the mapping changes are
+//!   progress. Added, changed and removed mappings are first checked
+//!   against the database ([`preflight`]); if they do not fit, the mapping changes are
 //!   reported and not applied (the running mappings stay), the rest is;
 //! - needing a real restart (everything else: the database, the mode, the
 //!   state dir, the endpoint, slot and publication names, poll schedule…):
@@ -334,7 +334,7 @@ pub async fn settle(mut rebuild: Rebuild, current: &Settings) -> Option<Settings
     let d = &rebuild.mappings;
     if !d.is_empty() {
         let to_check: Vec<MappingSettings> = d.added.iter().chain(&d.changed).cloned().collect();
-        if let Err(problems) = preflight::check(&rebuild.next, &to_check).await {
+        if let Err(problems) = preflight::check(&rebuild.next, &to_check, &d.removed).await {
             for p in &problems {
                 error!(problem = %p, "SIGHUP: mapping change not applied: {p}");
             }

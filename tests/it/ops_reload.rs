@@ -59,6 +59,21 @@ fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|s| s.to_string()).collect()
 }
 
+/// Waits until the API holds `n` shops; panics with the daemon's log after
+/// `timeout`.
+async fn wait_shops(mock: &cobi_sync::mock_api::MockServer, d: &Daemon, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while mock.records("shops").len() != n {
+        assert!(
+            Instant::now() < deadline,
+            "{} shops, not {n}, after 60 s:\n{}",
+            mock.records("shops").len(),
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn hup(d: &Daemon) {
     unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
 }
@@ -284,5 +299,137 @@ async fn a_stalled_source_stops_the_watchdog_pings() {
     locker.batch_execute("ROLLBACK;").await.unwrap();
     wait_for_log(&d, "every task moves again", Duration::from_secs(30)).await;
     wait_for_ping(&sock, &d, Duration::from_secs(20)).await;
+    assert!(d.term().await.success(), "{}", d.log_text());
+}
+
+/// A second table of shops (ids from 1001, so its keys never meet the
+/// merchants').
+const OUTLETS: &str = "CREATE TABLE outlet (id int PRIMARY KEY, trade_name text NOT NULL, country text NOT NULL);
+INSERT INTO outlet VALUES (1001, 'Outlet 1', 'gb'), (1002, 'Outlet 2', 'gb'), (1003, 'Outlet 3', 'gb');";
+
+const OUTLET_MAPPING: &str = r#"
+[[mapping]]
+type = "shops"
+table = "public.outlet"
+[mapping.fields]
+shop_id = { column = "id", transform = "uuid5" }
+name = "trade_name"
+region = { column = "country", transform = "upper" }
+"#;
+
+/// Replication mode under the least-privilege role, whose publication the
+/// owner manages: a mapping added or removed before the owner changed the
+/// publication is refused with the statement to run (the daemon keeps
+/// delivering); once done, a mapping added by SIGHUP starts with a copy of
+/// its table and then streams its changes, and a mapping removed is no
+/// longer sent while the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_and_removes_mappings() {
+    let db = Db::start().await;
+    db.exec(TABLE).await;
+    db.exec(OUTLETS).await;
+    let url = db.least_privilege_url(true, &["merchant", "outlet"]).await;
+    db.publication("cobi_test", &["merchant"]).await;
+    let mock = mock().await;
+    let wd = Workdir::new();
+    let cfg = wd.config(&url, &mock.base_url(), "replication", MAPPING);
+    let mut d = Daemon::start(&cfg, &wd.path("daemon.log"));
+    wait_shops(&mock, &d, 5).await;
+    let restarts = |d: &Daemon| log_lines(&d.log, "SIGHUP: pipeline restarted").len();
+
+    // Added before the owner published the table: refused, with the fix.
+    let refusals = |d: &Daemon| log_lines(&d.log, "the mapping changes were not applied").len();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{text}\n{OUTLET_MAPPING}")).unwrap();
+    hup(&d);
+    wait_until(Duration::from_secs(60), "the addition refused", || {
+        let n = refusals(&d);
+        async move { n == 1 }
+    })
+    .await;
+    assert!(
+        !log_lines(
+            &d.log,
+            r#"ALTER PUBLICATION "cobi_test" ADD TABLE "public"."outlet""#
+        )
+        .is_empty(),
+        "{}",
+        d.log_text()
+    );
+    assert!(d.is_running(), "{}", d.log_text());
+    // Added once published: its rows are copied, then its changes stream.
+    db.exec("ALTER PUBLICATION cobi_test ADD TABLE outlet;")
+        .await;
+    hup(&d);
+    wait_until(Duration::from_secs(60), "the pipeline restarted", || {
+        let n = restarts(&d);
+        async move { n == 1 }
+    })
+    .await;
+    wait_shops(&mock, &d, 8).await;
+    db.exec(
+        "INSERT INTO outlet VALUES (1004, 'Outlet 4', 'gb'); \
+         INSERT INTO merchant (trade_name, label, country) VALUES ('Shop 6', 'x', 'gb');",
+    )
+    .await;
+    wait_shops(&mock, &d, 10).await;
+    let mut want: Vec<String> = (1..=6).map(|i| format!("Shop {i}")).collect();
+    want.extend((1..=4).map(|i| format!("Outlet {i}")));
+    assert_eq!(names(&mock), want.iter().cloned().collect::<BTreeSet<_>>());
+
+    // Removed while still published: refused, with the fix.
+    std::fs::write(&cfg, &text).unwrap();
+    hup(&d);
+    wait_until(Duration::from_secs(60), "the removal refused", || {
+        let n = refusals(&d);
+        async move { n == 2 }
+    })
+    .await;
+    assert!(
+        !log_lines(
+            &d.log,
+            r#"ALTER PUBLICATION "cobi_test" DROP TABLE "public"."outlet""#
+        )
+        .is_empty(),
+        "{}",
+        d.log_text()
+    );
+    assert!(d.is_running(), "{}", d.log_text());
+    // Removed once unpublished: its changes are no longer sent; the
+    // merchants' still are.
+    db.exec("ALTER PUBLICATION cobi_test DROP TABLE outlet;")
+        .await;
+    hup(&d);
+    wait_until(
+        Duration::from_secs(60),
+        "the pipeline restarted again",
+        || {
+            let n = restarts(&d);
+            async move { n == 2 }
+        },
+    )
+    .await;
+    assert!(!log_lines(&d.log, "SIGHUP: mapping removed").is_empty());
+    db.exec(
+        "BEGIN; INSERT INTO outlet VALUES (1005, 'Outlet 5', 'gb'); \
+         INSERT INTO merchant (trade_name, label, country) VALUES ('Shop 7', 'x', 'gb'); COMMIT;",
+    )
+    .await;
+    wait_until(Duration::from_secs(60), "Shop 7 delivered", || {
+        let found = names(&mock).contains("Shop 7");
+        async move { found }
+    })
+    .await;
+    assert!(
+        !names(&mock).contains("Outlet 5"),
+        "a removed mapping was sent:\n{}",
+        d.log_text()
+    );
+    let stats = mock.stats();
+    assert_eq!(
+        stats.records_accepted.get("shops"),
+        Some(&11),
+        "every row sent once: {stats:?}"
+    );
     assert!(d.term().await.success(), "{}", d.log_text());
 }

@@ -12,7 +12,11 @@
 //!   then does. A least-privilege role cannot change a publication the
 //!   owner created: the check then names the statement for the owner to
 //!   run (`ALTER PUBLICATION … ADD TABLE …`), after which a reload applies
-//!   the mapping.
+//!   the mapping;
+//! - replication mode, removed mappings: the source drops a table no
+//!   longer mapped from the publication, which a least-privilege role
+//!   cannot do; the check names `ALTER PUBLICATION … DROP TABLE …` for the
+//!   owner instead of letting the new source stop the daemon.
 //!
 //! Read-only, bounded by [`TIMEOUT`]: a database that does not answer
 //! leaves the mappings as they are.
@@ -31,13 +35,17 @@ use crate::source::SourceError;
 /// The longest the check may take.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Checks `mappings` (the added and changed ones) for `settings`' source;
-/// returns every problem found, each saying what to do.
-pub async fn check(settings: &Settings, mappings: &[MappingSettings]) -> Result<(), Vec<String>> {
-    if mappings.is_empty() {
+/// Checks `mappings` (the added and changed ones) and `removed` for
+/// `settings`' source; returns every problem found, each saying what to do.
+pub async fn check(
+    settings: &Settings,
+    mappings: &[MappingSettings],
+    removed: &[MappingSettings],
+) -> Result<(), Vec<String>> {
+    if mappings.is_empty() && removed.is_empty() {
         return Ok(());
     }
-    match tokio::time::timeout(TIMEOUT, check_now(settings, mappings)).await {
+    match tokio::time::timeout(TIMEOUT, check_now(settings, mappings, removed)).await {
         Ok(r) => r,
         Err(_) => Err(vec![format!(
             "the source database did not answer the checks of the new mappings within {} s; \
@@ -47,7 +55,11 @@ pub async fn check(settings: &Settings, mappings: &[MappingSettings]) -> Result<
     }
 }
 
-async fn check_now(settings: &Settings, mappings: &[MappingSettings]) -> Result<(), Vec<String>> {
+async fn check_now(
+    settings: &Settings,
+    mappings: &[MappingSettings],
+    removed: &[MappingSettings],
+) -> Result<(), Vec<String>> {
     let client = pg::connect(&settings.source).await.map_err(|e| {
         vec![format!(
             "cannot connect to the source database to check the new mappings: {}; reload again \
@@ -93,6 +105,38 @@ async fn check_now(settings: &Settings, mappings: &[MappingSettings]) -> Result<
                         pg::explain(&e, &settings.source.url)
                     )),
                 }
+            }
+        }
+        for m in removed {
+            let source = format!("{:?}", m.source);
+            let still_mapped = settings
+                .mappings
+                .iter()
+                .any(|n| format!("{:?}", n.source) == source);
+            // A table that no longer resolves is not the publication's
+            // problem (a dropped table leaves it).
+            let Ok(t) = SourceTable::resolve(&client, m, ctx).await else {
+                continue;
+            };
+            let Some(info) = &t.table else { continue };
+            match removal_blocked(&client, publication, info, still_mapped).await {
+                Ok(false) => {}
+                Ok(true) => problems.push(format!(
+                    "{} (removed): table {}.{} stays in publication {} and role {} cannot drop                      it (that takes owning both the publication and the table); ask the                      database owner to run: ALTER PUBLICATION {} DROP TABLE {}.{}; then reload                      again (systemctl reload cobi-sync)",
+                    m.label(),
+                    quote_ident(&info.schema),
+                    quote_ident(&info.name),
+                    quote_ident(publication),
+                    settings.source.url.user,
+                    quote_ident(publication),
+                    quote_ident(&info.schema),
+                    quote_ident(&info.name),
+                )),
+                Err(e) => problems.push(format!(
+                    "{} (removed): reading publication {publication}: {}",
+                    m.label(),
+                    pg::explain(&e, &settings.source.url)
+                )),
             }
         }
     }
@@ -153,6 +197,43 @@ pub fn gap(published: bool, exists: bool, owns_publication: bool, owns_table: bo
     }
 }
 
+/// The removal rule: the source would drop a table from the publication
+/// when the publication names it (`named`, not `FOR ALL TABLES`) and no
+/// remaining mapping reads it; it can only when the role owns both.
+pub fn cannot_unpublish(
+    named: bool,
+    still_mapped: bool,
+    owns_publication: bool,
+    owns_table: bool,
+) -> bool {
+    named && !still_mapped && !(owns_publication && owns_table)
+}
+
+async fn removal_blocked(
+    client: &Client,
+    publication: &str,
+    table: &TableInfo,
+    still_mapped: bool,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication_rel pr \
+                            JOIN pg_publication p ON p.oid = pr.prpubid \
+                            WHERE p.pubname = $1 AND pr.prrelid = $2), \
+                    COALESCE((SELECT pg_has_role(pubowner, 'USAGE') FROM pg_publication \
+                              WHERE pubname = $1), false), \
+                    (SELECT pg_has_role(relowner, 'USAGE') FROM pg_class WHERE oid = $2)",
+            &[&publication, &table.oid],
+        )
+        .await?;
+    Ok(cannot_unpublish(
+        row.get(0),
+        still_mapped,
+        row.get(1),
+        row.get::<_, Option<bool>>(2).unwrap_or(false),
+    ))
+}
+
 /// Whether `publication` streams `table` (`pg_publication_tables` also
 /// covers `FOR ALL TABLES` and `FOR TABLES IN SCHEMA`), or the source can
 /// make it do so.
@@ -198,6 +279,22 @@ mod tests {
         ];
         for ((p, e, op, ot), want) in cases {
             assert_eq!(gap(p, e, op, ot), want, "{p} {e} {op} {ot}");
+        }
+    }
+
+    #[test]
+    fn when_a_removed_mapping_cannot_leave_the_publication() {
+        // (named, still mapped, owns publication, owns table) → blocked
+        let cases = [
+            ((false, false, false, false), false),
+            ((true, true, false, false), false),
+            ((true, false, true, true), false),
+            ((true, false, true, false), true),
+            ((true, false, false, true), true),
+            ((true, false, false, false), true),
+        ];
+        for ((n, s, op, ot), want) in cases {
+            assert_eq!(cannot_unpublish(n, s, op, ot), want, "{n} {s} {op} {ot}");
         }
     }
 
