@@ -15,8 +15,9 @@
 //!   stops reading, the sink delivers and commits what it holds), then
 //!   starts source and sink again with the new settings from the durable
 //!   progress. Added, changed and removed mappings are first checked
-//!   against the database ([`preflight`]); if they do not fit, the mapping changes are
-//!   reported and not applied (the running mappings stay), the rest is;
+//!   against the database ([`preflight`]); if they do not fit, the
+//!   mapping changes are reported and not applied (the running mappings
+//!   stay), the rest is;
 //! - needing a real restart (everything else: the database, the mode, the
 //!   state dir, the endpoint, slot and publication names, poll schedule…):
 //!   reported with a WARN each; the old values stay in force.
