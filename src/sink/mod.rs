@@ -140,6 +140,22 @@ impl SinkItem {
             force,
         }
     }
+
+    /// An upsert of a record given as JSON text (an object of Cobi field
+    /// names), parsed for `key.ty` with every number kept exactly as
+    /// written. For callers that know the JSON they want sent (tests, tools)
+    /// and do not build [`Record`]s; an unknown field or a value of the
+    /// wrong kind is an error naming it.
+    pub fn upsert_json(key: StateKey, json: &[u8]) -> Result<SinkItem, String> {
+        let record = Record::from_json(key.ty, json)?;
+        Ok(SinkItem::upsert(key, &record, vec![], false))
+    }
+}
+
+/// The id of the Cobi type called `name` (as in the URL, or an alias such
+/// as `interactions`); `None` for a name the API does not have.
+pub fn type_id(name: &str) -> Option<crate::state::TypeId> {
+    crate::model::schema::schema().type_id(name)
 }
 
 /// The sink task has stopped.

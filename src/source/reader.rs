@@ -694,3 +694,88 @@ pub enum ReadError {
     #[error("{0}")]
     Decode(String),
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::pgtemp::PgTemp;
+
+    /// A `timestamp` cursor written in America/New_York wall-clock time
+    /// goes back an hour at the autumn fall-back. For every tick around
+    /// the transition, every row stamped (with the writer's `now()`) after
+    /// the previous observation's clock reading must lie inside the tick's
+    /// window ([`SourceTable::bound_sql`]), as a real PostgreSQL compares
+    /// them; the old window (last position minus `lookback`) misses the
+    /// repeated hour.
+    #[tokio::test]
+    async fn a_timestamp_cursor_window_covers_the_repeated_autumn_hour() {
+        let pg = PgTemp::start().await.expect("start PostgreSQL");
+        let db = pg.create_database(None).await.expect("create database");
+        let client = pg.connect(&db).await.expect("connect");
+        client
+            .batch_execute(
+                "CREATE TABLE merchant (id int PRIMARY KEY, trade_name text NOT NULL, \
+                   country text NOT NULL, modified_at timestamp NOT NULL);",
+            )
+            .await
+            .unwrap();
+        let settings = crate::config::load_str(
+            &format!(
+                "[source]\nurl = \"{}\"\nmode = \"poll\"\ntimezone = \"America/New_York\"\n\
+                 [api]\nbase_url = \"http://127.0.0.1:1\"\n\
+                 [[mapping]]\ntype = \"shops\"\ntable = \"public.merchant\"\n\
+                 cursor = \"modified_at\"\n[mapping.fields]\n\
+                 shop_id = {{ column = \"id\", transform = \"uuid5\" }}\n\
+                 name = \"trade_name\"\nregion = {{ column = \"country\", transform = \"upper\" }}\n",
+                pg.url(&db)
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        let ctx = MapContext::from_settings(&settings);
+        let t = SourceTable::resolve(&client, &settings.mappings[0], ctx)
+            .await
+            .unwrap();
+        let lookback = Duration::from_secs(2);
+        // Fall-back: 2024-11-03 06:00:00Z is 02:00 EDT → 01:00 EST.
+        let transition = 1_730_613_600i64 * 1_000_000;
+        let sec = 1_000_000i64;
+        let mut misses_of_the_old_window = 0;
+        for clock in (-4000..4000).step_by(250).map(|s| transition + s * sec) {
+            let bound = Bound::Instant(clock - (lookback.as_micros() as i64) - sec);
+            let from = t.bound_sql(&bound, "America/New_York").unwrap();
+            // Rows whose transaction started after the observation, stamped
+            // with New York wall clock, and the newest row read before it.
+            for stamp in (0..120).step_by(7).map(|s| clock + s * sec) {
+                let at = |m: i64| format!("to_timestamp({m}::float8 / 1e6)");
+                let row = client
+                    .query_one(
+                        &format!(
+                            "SELECT ({stamp} AT TIME ZONE 'America/New_York') >= {from}, \
+                                    ({stamp} AT TIME ZONE 'America/New_York') >= \
+                                    ({prev} AT TIME ZONE 'America/New_York') - interval '2 seconds'",
+                            stamp = at(stamp),
+                            prev = at(clock - sec),
+                        ),
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                let (inside, old_inside): (bool, bool) = (row.get(0), row.get(1));
+                assert!(
+                    inside,
+                    "clock {clock}, stamp {stamp}: outside the window {from}"
+                );
+                if !old_inside {
+                    misses_of_the_old_window += 1;
+                }
+            }
+        }
+        assert!(
+            misses_of_the_old_window > 0,
+            "the old window should miss the repeated hour"
+        );
+    }
+}

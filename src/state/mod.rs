@@ -29,7 +29,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::schema::{schema, TypeId};
+use crate::model::schema::schema;
+/// The id of a Cobi record type (see [`crate::sink::type_id`]), as keys
+/// and statistics carry it.
+pub use crate::model::schema::TypeId;
 
 pub use memory::MemoryStore;
 pub use sled_store::SledStore;

@@ -177,6 +177,10 @@ struct RawType {
 
 #[derive(serde::Deserialize)]
 struct RawField {
+    #[serde(rename = "type")]
+    ty: serde_json::Value,
+    #[serde(default)]
+    format: Option<String>,
     #[serde(default)]
     required: bool,
     #[serde(default)]
@@ -185,6 +189,23 @@ struct RawField {
     references: Option<String>,
     #[serde(default, rename = "enum")]
     enumeration: Option<Vec<Option<String>>>,
+}
+
+/// One field of a record type, as schema.json states it.
+#[derive(Debug)]
+pub struct FieldFacts {
+    pub name: String,
+    /// `string`, `number`, `boolean`, or `integer|string`.
+    pub ty: String,
+    pub format: Option<String>,
+    pub required: bool,
+    /// The allowed values, when the field has an enumeration (`None`
+    /// listed as `null`).
+    pub enumeration: Option<Vec<Option<String>>>,
+    /// The types it references (`shops.shop_id` → `shops`; one per
+    /// alternative of a polymorphic reference), types schema.json defines
+    /// only.
+    pub references: Vec<String>,
 }
 
 /// What the oracle needs to know of one record type.
@@ -199,6 +220,8 @@ pub struct TypeFacts {
     /// Fields that may be sent as `null`.
     pub nullable: BTreeSet<String>,
     pub has_is_deleted: bool,
+    /// Every field, by name.
+    pub fields: Vec<FieldFacts>,
 }
 
 /// The record types of schema.json (the API contract).
@@ -207,6 +230,7 @@ pub fn contract() -> &'static [TypeFacts] {
     C.get_or_init(|| {
         let raw: RawContract =
             serde_json::from_str(include_str!("../../src/model/schema.json")).unwrap();
+        let known: BTreeSet<String> = raw.types.keys().cloned().collect();
         raw.types
             .into_iter()
             .map(|(name, t)| {
@@ -240,6 +264,32 @@ pub fn contract() -> &'static [TypeFacts] {
                         .map(|(k, _)| k.clone())
                         .collect(),
                     has_is_deleted: t.fields.contains_key("is_deleted"),
+                    fields: t
+                        .fields
+                        .iter()
+                        .map(|(fname, f)| FieldFacts {
+                            name: fname.clone(),
+                            ty: match &f.ty {
+                                serde_json::Value::String(s) => s.clone(),
+                                serde_json::Value::Array(a) => a
+                                    .iter()
+                                    .filter_map(|v| v.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join("|"),
+                                other => panic!("schema.json: {name}.{fname}: type {other}"),
+                            },
+                            format: f.format.clone(),
+                            required: f.required,
+                            enumeration: f.enumeration.clone(),
+                            references: f
+                                .references
+                                .iter()
+                                .flat_map(|r| r.split('|'))
+                                .map(|r| r.split('.').next().unwrap_or(r).to_string())
+                                .filter(|t| known.contains(t))
+                                .collect(),
+                        })
+                        .collect(),
                     name,
                 }
             })
@@ -321,6 +371,18 @@ pub struct Holdings {
 }
 
 impl Holdings {
+    /// Holdings of hand-written records: `(type name or alias, JSON
+    /// object text)`. Panics on text that is not a JSON object.
+    pub fn of_records<'a>(records: impl IntoIterator<Item = (&'a str, String)>) -> Holdings {
+        let mut out = Holdings::default();
+        for (ty, text) in records {
+            let t = facts(ty);
+            let r = parse_record(&text).unwrap_or_else(|e| panic!("expected {ty}: {e}"));
+            out.types.entry(t.name.clone()).or_default().add(t, r);
+        }
+        out
+    }
+
     /// The holding of a type (name or alias); empty if none.
     pub fn of(&self, ty: &str) -> TypeHolding {
         self.types.get(&facts(ty).name).cloned().unwrap_or_default()

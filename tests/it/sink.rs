@@ -1,18 +1,18 @@
 //! The sink and API client against the real mock API over HTTP: ordering,
 //! faults, bisection, key rotation, local validation.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cobi_sync::config::{load_str, Settings};
 use cobi_sync::daemon::Pipeline;
-use cobi_sync::model::record::{Json, Record};
-use cobi_sync::model::schema::{schema, FieldType, Format, Reference, TypeId};
-use cobi_sync::sink::SinkItem;
+use serde_json::{json, Map, Value};
+
+use cobi_sync::sink::{type_id, SinkItem};
 use cobi_sync::state::{MemoryStore, StateKey, StateStore};
 
 use crate::common::{mock, mock_with, Workdir, API_KEY};
+use crate::oracle::{self, Holdings};
 
 fn settings(wd: &Workdir, api: &str, extra: &str) -> Settings {
     let key = wd.path("api-key");
@@ -42,122 +42,128 @@ name = "name"
     load_str(&text, "sink.toml").unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn uuid(ty: TypeId, i: usize) -> String {
+fn uuid(ty: &str, i: usize) -> String {
     uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("{ty}:{i}").as_bytes())
         .hyphenated()
         .to_string()
 }
 
+/// One generated record: its type (as in the URL), state key and JSON
+/// object.
+#[derive(Clone)]
+struct Gen {
+    ty: &'static str,
+    key: StateKey,
+    record: Map<String, Value>,
+}
+
+/// The type a polymorphic `item_id` references for an `item_type` (the
+/// API documentation's table).
+fn item_target(item_type: &str) -> &'static str {
+    match item_type {
+        "TAG" => "tags",
+        "OFFER" => "offers",
+        "SHOP" => "shops",
+        "KEYWORD" => "keywords",
+        other => panic!("no item_type {other}"),
+    }
+}
+
+/// How deep a type sits below the types it references (0: references
+/// none), from schema.json's references.
+fn depth(ty: &str) -> usize {
+    oracle::facts(ty)
+        .fields
+        .iter()
+        .flat_map(|f| &f.references)
+        .filter(|p| p.as_str() != ty)
+        .map(|p| 1 + depth(p))
+        .max()
+        .unwrap_or(0)
+}
+
 /// `n` valid records of every type, each referencing existing parents,
-/// generated from the schema alone.
-fn generate(n: usize) -> Vec<(StateKey, Record)> {
-    let s = schema();
+/// generated from the facts of schema.json alone (the oracle's reader, not
+/// the product's model); parents' types first, as a source hands them
+/// over.
+fn generate(n: usize) -> Vec<Gen> {
+    let mut types: Vec<&oracle::TypeFacts> = oracle::contract().iter().collect();
+    types.sort_by_key(|t| depth(&t.name));
     let mut out = Vec::new();
-    for (ty, t) in s.types.iter().enumerate() {
-        let ty = ty as TypeId;
+    for t in types {
         for i in 0..n {
-            let mut r = Record::new(ty);
-            // Discriminator first (item_type), so item_id can follow it.
             let item_type = ["TAG", "OFFER", "SHOP", "KEYWORD"][i % 4];
-            for (fi, f) in t.fields.iter().enumerate() {
-                let fi = fi as u8;
-                let v = match &f.reference {
-                    Some(Reference::To { ty: p, .. }) => {
-                        Some(Json::Str(uuid(*p, (i * 7) % n).into()))
-                    }
-                    Some(Reference::ByField { targets, .. }) => {
-                        let p = targets.iter().find(|(v, _)| v == item_type).unwrap().1;
-                        Some(Json::Str(uuid(p, (i * 3) % n).into()))
-                    }
-                    None if t.key.contains(&fi) => Some(Json::Str(uuid(ty, i).into())),
-                    None if f.name == "item_type" => Some(Json::Str(item_type.into())),
-                    None if !f.required => None,
-                    None => Some(match (f.ty, f.format, &f.enumeration) {
-                        (_, _, Some(e)) => Json::Str(e[0].clone().unwrap().into()),
-                        (_, Some(Format::Uuid), _) => Json::Str(uuid(200, i).into()),
-                        (_, Some(Format::CountryCode), _) => Json::Str("GB".into()),
-                        (FieldType::Number, _, _) => Json::Num(format!("{}.25", 1 + i % 90).into()),
-                        (FieldType::IntegerOrString, _, _) => {
-                            Json::Int(1_700_000_000_000 + i as i64)
-                        }
-                        (FieldType::Boolean, _, _) => Json::Bool(i % 2 == 0),
-                        _ => Json::Str(format!("{} {i} Zoë", t.name).into()),
-                    }),
+            let mut r = Map::new();
+            for f in &t.fields {
+                let v = if f.name == "item_id" {
+                    Some(json!(uuid(item_target(item_type), (i * 3) % n)))
+                } else if let Some(p) = f.references.first() {
+                    Some(json!(uuid(p, (i * 7) % n)))
+                } else if t.key.contains(&f.name) {
+                    Some(json!(uuid(&t.name, i)))
+                } else if f.name == "item_type" {
+                    Some(json!(item_type))
+                } else if !f.required {
+                    None
+                } else if let Some(e) = &f.enumeration {
+                    Some(json!(e[0].clone().unwrap()))
+                } else {
+                    Some(match (f.ty.as_str(), f.format.as_deref()) {
+                        (_, Some("uuid")) => json!(uuid("other", i)),
+                        (_, Some("country-code")) => json!("GB"),
+                        (_, Some("date-time")) => json!("2024-01-02T03:04:05Z"),
+                        (_, Some("date")) => json!("2024-01-02"),
+                        ("number", _) => json!(1.25 + (i % 90) as f64),
+                        ("integer|string", _) => json!(1_700_000_000_000 + i as i64),
+                        ("boolean", _) => json!(i % 2 == 0),
+                        _ => json!(format!("{} {i} Zoë", t.name)),
+                    })
                 };
                 if let Some(v) = v {
-                    r.set(fi, v);
+                    r.insert(f.name.clone(), v);
                 }
             }
-            out.push((
-                StateKey {
-                    ty,
+            out.push(Gen {
+                ty: &t.name,
+                key: StateKey {
+                    ty: type_id(&t.name).unwrap(),
                     mapping: format!("{}/gen", t.name).into(),
                     source_key: i.to_string(),
                 },
-                r,
-            ));
+                record: r,
+            });
         }
     }
     out
 }
 
-fn upsert(k: StateKey, r: Record) -> SinkItem {
-    SinkItem::upsert(k, &r, vec![], false)
+fn upsert(g: &Gen) -> SinkItem {
+    let text = Value::Object(g.record.clone()).to_string();
+    SinkItem::upsert_json(g.key.clone(), text.as_bytes())
+        .unwrap_or_else(|e| panic!("{}: {e}: {text}", g.ty))
 }
 
-/// Records at the mock, by type, as canonical JSON texts.
-fn at_mock(mock: &cobi_sync::mock_api::MockServer) -> BTreeMap<String, Vec<String>> {
-    let mut out = BTreeMap::new();
-    for t in &schema().types {
-        let ty = schema().type_id(&t.name).unwrap();
-        let mut v: Vec<String> = mock
-            .records(&t.name)
-            .into_iter()
-            .map(|mut j| {
-                j.as_object_mut().unwrap().remove("id");
-                let r = Record::from_json(ty, j.to_string().as_bytes()).unwrap();
-                String::from_utf8(r.to_json()).unwrap()
-            })
-            .collect();
-        v.sort();
-        // Interactions have no key: a request dropped after the API applied
-        // it is re-sent and stored twice (at-least-once, no idempotency key).
-        v.dedup();
-        out.insert(t.name.clone(), v);
-    }
-    out
-}
-
-/// Asserts two per-type record sets are equal, printing a short diff.
-fn assert_same(got: &BTreeMap<String, Vec<String>>, want: &BTreeMap<String, Vec<String>>) {
-    for (t, w) in want {
-        let g = got.get(t).cloned().unwrap_or_default();
-        if &g != w {
-            let missing: Vec<&String> = w.iter().filter(|x| !g.contains(x)).take(3).collect();
-            let extra: Vec<&String> = g.iter().filter(|x| !w.contains(x)).take(3).collect();
-            panic!(
-                "{t}: mock holds {} records, {} were sent\nmissing (first 3): {missing:?}\nextra (first 3): {extra:?}",
-                g.len(),
-                w.len()
-            );
-        }
-    }
-}
-
-fn sent(records: &[(StateKey, Record)]) -> BTreeMap<String, Vec<String>> {
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for t in &schema().types {
-        out.insert(t.name.clone(), vec![]);
-    }
-    for (k, r) in records {
-        out.get_mut(&schema().ty(k.ty).name)
-            .unwrap()
-            .push(String::from_utf8(r.to_json()).unwrap());
-    }
-    for v in out.values_mut() {
-        v.sort();
-    }
-    out
+/// Asserts the mock holds exactly the generated records (interactions
+/// stored more than once are allowed when `at_least_once`: a request
+/// dropped after the API applied it is re-sent, and interactions have no
+/// key).
+fn assert_delivered(mock: &cobi_sync::mock_api::MockServer, records: &[Gen], at_least_once: bool) {
+    let want = Holdings::of_records(
+        records
+            .iter()
+            .map(|g| (g.ty, Value::Object(g.record.clone()).to_string())),
+    );
+    let diff = oracle::compare(&want, &oracle::actual(mock));
+    let clean = if at_least_once {
+        diff.is_clean_at_least_once()
+    } else {
+        diff.is_clean()
+    };
+    assert!(
+        clean,
+        "the mock differs from what was sent:\n{}",
+        diff.report()
+    );
 }
 
 #[tokio::test]
@@ -170,10 +176,9 @@ async fn fifty_thousand_records_out_of_order_arrive_parents_first() {
     let mut records = generate(50_000 / 15 + 1);
     // Children first: the reverse of the upload order, shuffled within.
     records.reverse();
-    let items: Vec<SinkItem> = records.iter().cloned().map(|(k, r)| upsert(k, r)).collect();
-    for chunk in items.chunks(1000) {
+    for chunk in records.chunks(1000) {
         p.sink
-            .send(chunk.iter().map(clone_item).collect())
+            .send(chunk.iter().map(upsert).collect())
             .await
             .unwrap();
     }
@@ -183,21 +188,10 @@ async fn fifty_thousand_records_out_of_order_arrive_parents_first() {
         stats.reference_failures, 0,
         "a child was sent before its parent"
     );
-    assert_same(&at_mock(&mock), &sent(&records));
+    assert_delivered(&mock, &records, false);
     assert!(store.dead_letters(None).unwrap().is_empty());
     assert!(records.len() >= 50_000);
     p.drain(Duration::from_secs(5)).await;
-}
-
-fn clone_item(i: &SinkItem) -> SinkItem {
-    match i {
-        SinkItem::Upsert { key, record, force } => SinkItem::Upsert {
-            key: key.clone(),
-            record: record.clone(),
-            force: *force,
-        },
-        _ => unreachable!(),
-    }
 }
 
 #[tokio::test]
@@ -214,7 +208,7 @@ async fn faults_lose_nothing_and_dead_letter_nothing() {
     let records = generate(200);
     for chunk in records.chunks(500) {
         p.sink
-            .send(chunk.iter().cloned().map(|(k, r)| upsert(k, r)).collect())
+            .send(chunk.iter().map(upsert).collect())
             .await
             .unwrap();
     }
@@ -237,7 +231,7 @@ async fn faults_lose_nothing_and_dead_letter_nothing() {
             > 0,
         "{stats:?}"
     );
-    assert_same(&at_mock(&mock), &sent(&records));
+    assert_delivered(&mock, &records, true);
     assert!(store.dead_letters(None).unwrap().is_empty());
     assert_eq!(stats.reference_failures, 0);
     p.drain(Duration::from_secs(5)).await;
@@ -250,35 +244,20 @@ async fn three_bad_of_a_thousand_are_isolated_with_few_requests() {
     let settings = settings(&wd, &mock.base_url(), "");
     let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
     let p = Pipeline::start(&settings, store.clone()).unwrap();
-    let s = schema();
-    let shops = s.type_id("shops").unwrap();
-    let branches = s.type_id("branches").unwrap();
+    let branches = type_id("branches").unwrap();
     let all = generate(1000);
-    let shop_items: Vec<SinkItem> = all
-        .iter()
-        .filter(|(k, _)| k.ty == shops)
-        .cloned()
-        .map(|(k, r)| upsert(k, r))
-        .collect();
+    let shop_items: Vec<SinkItem> = all.iter().filter(|g| g.ty == "shops").map(upsert).collect();
     p.sink.send(shop_items).await.unwrap();
     p.sink.barrier().await.unwrap();
     let before: u64 = mock.stats().requests_by_status.values().sum();
-    let mut branch_recs: Vec<(StateKey, Record)> =
-        all.into_iter().filter(|(k, _)| k.ty == branches).collect();
-    let shop_field = s.ty(branches).field("shop_id").unwrap();
+    let mut branch_recs: Vec<Gen> = all.into_iter().filter(|g| g.ty == "branches").collect();
     for i in [17, 500, 911] {
         branch_recs[i]
-            .1
-            .set(shop_field, Json::Str(uuid(shops, 999_999 + i).into()));
+            .record
+            .insert("shop_id".into(), json!(uuid("shops", 999_999 + i)));
     }
     p.sink
-        .send(
-            branch_recs
-                .iter()
-                .cloned()
-                .map(|(k, r)| upsert(k, r))
-                .collect(),
-        )
+        .send(branch_recs.iter().map(upsert).collect())
         .await
         .unwrap();
     p.sink.barrier().await.unwrap();
@@ -311,9 +290,7 @@ async fn a_wrong_key_pauses_and_a_rotated_key_resumes() {
     let sink = p.sink.clone();
     let recs = records.clone();
     let barrier = tokio::spawn(async move {
-        sink.send(recs.into_iter().map(|(k, r)| upsert(k, r)).collect())
-            .await
-            .unwrap();
+        sink.send(recs.iter().map(upsert).collect()).await.unwrap();
         sink.barrier().await.unwrap();
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -342,7 +319,7 @@ async fn a_wrong_key_pauses_and_a_rotated_key_resumes() {
         .await
         .expect("resumed after the key changed")
         .unwrap();
-    assert_same(&at_mock(&mock), &sent(&records));
+    assert_delivered(&mock, &records, false);
     assert!(p.health.report().api_ready);
     p.drain(Duration::from_secs(5)).await;
 }
@@ -354,22 +331,14 @@ async fn locally_invalid_records_never_reach_the_api() {
     let settings = settings(&wd, &mock.base_url(), "");
     let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
     let p = Pipeline::start(&settings, store.clone()).unwrap();
-    let s = schema();
-    let shops = s.type_id("shops").unwrap();
-    let mut recs: Vec<(StateKey, Record)> = generate(10)
+    let mut recs: Vec<Gen> = generate(10)
         .into_iter()
-        .filter(|(k, _)| k.ty == shops)
+        .filter(|g| g.ty == "shops")
         .collect();
-    recs[2].1.set(
-        s.ty(shops).field("region").unwrap(),
-        Json::Str("gbr".into()),
-    );
-    recs[5].1.set(
-        s.ty(shops).field("shop_id").unwrap(),
-        Json::Str("42".into()),
-    );
+    recs[2].record.insert("region".into(), json!("gbr"));
+    recs[5].record.insert("shop_id".into(), json!("42"));
     p.sink
-        .send(recs.iter().cloned().map(|(k, r)| upsert(k, r)).collect())
+        .send(recs.iter().map(upsert).collect())
         .await
         .unwrap();
     p.sink.barrier().await.unwrap();

@@ -18,13 +18,11 @@ use axum::response::Response;
 use cobi_sync::config::{load_str, Settings};
 use cobi_sync::daemon::Pipeline;
 use cobi_sync::mock_api::MockServer;
-use cobi_sync::model::record::{Json, Record};
-use cobi_sync::model::schema::schema;
 use cobi_sync::ops::dlq;
-use cobi_sync::sink::SinkItem;
+use cobi_sync::sink::{type_id, SinkItem};
 use cobi_sync::state::{
     Checkpoint, DeadLetter, KeyState, KeyStatus, MemoryStore, StateError, StateKey, StateStore,
-    TypeStats, Write,
+    TypeId, TypeStats, Write,
 };
 
 use crate::common::{
@@ -48,51 +46,42 @@ const BRANCHES: &str = "branches/public.branch";
 fn key(mapping: &str, i: usize) -> StateKey {
     let ty = mapping.split('/').next().unwrap();
     StateKey {
-        ty: schema().type_id(ty).unwrap(),
+        ty: type_id(ty).unwrap(),
         mapping: mapping.into(),
         source_key: i.to_string(),
     }
 }
 
-fn record(ty: &str, fields: &[(&str, &str)]) -> Record {
-    let t = schema().type_id(ty).unwrap();
-    let mut r = Record::new(t);
-    for (f, v) in fields {
-        r.set(schema().ty(t).field(f).unwrap(), Json::Str((*v).into()));
-    }
-    r
+/// An upsert of the record with these string fields, built from JSON.
+fn upsert(key: StateKey, fields: &[(&str, &str)]) -> SinkItem {
+    let record: serde_json::Map<String, serde_json::Value> = fields
+        .iter()
+        .map(|(f, v)| (f.to_string(), serde_json::Value::from(*v)))
+        .collect();
+    let text = serde_json::Value::Object(record).to_string();
+    SinkItem::upsert_json(key, text.as_bytes()).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
 fn shop(i: usize) -> SinkItem {
-    let r = record(
-        "shops",
+    upsert(
+        key(SHOPS, i),
         &[
             ("shop_id", &shop_id(i)),
             ("name", &format!("Shop {i}")),
-            ("region", "GB"),
-        ],
-    );
-    SinkItem::upsert(key(SHOPS, i), &r, vec![], false)
-}
-
-fn branch_record(i: usize, shop: usize, name: &str) -> Record {
-    record(
-        "branches",
-        &[
-            ("branch_id", &branch_id(i)),
-            ("shop_id", &shop_id(shop)),
-            ("name", name),
             ("region", "GB"),
         ],
     )
 }
 
 fn branch(i: usize, shop: usize, name: &str) -> SinkItem {
-    SinkItem::upsert(
+    upsert(
         key(BRANCHES, i),
-        &branch_record(i, shop, name),
-        vec![],
-        false,
+        &[
+            ("branch_id", &branch_id(i)),
+            ("shop_id", &shop_id(shop)),
+            ("name", name),
+            ("region", "GB"),
+        ],
     )
 }
 
@@ -211,7 +200,7 @@ async fn dangling_among_5000(mock: &MockServer, bad: usize, same_process: bool) 
     );
     assert_eq!(at.len(), n - bad, "only the good branches are at the API");
     let dead: BTreeSet<usize> = store
-        .dead_letters(schema().type_id("branches"))
+        .dead_letters(type_id("branches"))
         .unwrap()
         .iter()
         .map(|d| d.source_key.parse().unwrap())
@@ -414,11 +403,7 @@ impl StateStore for SlowStore {
     fn get_key(&self, key: &StateKey) -> Result<Option<KeyState>, StateError> {
         self.0.get_key(key)
     }
-    fn keys_of(
-        &self,
-        ty: cobi_sync::model::schema::TypeId,
-        mapping: &str,
-    ) -> Result<Vec<(String, KeyState)>, StateError> {
+    fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyState)>, StateError> {
         self.0.keys_of(ty, mapping)
     }
     fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
@@ -437,16 +422,13 @@ impl StateStore for SlowStore {
     fn remove_checkpoint(&self, name: &str) -> Result<(), StateError> {
         self.0.remove_checkpoint(name)
     }
-    fn dead_letters(
-        &self,
-        ty: Option<cobi_sync::model::schema::TypeId>,
-    ) -> Result<Vec<DeadLetter>, StateError> {
+    fn dead_letters(&self, ty: Option<TypeId>) -> Result<Vec<DeadLetter>, StateError> {
         self.0.dead_letters(ty)
     }
     fn dead_letter(&self, key: &StateKey) -> Result<Option<DeadLetter>, StateError> {
         self.0.dead_letter(key)
     }
-    fn stats(&self) -> Result<BTreeMap<cobi_sync::model::schema::TypeId, TypeStats>, StateError> {
+    fn stats(&self) -> Result<BTreeMap<TypeId, TypeStats>, StateError> {
         self.0.stats()
     }
 }
@@ -1060,11 +1042,7 @@ impl StateStore for OffWorkers {
         self.probe();
         self.inner.get_key(key)
     }
-    fn keys_of(
-        &self,
-        ty: cobi_sync::model::schema::TypeId,
-        mapping: &str,
-    ) -> Result<Vec<(String, KeyState)>, StateError> {
+    fn keys_of(&self, ty: TypeId, mapping: &str) -> Result<Vec<(String, KeyState)>, StateError> {
         self.probe();
         self.inner.keys_of(ty, mapping)
     }
@@ -1088,10 +1066,7 @@ impl StateStore for OffWorkers {
         self.probe();
         self.inner.remove_checkpoint(name)
     }
-    fn dead_letters(
-        &self,
-        ty: Option<cobi_sync::model::schema::TypeId>,
-    ) -> Result<Vec<DeadLetter>, StateError> {
+    fn dead_letters(&self, ty: Option<TypeId>) -> Result<Vec<DeadLetter>, StateError> {
         self.probe();
         self.inner.dead_letters(ty)
     }
@@ -1099,7 +1074,7 @@ impl StateStore for OffWorkers {
         self.probe();
         self.inner.dead_letter(key)
     }
-    fn stats(&self) -> Result<BTreeMap<cobi_sync::model::schema::TypeId, TypeStats>, StateError> {
+    fn stats(&self) -> Result<BTreeMap<TypeId, TypeStats>, StateError> {
         self.probe();
         self.inner.stats()
     }

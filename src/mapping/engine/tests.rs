@@ -380,3 +380,125 @@ fn reference_lists_hold_uuids() {
         assert!(got.starts_with(want), "{spec}: {got}");
     }
 }
+
+// ---- fuzzing: arbitrary values through every conversion ----------------
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::super::*;
+
+    fn any_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::Int),
+            any::<f64>().prop_map(Value::Float),
+            "-?[0-9]{0,30}(\\.[0-9]{0,20})?|NaN|Infinity|-Infinity|garbage"
+                .prop_map(|s| Value::Numeric(s.into())),
+            any::<String>().prop_map(|s| Value::Text(s.into())),
+            any::<u128>().prop_map(|u| Value::Uuid(uuid::Uuid::from_u128(u))),
+            any::<i32>().prop_map(Value::Date),
+            any::<i64>().prop_map(Value::Timestamp),
+            any::<i64>().prop_map(Value::TimestampTz),
+            "[ -~]{0,40}".prop_map(|s| Value::Json(s.into())),
+        ];
+        leaf.prop_recursive(2, 16, 4, |inner| {
+            proptest::collection::vec(inner, 0..4).prop_map(Value::Array)
+        })
+    }
+
+    /// A mapping of every interaction and transaction field, with transforms
+    /// that exercise every conversion, applied to arbitrary values.
+    fn fuzz_mappings() -> Vec<CompiledMapping> {
+        let text = r#"
+    [source]
+    url = "postgres://u@h/d"
+    mode = "poll"
+    timezone = "America/Sao_Paulo"
+    [api]
+    base_url = "http://127.0.0.1:9"
+    [[mapping]]
+    type = "transactions"
+    table = "t"
+    key = ["a"]
+    [mapping.fields]
+    transaction_id = { column = "a", transform = "uuid5" }
+    shop_id = { column = "b", transform = ["trim", "uuid5:shops"] }
+    region = { column = "c", transform = ["trim", "upper"], map = { "UK" = "GB" }, default = "GB" }
+    amount = { column = "d", transform = "number" }
+    savings = { column = "e", transform = "number" }
+    created = { column = "f", transform = "datetime" }
+    updated = "g"
+    source = { column = "h", transform = "string" }
+    discount_name = { column = "i", transform = "csv" }
+    is_deleted = { column = "j", transform = "is_not_null" }
+    [[mapping]]
+    type = "interactions"
+    table = "u"
+    key = ["a"]
+    [mapping.fields]
+    interaction_type = { column = "c", transform = "upper" }
+    item_type = { column = "h", transform = "upper" }
+    item_id = { column = "a", transform = "uuid5:item" }
+    event_timestamp = { column = "f", transform = "epoch_ms" }
+    city = { column = "g", transform = "string" }
+    student_id = { column = "b", transform = "uuid5:customers" }
+    [[mapping]]
+    type = "customers"
+    table = "v"
+    key = ["a"]
+    [mapping.fields]
+    customer_id = "b"
+    user_id = "b"
+    region = "c"
+    birthdate = { column = "f", transform = "date" }
+    gender = { column = "i", transform = "csv" }
+    "#;
+        let settings = crate::config::load_str(text, "fuzz").unwrap();
+        let ctx = MapContext::from_settings(&settings);
+        // Every column typed as text (anything is accepted statically), so
+        // arbitrary values reach the runtime conversions.
+        let cols: Vec<Column> = "abcdefghij"
+            .chars()
+            .map(|c| Column {
+                name: c.to_string(),
+                ty: PgType {
+                    oid: crate::mapping::value::oid::TEXT,
+                    name: "text".into(),
+                    elem: None,
+                },
+            })
+            .collect();
+        settings
+            .mappings
+            .iter()
+            .map(|m| CompiledMapping::compile(m, &["a".into()], &cols, ctx).unwrap())
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            // CI's smoke run; `PROPTEST_CASES=100000` for a longer one.
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(512),
+        ))]
+
+        #[test]
+        fn mapping_never_panics_and_reports_problems_by_field(row in proptest::collection::vec(any_value(), 10)) {
+            for m in fuzz_mappings() {
+                let out = m.map_row(&row);
+                // Whatever came in, what goes out is a record whose JSON parses
+                // back, and every problem names a field of the type.
+                let json = out.record.to_json();
+                let back = crate::model::record::Record::from_json(out.record.ty, &json);
+                prop_assert!(back.is_ok(), "{:?}", String::from_utf8_lossy(&json));
+                let t = schema().ty(out.record.ty);
+                for p in &out.problems {
+                    prop_assert!(t.field(&p.field).is_some(), "{p:?}");
+                }
+                let _ = crate::model::validate::validate(&out.record);
+                let _ = m.source_key(&row);
+            }
+        }
+    }
+}
