@@ -425,16 +425,25 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
         let name = format!("replica identity {}", t.mapping.source.sql());
         let one = std::slice::from_ref(t);
         match setup::check_tables(&client, one).await {
-            Ok(()) => out.push(Line::ok(
-                name,
-                match (info.replica_identity, t.mapping.on_delete) {
+            Ok(()) => {
+                let mut detail = match (info.replica_identity, t.mapping.on_delete) {
                     ('f', _) => "FULL: deletes carry the whole row".to_string(),
                     (_, OnDelete::Soft) => {
                         "deletes carry the key; soft deletes use the last-sent record".to_string()
                     }
                     _ => "deletes ignored (on_delete = \"ignore\")".to_string(),
-                },
-            )),
+                };
+                if info.replica_identity != 'f' {
+                    let toastable = toastable_columns(&client, info.oid, &t.mapping.columns())
+                        .await
+                        .unwrap_or_default();
+                    if let Some(note) = toast_note(&toastable, &t.mapping.source.sql()) {
+                        detail.push_str("; ");
+                        detail.push_str(&note);
+                    }
+                }
+                out.push(Line::ok(name, detail))
+            }
             Err(e) => out.push(Line::fail(
                 name,
                 e.to_string().replace('\n', "; "),
@@ -444,6 +453,39 @@ async fn database_checks(settings: &Settings, out: &mut Vec<Line>) {
     }
     publication_check(settings, &client, &tables, out).await;
     slot_check(settings, &client, out).await;
+}
+
+/// The mapped columns among `columns` whose values PostgreSQL may store
+/// out of line (TOAST: any storage but `plain`).
+async fn toastable_columns(
+    client: &Client,
+    table: u32,
+    columns: &[String],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::oid AND attnum > 0 \
+             AND NOT attisdropped AND attstorage <> 'p' AND attname = ANY($2) ORDER BY attnum",
+            &[&table, &columns],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// What `check` says about a table without REPLICA IDENTITY FULL whose
+/// mapped columns can be TOASTed (pure): an update that leaves such a value
+/// unchanged does not send it, so the row is re-read (held back behind its
+/// parents); FULL sends it in the old row instead.
+fn toast_note(toastable: &[String], table: &str) -> Option<String> {
+    if toastable.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "mapped columns {} can be stored out of line (TOAST): an update that leaves them \
+         unchanged does not send them and cobi-sync re-reads the row; to have them sent \
+         instead: ALTER TABLE {table} REPLICA IDENTITY FULL",
+        toastable.join(", ")
+    ))
 }
 
 /// `timestamp without time zone` values are read in `source.timezone`;
@@ -829,6 +871,18 @@ pub fn probe_verdict(base_url: &str, key_source: &str, a: &ProbeAnswer) -> Line 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn toast_note_names_the_columns_and_the_fix() {
+        let t = "\"public\".\"merchant\"";
+        assert_eq!(toast_note(&[], t), None);
+        let note = toast_note(&["trade_name".into(), "notes".into()], t).unwrap();
+        assert!(note.contains("mapped columns trade_name, notes"), "{note}");
+        assert!(
+            note.contains("ALTER TABLE \"public\".\"merchant\" REPLICA IDENTITY FULL"),
+            "{note}"
+        );
+    }
 
     #[test]
     fn tls_warns_for_unprotected_modes_to_network_hosts() {

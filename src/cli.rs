@@ -50,6 +50,15 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Re-copy the named types while the daemon keeps streaming, soft-
+    /// deleting rows the tables no longer have; progress in `status`.
+    ///
+    /// Without a running daemon: `snapshot --force --type T…`.
+    Resync {
+        /// The Cobi types to re-copy.
+        #[arg(long = "type", value_name = "TYPE", required = true)]
+        types: Vec<String>,
+    },
     /// Drop this configuration's replication slot and publication (before
     /// removing cobi-sync, so it pins no WAL). Refuses while the daemon runs.
     Teardown {
@@ -208,6 +217,7 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::Check => crate::check::run(&cli.config).await,
         Command::Validate => cmd_validate(&cli.config),
         Command::Snapshot { types, force } => cmd_snapshot(&cli.config, &types, force).await,
+        Command::Resync { types } => cmd_resync(&cli.config, &types).await,
         Command::Teardown { yes } => crate::ops::teardown::run(&cli.config, yes).await,
         Command::Status { json } => cmd_status(&cli.config, json).await,
         Command::Dlq { action } => cmd_dlq(&cli.config, action).await,
@@ -287,6 +297,7 @@ async fn cmd_snapshot(path: &std::path::Path, types: &[String], force: bool) -> 
                 pipeline.health.clone(),
                 pipeline.metrics.clone(),
                 &ids,
+                force,
                 stop.clone(),
             )
             .await
@@ -317,6 +328,46 @@ async fn cmd_snapshot(path: &std::path::Path, types: &[String], force: bool) -> 
         }
         Err(e) => Err(fail(&DaemonError::from(e))),
     }
+}
+
+/// `cobi-sync resync`: through the running daemon's endpoint, else as
+/// `snapshot --force`.
+async fn cmd_resync(path: &std::path::Path, types: &[String]) -> Result<(), u8> {
+    let settings = load(path)?;
+    for t in types {
+        resolve_type(t)?;
+    }
+    let Some((_, base)) = daemon_url(&settings).await else {
+        eprintln!("no running daemon answers; re-copying as `snapshot --force`");
+        return cmd_snapshot(path, types, true).await;
+    };
+    let auth = bearer(&settings)?;
+    let url = format!("{base}/resync?types={}", types.join(","));
+    let resp = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| {
+            eprintln!("cannot build an HTTP client: {e}");
+            1
+        })?
+        .post(&url)
+        .header(reqwest::header::AUTHORIZATION, auth)
+        .timeout(Duration::from_secs(40))
+        .send()
+        .await
+        .map_err(|e| {
+            eprintln!("resync through {base} failed: {e}");
+            1
+        })?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        eprintln!("resync: HTTP {status}: {}", text.trim_end());
+        return Err(1);
+    }
+    println!("{text}");
+    eprintln!("the daemon re-copies while streaming; follow it with `cobi-sync status`");
+    Ok(())
 }
 
 fn fail(e: &DaemonError) -> u8 {

@@ -267,7 +267,7 @@ async fn run_watched(
         metrics.clone(),
         health.clone(),
     )?;
-    let live = Live::new(settings.clone(), Some(gen.sink()));
+    let live = Live::new(settings.clone(), Some(gen.running()));
     let http_stop = CancellationToken::new();
     let http_task = match settings.http.listen {
         Some(addr) => Some(

@@ -94,6 +94,10 @@ pub struct RawReplication {
     pub snapshot: String,
     /// Slot lag above which readiness fails.
     pub max_slot_lag: String,
+    /// `fail` or `resnapshot`: what happens when the slot is lost.
+    pub on_slot_lost: String,
+    /// Create the slot with `failover = true` (PostgreSQL 17+).
+    pub failover: bool,
 }
 
 impl Default for RawReplication {
@@ -103,6 +107,8 @@ impl Default for RawReplication {
             publication: "cobi_sync".into(),
             snapshot: "initial".into(),
             max_slot_lag: "4GiB".into(),
+            on_slot_lost: "fail".into(),
+            failover: false,
         }
     }
 }

@@ -91,6 +91,22 @@ pub struct ReplicationSettings {
     pub snapshot: SnapshotMode,
     /// Slot lag limit in bytes.
     pub max_slot_lag: u64,
+    /// What happens when the slot is dropped, invalidated, or behind the
+    /// state directory.
+    pub on_slot_lost: OnSlotLost,
+    /// Create the slot with `failover = true` (PostgreSQL 17+) so it
+    /// survives a promotion of a standby.
+    pub failover: bool,
+}
+
+/// `source.replication.on_slot_lost`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnSlotLost {
+    /// Stop (exit 1) saying how to recover.
+    Fail,
+    /// Re-create the slot and publication and re-copy every mapping,
+    /// soft-deleting keys the source no longer has.
+    Resnapshot,
 }
 
 /// `[source.poll]`
@@ -276,9 +292,11 @@ impl MappingSettings {
     }
 
     /// Whether the state store must keep the last-sent record of each key
-    /// (soft deletes without a full old row, truncate, reconcile).
-    pub fn needs_last_sent(&self, mode: Mode) -> bool {
-        (self.on_delete == OnDelete::Soft && mode == Mode::Replication)
+    /// (soft deletes without a full old row, truncate, reconcile, and the
+    /// soft deletes of `snapshot` for keys a table no longer has — in both
+    /// modes, so `_mode` no longer matters).
+    pub fn needs_last_sent(&self, _mode: Mode) -> bool {
+        self.on_delete == OnDelete::Soft
             || self.on_truncate == OnTruncate::SoftDelete
             || self.reconcile.is_some()
     }
@@ -475,6 +493,18 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
         );
         0
     });
+    let on_slot_lost = match r.on_slot_lost.as_str() {
+        "fail" => OnSlotLost::Fail,
+        "resnapshot" => OnSlotLost::Resnapshot,
+        other => {
+            err(
+                "source.replication.on_slot_lost",
+                format!("`{other}` is not \"fail\" or \"resnapshot\""),
+                "on_slot_lost = \"fail\"",
+            );
+            OnSlotLost::Fail
+        }
+    };
     let p = &raw.source.poll;
     let schedule = match parse_cron(&p.schedule) {
         Ok(s) => Some(s),
@@ -723,6 +753,8 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, Vec<ConfigError>> {
                 publication: r.publication.clone(),
                 snapshot,
                 max_slot_lag,
+                on_slot_lost,
+                failover: r.failover,
             },
             poll: PollSettings {
                 schedule: schedule.expect("checked"),

@@ -8,10 +8,13 @@
 //! the source stops reading, the sink delivers and commits what it holds —
 //! the same drain as on SIGTERM, with the same grace period — and a new
 //! generation starts from the durable progress. What the old one had not
-//! committed when its grace ran out is read again by the new one.
+//! committed when its grace ran out is read again by the new one. Each
+//! generation in replication mode has its own `resync` channel, handed to
+//! the endpoint with its sink ([`Live`]).
 
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -20,11 +23,12 @@ use super::{reach_api, stop_within, DaemonError, Pipeline, GRACE, MIN_DRAIN};
 use crate::config::{Mode, Settings};
 use crate::ops::health::Health;
 use crate::ops::heartbeat;
-use crate::ops::live::Live;
+use crate::ops::live::{Live, Running};
 use crate::ops::metrics::Metrics;
 use crate::sink::client::ApiClient;
 use crate::source::poll::PollSource;
-use crate::source::{replication, SourceError};
+use crate::source::replication::{self, ResyncRequest};
+use crate::source::SourceError;
 use crate::state::StateStore;
 
 /// A running pipeline.
@@ -40,6 +44,7 @@ pub struct Generation {
     pipeline: Pipeline,
     read_stop: CancellationToken,
     probe_task: JoinHandle<()>,
+    resync: Option<mpsc::Sender<ResyncRequest>>,
 }
 
 impl Generation {
@@ -54,6 +59,15 @@ impl Generation {
         let mut pipeline = Pipeline::start_with(&settings, store.clone(), metrics, health)?;
         let sink_task = pipeline.sink_task.take().expect("the sink runs");
         let read_stop = CancellationToken::new();
+        // A channel per generation: a `resync` reaches the source that
+        // runs now, never one that stopped.
+        let (resync_tx, resync_rx) = match settings.source.mode {
+            Mode::Replication => {
+                let (tx, rx) = replication::resync_channel();
+                (Some(tx), Some(rx))
+            }
+            Mode::Poll => (None, None),
+        };
         let source_task = {
             let settings = (*settings).clone();
             let sink = pipeline.sink.clone();
@@ -68,7 +82,10 @@ impl Generation {
                             .await
                     }
                     Mode::Replication => {
-                        replication::run(settings, store, sink, health, metrics, stop).await
+                        replication::run_with_resync(
+                            settings, store, sink, health, metrics, resync_rx, stop,
+                        )
+                        .await
                     }
                 }
             })
@@ -87,12 +104,16 @@ impl Generation {
             pipeline,
             read_stop,
             probe_task,
+            resync: resync_tx,
         })
     }
 
-    /// A handle to its sink (for the HTTP endpoint).
-    pub fn sink(&self) -> crate::sink::SinkHandle {
-        self.pipeline.sink.clone()
+    /// Handles to its sink and source (for the HTTP endpoint).
+    pub fn running(&self) -> Running {
+        Running {
+            sink: self.pipeline.sink.clone(),
+            resync: self.resync.clone(),
+        }
     }
 
     /// Stops reading: the source is asked to stop and waited for until
@@ -158,7 +179,7 @@ impl Generation {
                 Generation::start(old, store.clone(), metrics, health)?
             }
         };
-        live.set(new.settings.clone(), new.sink());
+        live.set(new.settings.clone(), new.running());
         info!(
             ms = started.elapsed().as_millis() as u64,
             mappings = new.settings.mappings.len(),

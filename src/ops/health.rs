@@ -208,15 +208,21 @@ impl Health {
     }
 
     /// Reports a mapping's snapshot copy: `rows` copied so far of about
-    /// `estimate`. The first call starts its clock (for the rate and ETA).
+    /// `estimate`. The first call starts its clock (for the rate and ETA);
+    /// so does the first call after [`snapshot_done`](Self::snapshot_done)
+    /// (a re-copy: `resync`, a lost slot).
     pub fn snapshot_progress(&self, mapping: &str, rows: u64, estimate: Option<u64>) {
         let mut m = self.snapshot.lock().expect("lock");
-        let c = m.entry(mapping.to_string()).or_insert_with(|| Copy {
+        let fresh = || Copy {
             started: Instant::now(),
             rows: 0,
             estimate: None,
             done: false,
-        });
+        };
+        let c = m.entry(mapping.to_string()).or_insert_with(fresh);
+        if c.done {
+            *c = fresh();
+        }
         c.rows = rows;
         c.estimate = estimate.or(c.estimate);
         let label = MappingLabel {
@@ -442,6 +448,10 @@ mod tests {
             .contains("cobi_sync_snapshot_rows_estimated{mapping=\"shops/public.merchant\"} 100"));
         h.snapshot_done("shops/public.merchant");
         assert!(h.report().snapshot["shops/public.merchant"].done);
+        // A re-copy of the same mapping starts over (not done, new count).
+        h.snapshot_progress("shops/public.merchant", 0, Some(100));
+        let p = &h.report().snapshot["shops/public.merchant"];
+        assert_eq!((p.rows, p.estimate, p.done), (0, Some(100), false));
         assert_eq!(gauge(&m, "api_ready"), "1");
         // The flags and the gauges agree.
         assert!(h.report().api_ready && !h.report().source_connected);

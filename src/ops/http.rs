@@ -10,6 +10,7 @@
 //! | `GET /dlq?type=T` | dead letters as JSON |
 //! | `POST /dlq/replay?type=T` | re-sends dead letters through the running sink |
 //! | `POST /dlq/purge?type=T` | drops dead letters |
+//! | `POST /resync?types=T,U` | re-copies the mappings of these types while streaming (replication mode) |
 //!
 //! It is how `cobi-sync status` and `cobi-sync dlq` reach a running daemon
 //! (the state store is locked by it). The endpoints in [`protected_routes`]
@@ -40,13 +41,14 @@ use crate::ops::health::Health;
 use crate::ops::live::Live;
 use crate::ops::metrics::Metrics;
 use crate::ops::{dlq, status};
+use crate::source::replication::ResyncRequest;
 use crate::state::StateStore;
 
 /// What the handlers need.
 #[derive(Clone)]
 pub struct AppState {
-    /// The settings in force and the running sink (a SIGHUP may replace
-    /// both).
+    /// The settings in force, the running sink and the replication
+    /// source's `resync` channel (a SIGHUP replaces them).
     pub live: Arc<Live>,
     /// The state store.
     pub store: Arc<dyn StateStore>,
@@ -138,6 +140,7 @@ fn protected_routes() -> Router<AppState> {
         .route("/dlq", get(dlq_list))
         .route("/dlq/replay", post(dlq_replay))
         .route("/dlq/purge", post(dlq_purge))
+        .route("/resync", post(resync))
 }
 
 /// The router. Serve it with a [`Peer`] as [`ConnectInfo`] (as [`serve`]
@@ -260,18 +263,23 @@ async fn dlq_list(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Resp
     }
 }
 
+/// 503 while a SIGHUP restarts the pipeline (no sink or source to reach).
+fn restarting() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the pipeline is restarting to apply a reloaded configuration; try again in a few \
+         seconds\n",
+    )
+        .into_response()
+}
+
 async fn dlq_replay(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Response {
     let ty = match type_param(&q) {
         Ok(t) => t,
         Err(r) => return *r,
     };
     let Some(sink) = s.live.sink() else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the pipeline is restarting to apply a reloaded configuration; try again in a few \
-             seconds\n",
-        )
-            .into_response();
+        return restarting();
     };
     match dlq::replay(s.store.clone(), &sink, ty).await {
         Ok(r) => {
@@ -298,6 +306,74 @@ async fn dlq_purge(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Res
             Json(serde_json::json!({ "purged": n })).into_response()
         }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct ResyncQuery {
+    types: String,
+}
+
+/// `POST /resync?types=T,U`: asks the replication source to re-copy the
+/// mappings of these types; answers once they are marked for re-copy.
+async fn resync(State(s): State<AppState>, Query(q): Query<ResyncQuery>) -> Response {
+    let mut types = Vec::new();
+    for t in q.types.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        match schema().type_id(t) {
+            Some(id) => types.push(id),
+            None => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown type {t}; types are: {}\n",
+                        schema().type_names().join(", ")
+                    ),
+                )
+                    .into_response()
+            }
+        }
+    }
+    if types.is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            "name at least one type: ?types=shops\n",
+        )
+            .into_response();
+    }
+    let Some(running) = s.live.running() else {
+        return restarting();
+    };
+    let Some(tx) = running.resync else {
+        return (
+            StatusCode::CONFLICT,
+            "resync while running needs replication mode; in poll mode stop the daemon and run \
+             `cobi-sync snapshot --force --type T`\n",
+        )
+            .into_response();
+    };
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    if tx.send(ResyncRequest { types, reply }).await.is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the replication source is not running\n",
+        )
+            .into_response();
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(30), rx).await {
+        Ok(Ok(Ok(mappings))) => {
+            info!(mappings = %mappings.join(", "), "resync accepted");
+            (
+                StatusCode::ACCEPTED,
+                Json(serde_json::json!({ "resync": mappings })),
+            )
+                .into_response()
+        }
+        Ok(Ok(Err(why))) => (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the replication source did not take the request (reconnecting?); try again\n",
+        )
+            .into_response(),
     }
 }
 

@@ -1,26 +1,40 @@
 //! What the HTTP endpoint reads of the running pipeline, which a SIGHUP
 //! may replace ([`crate::ops::reload`]): the settings in force (mappings,
-//! mode) and the running sink's handle — absent while the pipeline
-//! restarts, so that the old sink can drain (it ends once every handle to
-//! it is gone).
+//! mode), the running sink's handle and the running replication source's
+//! `resync` channel — both absent while the pipeline restarts, so that the
+//! old sink can drain (it ends once every handle to it is gone) and a
+//! `resync` never reaches a source that is stopping.
 
 use std::sync::{Arc, RwLock};
 
+use tokio::sync::mpsc;
+
 use crate::config::Settings;
 use crate::sink::SinkHandle;
+use crate::source::replication::ResyncRequest;
 
-/// The settings in force and the running sink.
+/// The handles of the running pipeline.
+#[derive(Clone)]
+pub struct Running {
+    /// The running sink (for replay).
+    pub sink: SinkHandle,
+    /// Re-copy requests to the running replication source (`None` in poll
+    /// mode).
+    pub resync: Option<mpsc::Sender<ResyncRequest>>,
+}
+
+/// The settings in force and the running pipeline.
 pub struct Live {
     settings: RwLock<Arc<Settings>>,
-    sink: RwLock<Option<SinkHandle>>,
+    running: RwLock<Option<Running>>,
 }
 
 impl Live {
-    /// What runs now.
-    pub fn new(settings: Arc<Settings>, sink: Option<SinkHandle>) -> Arc<Live> {
+    /// What runs now (`None` while no pipeline runs).
+    pub fn new(settings: Arc<Settings>, running: Option<Running>) -> Arc<Live> {
         Arc::new(Live {
             settings: RwLock::new(settings),
-            sink: RwLock::new(sink),
+            running: RwLock::new(running),
         })
     }
 
@@ -29,19 +43,24 @@ impl Live {
         self.settings.read().expect("lock").clone()
     }
 
-    /// The running sink; `None` while the pipeline restarts.
-    pub fn sink(&self) -> Option<SinkHandle> {
-        self.sink.read().expect("lock").clone()
+    /// The running pipeline's handles; `None` while it restarts.
+    pub fn running(&self) -> Option<Running> {
+        self.running.read().expect("lock").clone()
     }
 
-    /// Drops the handle to the running sink (the pipeline restarts).
+    /// The running sink; `None` while the pipeline restarts.
+    pub fn sink(&self) -> Option<SinkHandle> {
+        self.running().map(|r| r.sink)
+    }
+
+    /// Drops the handles to the running pipeline (it restarts or stops).
     pub fn pause(&self) {
-        *self.sink.write().expect("lock") = None;
+        *self.running.write().expect("lock") = None;
     }
 
     /// A new pipeline runs.
-    pub fn set(&self, settings: Arc<Settings>, sink: SinkHandle) {
+    pub fn set(&self, settings: Arc<Settings>, running: Running) {
         *self.settings.write().expect("lock") = settings;
-        *self.sink.write().expect("lock") = Some(sink);
+        *self.running.write().expect("lock") = Some(running);
     }
 }

@@ -7,6 +7,7 @@
 //! - [`replication`]: replication mode (pgoutput decoding, slot and
 //!   publication setup, consistent snapshot, acknowledgements).
 //! - [`snapshot`]: the one-off `snapshot` command.
+//! - [`reconcile`]: keys the state store holds that a table no longer has.
 //!
 //! A source only reads and maps; it hands records and progress marks to the
 //! [`crate::sink`] and learns what is durable from it. It never writes the
@@ -16,6 +17,7 @@ pub mod pg;
 pub mod poll;
 pub mod progress;
 pub mod reader;
+pub mod reconcile;
 pub mod replication;
 pub mod snapshot;
 

@@ -16,7 +16,7 @@ use futures_util::{Stream, StreamExt};
 use tokio_postgres::{Client, CopyOutStream, Transaction};
 
 use crate::config::{quote_ident, MappingSettings, MappingSource};
-use crate::mapping::decode::binary::CopyBinaryReader;
+use crate::mapping::decode::binary::{CopyBinaryReader, LenientRow};
 use crate::mapping::engine::{Column, CompiledMapping, MapContext};
 use crate::mapping::value::{oid, PgType, Value};
 use crate::source::pg::{self, quote_literal, TableInfo};
@@ -330,6 +330,31 @@ impl SourceTable {
         ))
     }
 
+    /// The rows with any of these key values (re-reads of rows whose large
+    /// values the stream left out).
+    pub fn rows_by_keys_sql(&self, keys: &[Vec<CursorValue>]) -> String {
+        let cols: Vec<String> = self.key.iter().map(|&i| self.order_expr(i)).collect();
+        let tuples: Vec<String> = keys
+            .iter()
+            .map(|key| {
+                let lits: Vec<String> = self
+                    .key
+                    .iter()
+                    .zip(key)
+                    .map(|(&i, v)| self.literal(i, v))
+                    .collect();
+                format!("({})", lits.join(", "))
+            })
+            .collect();
+        self.copy(format!(
+            "SELECT {} FROM {} WHERE ({}) IN ({})",
+            self.select_list(),
+            self.from_sql,
+            cols.join(", "),
+            tuples.join(", ")
+        ))
+    }
+
     /// Only the key columns, in key order (reconciliation).
     pub fn keys_sql(&self) -> String {
         let cols: Vec<String> = self
@@ -612,11 +637,13 @@ impl RowStream {
         })
     }
 
-    /// Up to `max` rows; an empty vector at the end.
-    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Vec<Value>>, ReadError> {
+    /// Up to `max` rows, each with the values that could not be decoded
+    /// (NULL in the row, by column index): one bad value fails its row,
+    /// not the read. An empty vector at the end.
+    pub async fn next_rows_lenient(&mut self, max: usize) -> Result<Vec<LenientRow>, ReadError> {
         let mut out = Vec::with_capacity(max.min(4096));
         while out.len() < max {
-            match self.reader.next_row() {
+            match self.reader.next_row_lenient() {
                 Ok(Some(row)) => {
                     out.push(row);
                     continue;
@@ -634,6 +661,19 @@ impl RowStream {
             }
         }
         Ok(out)
+    }
+
+    /// Up to `max` rows; an empty vector at the end. A value that cannot
+    /// be decoded fails the batch.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Vec<Value>>, ReadError> {
+        self.next_rows_lenient(max)
+            .await?
+            .into_iter()
+            .map(|(row, errors)| match errors.into_iter().next() {
+                None => Ok(row),
+                Some((_, e)) => Err(ReadError::Decode(e.to_string())),
+            })
+            .collect()
     }
 }
 

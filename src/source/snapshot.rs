@@ -10,6 +10,11 @@
 //! are not re-sent unless `force` is set. Memory stays flat: rows go to the
 //! sink as they arrive and the sink's channel blocks when it is full.
 //!
+//! Before a table is read from its start, the keys the state store holds
+//! that the table no longer has are soft-deleted (`on_delete = "soft"`),
+//! read in the same transaction. `force` also re-reads tables an
+//! interrupted run had finished.
+//!
 //! In replication mode the snapshot runs inside the replication stream
 //! instead ([`crate::source::replication`]), so it stays consistent with
 //! the slot.
@@ -20,15 +25,16 @@ use tokio_postgres::IsolationLevel;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::config::Settings;
+use crate::config::{OnDelete, Settings};
 use crate::mapping::engine::MapContext;
 use crate::model::schema::TypeId;
 use crate::sink::{SinkHandle, SinkItem};
 use crate::source::pg;
 use crate::source::progress::Progress;
 use crate::source::reader::{ReadError, RowStream, SetupError, SourceTable};
+use crate::source::reconcile::{self, ReconcileError};
 use crate::source::{mapped_items, SourceError};
-use crate::state::{Checkpoint, CursorValue, StateStore, TableSnapshot};
+use crate::state::{Checkpoint, CursorValue, StateKey, StateStore, TableSnapshot};
 
 /// Rows per chunk.
 pub const CHUNK_ROWS: usize = 10_000;
@@ -83,6 +89,8 @@ pub async fn run(
             Ok(Some(Checkpoint::Snapshot { progress, .. })) => progress,
             _ => None,
         };
+        // `--force` re-reads tables an interrupted run already read.
+        let progress_state = progress_state.filter(|_| !force);
         let mut after: Option<Vec<CursorValue>> = match &progress_state {
             Some(TableSnapshot::Done) => {
                 info!(mapping = %t.mapping.label(), "already snapshotted (resumed run); skipping");
@@ -94,6 +102,33 @@ pub async fn run(
             }
             _ => None,
         };
+        if after.is_none() && t.mapping.on_delete == OnDelete::Soft {
+            // Before the table is read: the keys it no longer has.
+            let absent = reconcile::absent_keys(&tx, &store, t)
+                .await
+                .map_err(|e| match e {
+                    ReconcileError::Read(ReadError::Db(e)) => db_err(e),
+                    other => SourceError::Fatal(format!("{}: {other}", t.mapping.label())),
+                })?;
+            if !absent.is_empty() {
+                info!(mapping = %t.mapping.label(), deleted = absent.len(),
+                    "rows the state store knows are gone from the table; sending soft deletes");
+                let items = absent
+                    .into_iter()
+                    .map(|sk| SinkItem::Delete {
+                        key: StateKey {
+                            ty: t.mapping.ty,
+                            mapping: t.mapping.id.clone(),
+                            source_key: sk,
+                        },
+                        basis: None,
+                    })
+                    .collect();
+                sink.send(items)
+                    .await
+                    .map_err(|_| SourceError::Fatal("sink stopped".into()))?;
+            }
+        }
         let estimate = match &t.table {
             Some(info) => tx
                 .query_one(

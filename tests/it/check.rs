@@ -115,6 +115,8 @@ async fn every_check_names_the_problem_and_the_fix() {
                 "ok      wal_level",
                 "has REPLICATION",
                 "lists every mapped table",
+                "mapped columns trade_name, country can be stored out of line (TOAST)",
+                "ALTER TABLE \"public\".\"merchant\" REPLICA IDENTITY FULL",
                 "missing; the daemon creates it at start",
                 "no state yet",
                 "key accepted",

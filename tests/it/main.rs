@@ -16,6 +16,7 @@ mod packaging;
 mod partner;
 mod poll;
 mod poll_safety;
+mod repl_edges;
 mod replication;
 mod shaped;
 mod sink;

@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use crate::common::{log_lines, mock, wait_until, Daemon, Db, Workdir};
+use crate::common::{
+    free_port, log_lines, mock, run_cli, wait_until, with_http, Daemon, Db, Workdir,
+};
 
 /// A merchant table with a second name column, so that a mapping change is
 /// visible in what the API receives.
@@ -431,5 +433,123 @@ async fn sighup_adds_and_removes_mappings() {
         Some(&11),
         "every row sent once: {stats:?}"
     );
+    assert!(d.term().await.success(), "{}", d.log_text());
+}
+
+/// Replication mode with the HTTP endpoint: after a SIGHUP restarted the
+/// pipeline, `cobi-sync resync` reaches the new replication source (each
+/// generation has its own channel), which re-copies the table while it
+/// streams; changes stream on afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_reaches_the_source_restarted_by_sighup() {
+    let db = Db::start().await;
+    db.exec(TABLE).await;
+    let url = db.least_privilege_url(true, &["merchant"]).await;
+    db.publication("cobi_test", &["merchant"]).await;
+    let mock = mock().await;
+    let wd = Workdir::new();
+    let cfg = wd.config(&url, &mock.base_url(), "replication", MAPPING);
+    with_http(&cfg, free_port(), "info");
+    let mut d = Daemon::start(&cfg, &wd.path("daemon.log"));
+    wait_shops(&mock, &d, 5).await;
+
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[batch]\n", "[batch]\nmax_records = 50\n"),
+    )
+    .unwrap();
+    hup(&d);
+    wait_for_log(
+        &d,
+        "SIGHUP: pipeline restarted with the new settings",
+        Duration::from_secs(60),
+    )
+    .await;
+    let copies = |d: &Daemon| log_lines(&d.log, "snapshot of the table complete").len();
+    let copied_before = copies(&d);
+
+    let c = cfg.to_str().unwrap();
+    let (code, out, err) = run_cli(&["resync", "--type", "shops", "--config", c], &[]);
+    assert_eq!(code, 0, "{out}\n{err}\n{}", d.log_text());
+    assert!(out.contains("shops"), "{out}");
+    assert_eq!(
+        log_lines(&d.log, "resync requested: re-copying while streaming").len(),
+        1,
+        "{}",
+        d.log_text()
+    );
+    wait_until(Duration::from_secs(60), "the re-copy complete", || {
+        let n = copies(&d);
+        async move { n > copied_before }
+    })
+    .await;
+    // Changes still stream after the re-copy.
+    db.exec(
+        "INSERT INTO merchant (trade_name, label, country) VALUES ('Shop 6', 'Label 6', 'gb');",
+    )
+    .await;
+    wait_shops(&mock, &d, 6).await;
+    let stats = mock.stats();
+    assert_eq!(
+        (stats.duplicates.get("shops"), stats.stored.get("shops")),
+        (Some(&5), Some(&6)),
+        "the re-copy re-sent the 5 rows it found (resync sends unchanged records too): \
+         {stats:?}"
+    );
+    assert!(d.term().await.success(), "{}", d.log_text());
+}
+
+/// Under systemd in replication mode: a stream with nothing to send is a
+/// healthy wait, so the watchdog is fed through quiet periods longer than
+/// the source's own heartbeat (10 s) — never a gap of a whole watchdog
+/// interval between two pings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_replication_stream_keeps_the_watchdog_fed() {
+    let db = Db::start().await;
+    db.exec(TABLE).await;
+    let url = db.least_privilege_url(true, &["merchant"]).await;
+    db.publication("cobi_test", &["merchant"]).await;
+    let mock = mock().await;
+    let wd = Workdir::new();
+    let cfg = wd.config(&url, &mock.base_url(), "replication", MAPPING);
+    let sock_path = wd.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let mut d = Daemon::start_cmd(
+        &cfg,
+        &wd.path("daemon.log"),
+        &["run"],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "4000000"),
+        ],
+    );
+    wait_shops(&mock, &d, 5).await;
+    drain_pings(&sock);
+    wait_for_ping(&sock, &d, Duration::from_secs(20)).await;
+    // 15 s of a quiet stream (the database writes nothing).
+    let start = Instant::now();
+    let mut last = start;
+    let mut longest = Duration::ZERO;
+    while start.elapsed() < Duration::from_secs(15) {
+        if drain_pings(&sock) > 0 {
+            longest = longest.max(last.elapsed());
+            last = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    longest = longest.max(last.elapsed());
+    assert!(
+        longest < Duration::from_secs(4),
+        "no ping for {longest:?} (WatchdogSec is 4 s: systemd would restart the daemon):\n{}",
+        d.log_text()
+    );
+    assert!(
+        log_lines(&d.log, "the systemd watchdog is no longer fed").is_empty(),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(mock.records("shops").len(), 5);
     assert!(d.term().await.success(), "{}", d.log_text());
 }

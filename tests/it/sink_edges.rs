@@ -1104,7 +1104,13 @@ async fn store_calls_run_off_the_async_workers() {
     let port = free_port();
     let stop = tokio_util::sync::CancellationToken::new();
     let state = cobi_sync::ops::http::AppState {
-        live: cobi_sync::ops::live::Live::new(Arc::new(settings.clone()), Some(p.sink.clone())),
+        live: cobi_sync::ops::live::Live::new(
+            Arc::new(settings.clone()),
+            Some(cobi_sync::ops::live::Running {
+                sink: p.sink.clone(),
+                resync: None,
+            }),
+        ),
         store: dyn_store.clone(),
         health: p.health.clone(),
         metrics: p.metrics.clone(),

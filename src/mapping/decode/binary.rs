@@ -459,6 +459,22 @@ impl CopyBinaryReader {
     /// NULL); `Ok(None)` when more data is needed or the trailer was seen
     /// (see [`finished`](Self::finished)).
     pub fn next_row(&mut self) -> Result<Option<Vec<Value>>, DecodeError> {
+        match self.next_row_lenient()? {
+            None => Ok(None),
+            Some((row, errors)) => match errors.into_iter().next() {
+                None => Ok(Some(row)),
+                Some((_, e)) => {
+                    self.bad_row = Some(row);
+                    Err(e)
+                }
+            },
+        }
+    }
+
+    /// Like [`next_row`](Self::next_row), but a value that fails to decode
+    /// is NULL in the row and reported with its column index beside it:
+    /// only a malformed stream is an error.
+    pub fn next_row_lenient(&mut self) -> Result<Option<LenientRow>, DecodeError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -466,22 +482,17 @@ impl CopyBinaryReader {
         if let Err(StepError::Stream(e)) = &r {
             self.failed = Some(e.clone());
         }
-        r.map_err(|e| match e {
-            StepError::Stream(e) => e,
-            StepError::Row(e, row) => {
-                self.bad_row = Some(row);
-                e
-            }
-        })
+        r.map_err(|StepError::Stream(e)| e)
     }
 
-    /// The row of the last row-level error, with the values that failed to
-    /// decode as NULL (so its key can name a dead letter).
+    /// The row of the last row-level error of [`next_row`](Self::next_row),
+    /// with the values that failed to decode as NULL (so its key can name a
+    /// dead letter).
     pub fn take_bad_row(&mut self) -> Option<Vec<Value>> {
         self.bad_row.take()
     }
 
-    fn step(&mut self) -> Result<Option<Vec<Value>>, StepError> {
+    fn step(&mut self) -> Result<Option<LenientRow>, StepError> {
         loop {
             match self.stage {
                 Stage::Done => return Ok(None),
@@ -565,11 +576,13 @@ impl CopyBinaryReader {
     }
 }
 
-/// A stream-level error (sticky) or a row's value error (row skipped;
-/// the row as far as it decoded, failed values NULL).
+/// A row with the values that failed to decode (NULL in the row), by
+/// column index.
+pub type LenientRow = (Vec<Value>, Vec<(usize, DecodeError)>);
+
+/// A stream-level error (sticky).
 enum StepError {
     Stream(DecodeError),
-    Row(DecodeError, Vec<Value>),
 }
 
 fn stream_error(detail: String) -> StepError {
@@ -635,7 +648,7 @@ fn extent(stage: Stage, ncols: usize, data: &[u8]) -> Result<Extent, StepError> 
 
 /// Acts on one complete unit: the header sets the stage, the trailer ends
 /// the stream, a tuple is decoded into a row.
-fn unit(stage: &mut Stage, types: &[PgType], data: &[u8]) -> Result<Option<Vec<Value>>, StepError> {
+fn unit(stage: &mut Stage, types: &[PgType], data: &[u8]) -> Result<Option<LenientRow>, StepError> {
     if *stage == Stage::Header {
         let flags = be_i32(data, 11);
         if flags & COPY_CRITICAL_FLAGS != 0 {
@@ -655,8 +668,8 @@ fn unit(stage: &mut Stage, types: &[PgType], data: &[u8]) -> Result<Option<Vec<V
     }
     // The framing was checked by `extent`.
     let mut row = Vec::with_capacity(types.len());
+    let mut errors = Vec::new();
     let mut at = 2usize;
-    let mut first_error = None;
     for (i, ty) in types.iter().enumerate() {
         let len = be_i32(data, at);
         at += 4;
@@ -669,18 +682,18 @@ fn unit(stage: &mut Stage, types: &[PgType], data: &[u8]) -> Result<Option<Vec<V
         match decode(ty.oid, &ty.name, ty.elem, field) {
             Ok(v) => row.push(v),
             Err(e) => {
+                errors.push((
+                    i,
+                    DecodeError {
+                        type_name: e.type_name,
+                        detail: format!("column {}: {}", i + 1, e.detail),
+                    },
+                ));
                 row.push(Value::Null);
-                first_error.get_or_insert(DecodeError {
-                    type_name: e.type_name,
-                    detail: format!("column {}: {}", i + 1, e.detail),
-                });
             }
         }
     }
-    match first_error {
-        Some(e) => Err(StepError::Row(e, row)),
-        None => Ok(Some(row)),
-    }
+    Ok(Some((row, errors)))
 }
 
 #[cfg(test)]
@@ -1476,6 +1489,26 @@ mod tests {
             r.next_row().unwrap_err().detail,
             "field 1 has invalid length -2"
         );
+    }
+
+    #[test]
+    fn lenient_rows_carry_their_undecodable_values() {
+        let types = vec![ty(oid::INT4), ty(oid::TEXT)];
+        let mut data = header(&[]);
+        tuple(&mut data, &[Some(vec![0, 0, 0, 3]), Some(b"\xff".to_vec())]);
+        tuple(&mut data, &[Some(vec![0, 0, 0, 4]), Some(b"next".to_vec())]);
+        data.extend_from_slice(&(-1i16).to_be_bytes());
+        let mut r = CopyBinaryReader::new(types);
+        r.push(Bytes::from(data));
+        let (row, errors) = r.next_row_lenient().unwrap().unwrap();
+        assert_eq!(row, vec![Value::Int(3), Value::Null]);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].0, 1);
+        assert!(errors[0].1.detail.starts_with("column 2: invalid UTF-8"));
+        let (row, errors) = r.next_row_lenient().unwrap().unwrap();
+        assert_eq!(row, vec![Value::Int(4), text("next")]);
+        assert!(errors.is_empty());
+        assert_eq!(r.next_row_lenient().unwrap(), None);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use tokio_postgres::Client;
 use tracing::{info, warn};
 
 use crate::config::{quote_ident, OnDelete};
+use crate::ops::status::format_lsn;
 use crate::source::pg::{self, quote_literal, APPLICATION_NAME};
 use crate::source::reader::SourceTable;
 use crate::source::SourceError;
@@ -15,15 +16,6 @@ use crate::source::SourceError;
 /// Lowest server version for replication mode (pgoutput `messages`,
 /// which the replication crate always requests, came in PostgreSQL 14).
 pub const MIN_VERSION: i32 = 140_000;
-
-/// What the slot looked like.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SlotState {
-    /// Created now; streaming starts at this LSN.
-    Created(u64),
-    /// Already there; confirmed up to this LSN.
-    Existing(u64),
-}
 
 /// Checks `wal_level`, the server version, and the role's REPLICATION
 /// attribute.
@@ -281,95 +273,122 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
-/// Makes sure the slot exists, is a pgoutput slot of this database, is not
-/// lost, and is not held by a stale session of ours.
-///
-/// `known_lsn`: the position cobi-sync confirmed before (0 if none). A
-/// missing or lost slot with a known position means changes may have been
-/// missed: that is an error unless `recreate` (the `snapshot` command).
-pub async fn ensure_slot(
-    client: &Client,
-    slot: &str,
-    known_lsn: u64,
-    recreate: bool,
-) -> Result<SlotState, SourceError> {
+/// What `pg_replication_slots` says about the configured slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotStatus {
+    /// There is no such slot.
+    Missing,
+    /// The server invalidated it (`wal_status = 'lost'`, or
+    /// `conflicting`/`invalidation_reason` on newer servers).
+    Lost,
+    /// It exists, confirmed up to this LSN.
+    Usable(u64),
+}
+
+/// Reads the slot's status, failing when the name belongs to a slot that is
+/// not a pgoutput logical slot of this database.
+pub async fn slot_status(client: &Client, slot: &str) -> Result<SlotStatus, SourceError> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, slot_type::text, database::text, active, active_pid, \
-                    COALESCE(wal_status, 'reserved'), confirmed_flush_lsn::text \
+            "SELECT plugin::text, slot_type::text, database::text, \
+                    COALESCE(wal_status, 'reserved'), confirmed_flush_lsn::text, \
+                    current_database()::text \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
         .map_err(db)?;
-    if let Some(r) = &row {
-        let plugin: Option<String> = r.get(0);
-        let slot_type: String = r.get(1);
-        let database: Option<String> = r.get(2);
-        let wal_status: String = r.get(5);
-        let current_db: String = client
-            .query_one("SELECT current_database()::text", &[])
-            .await
-            .map_err(db)?
-            .get(0);
-        if slot_type != "logical"
-            || plugin.as_deref() != Some("pgoutput")
-            || database.as_deref() != Some(current_db.as_str())
-        {
-            return Err(SourceError::Fatal(format!(
-                "replication slot {slot} exists but is not a pgoutput logical slot of database \
-                 {current_db}; choose another source.replication.slot or drop it: SELECT \
-                 pg_drop_replication_slot({});",
-                quote_literal(slot)
-            )));
-        }
-        if wal_status == "lost" {
-            if !recreate {
-                return Err(SourceError::Fatal(format!(
-                    "replication slot {slot} was invalidated by the server (WAL it needed was \
-                     removed, see max_slot_wal_keep_size): changes were missed. Run `cobi-sync \
-                     snapshot` to re-create the slot and re-sync every table (unchanged records \
-                     are not re-sent), then start the daemon again"
-                )));
-            }
-            terminate_ours(client, slot).await?;
-            client
-                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                .await
-                .map_err(db)?;
-        } else {
-            terminate_ours(client, slot).await?;
-            let lsn: Option<String> = r.get(6);
-            return Ok(SlotState::Existing(
-                lsn.as_deref().and_then(parse_lsn).unwrap_or(0),
-            ));
-        }
-    } else if known_lsn > 0 && !recreate {
+    let Some(r) = row else {
+        return Ok(SlotStatus::Missing);
+    };
+    let plugin: Option<String> = r.get(0);
+    let slot_type: String = r.get(1);
+    let database: Option<String> = r.get(2);
+    let wal_status: String = r.get(3);
+    let current_db: String = r.get(5);
+    if slot_type != "logical"
+        || plugin.as_deref() != Some("pgoutput")
+        || database.as_deref() != Some(current_db.as_str())
+    {
         return Err(SourceError::Fatal(format!(
-            "replication slot {slot} does not exist, but cobi-sync had confirmed changes up to \
-             {}: the slot was dropped and changes since then may have been missed. Run \
-             `cobi-sync snapshot` to re-create the slot and re-sync every table (unchanged records \
-             are not re-sent), then start the daemon again",
-            crate::ops::status::format_lsn(known_lsn)
+            "replication slot {slot} exists but is not a pgoutput logical slot of database \
+             {current_db}; choose another source.replication.slot or drop it: SELECT \
+             pg_drop_replication_slot({});",
+            quote_literal(slot)
         )));
     }
-    let r = client
-        .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+    if wal_status == "lost" {
+        return Ok(SlotStatus::Lost);
+    }
+    let lsn: Option<String> = r.get(4);
+    Ok(SlotStatus::Usable(
+        lsn.as_deref().and_then(parse_lsn).unwrap_or(0),
+    ))
+}
+
+/// Whether the slot lost changes cobi-sync has not delivered, and why:
+/// `known` is the position cobi-sync made durable (0: none yet).
+pub fn slot_loss(status: &SlotStatus, known: u64) -> Option<String> {
+    match status {
+        SlotStatus::Missing if known > 0 => Some(format!(
+            "the slot does not exist (it was dropped), and changes since {} (the last \
+             position cobi-sync delivered) may have been missed",
+            format_lsn(known)
+        )),
+        SlotStatus::Missing => None,
+        SlotStatus::Lost => Some(
+            "the server invalidated the slot (WAL it needed was removed, see \
+             max_slot_wal_keep_size): changes were missed"
+                .into(),
+        ),
+        SlotStatus::Usable(confirmed) if known > 0 && known < *confirmed => Some(format!(
+            "the slot is confirmed up to {} but the state directory only up to {}: the state \
+             directory is older than the slot (restored from a backup, or another daemon \
+             shares the slot), so the changes in between were never delivered",
+            format_lsn(*confirmed),
+            format_lsn(known)
+        )),
+        SlotStatus::Usable(_) => None,
+    }
+}
+
+/// Creates the slot (with `failover` on PostgreSQL 17+ when asked) and
+/// returns its starting LSN.
+pub async fn create_slot(client: &Client, slot: &str, failover: bool) -> Result<u64, SourceError> {
+    let version = pg::server_version(client).await.map_err(db)?;
+    let sql = if failover && version >= 170_000 {
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        if failover {
+            warn!(slot, "source.replication.failover needs PostgreSQL 17 or newer; creating the slot without it");
+        }
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
+    let r = client.query_one(sql, &[&slot]).await.map_err(|e| {
+        SourceError::Fatal(format!(
+            "cannot create replication slot {slot}: {} (is max_replication_slots reached? \
+             does the role have REPLICATION?)",
+            e.as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_string())
+        ))
+    })?;
+    let lsn: String = r.get(0);
+    info!(slot, lsn = %lsn, failover = failover && version >= 170_000, "replication slot created");
+    Ok(parse_lsn(&lsn).unwrap_or(0))
+}
+
+/// Drops the slot if it exists (terminating a stale walsender of ours).
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
+    terminate_ours(client, slot).await?;
+    client
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = $1",
             &[&slot],
         )
         .await
-        .map_err(|e| {
-            SourceError::Fatal(format!(
-                "cannot create replication slot {slot}: {} (is max_replication_slots reached? \
-                 does the role have REPLICATION?)",
-                e.as_db_error()
-                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
-            ))
-        })?;
-    let lsn: String = r.get(0);
-    info!(slot, lsn = %lsn, "replication slot created");
-    Ok(SlotState::Created(parse_lsn(&lsn).unwrap_or(0)))
+        .map_err(db)?;
+    Ok(())
 }
 
 /// Terminates a walsender of ours (same application name) still holding
@@ -377,13 +396,14 @@ pub async fn ensure_slot(
 pub async fn terminate_ours(client: &Client, slot: &str) -> Result<(), SourceError> {
     for _ in 0..50 {
         let row = client
-            .query_one(
+            .query_opt(
                 "SELECT s.active_pid, a.application_name::text FROM pg_replication_slots s \
                  LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = $1",
                 &[&slot],
             )
             .await
             .map_err(db)?;
+        let Some(row) = row else { return Ok(()) };
         let pid: Option<i32> = row.get(0);
         let app: Option<String> = row.get(1);
         let Some(pid) = pid else { return Ok(()) };
