@@ -36,30 +36,26 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::Settings;
 use crate::model::schema::{schema, TypeId};
 use crate::ops::health::Health;
+use crate::ops::live::Live;
 use crate::ops::metrics::Metrics;
 use crate::ops::{dlq, status};
-use crate::sink::SinkHandle;
 use crate::source::replication::ResyncRequest;
 use crate::state::StateStore;
 
 /// What the handlers need.
 #[derive(Clone)]
 pub struct AppState {
-    /// Settings.
-    pub settings: Arc<Settings>,
+    /// The settings in force, the running sink and the replication
+    /// source's `resync` channel (a SIGHUP replaces them).
+    pub live: Arc<Live>,
     /// The state store.
     pub store: Arc<dyn StateStore>,
     /// Health flags.
     pub health: Arc<Health>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// The running sink (for replay).
-    pub sink: SinkHandle,
-    /// Re-copy requests to the replication source (`None` in poll mode).
-    pub resync: Option<tokio::sync::mpsc::Sender<ResyncRequest>>,
     /// The endpoint token the protected routes require; `None` refuses
     /// them all.
     pub token: Option<Arc<str>>,
@@ -224,9 +220,10 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    let types: Vec<TypeId> = s.settings.mappings.iter().map(|m| m.ty).collect();
+    let settings = s.live.settings();
+    let types: Vec<TypeId> = settings.mappings.iter().map(|m| m.ty).collect();
     let dead = s.store.dead_letter_counts().unwrap_or_default();
-    s.metrics.refresh(&dead, &types, &s.settings.state.dir);
+    s.metrics.refresh(&dead, &types, &settings.state.dir);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -247,7 +244,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 async fn status_handler(State(s): State<AppState>) -> Response {
     let h = s.health.report();
-    let (settings, store) = (s.settings.clone(), s.store.clone());
+    let (settings, store) = (s.live.settings(), s.store.clone());
     match blocking(move || status::build(&settings, store.as_ref(), Some(&h))).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
@@ -266,12 +263,25 @@ async fn dlq_list(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Resp
     }
 }
 
+/// 503 while a SIGHUP restarts the pipeline (no sink or source to reach).
+fn restarting() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the pipeline is restarting to apply a reloaded configuration; try again in a few \
+         seconds\n",
+    )
+        .into_response()
+}
+
 async fn dlq_replay(State(s): State<AppState>, Query(q): Query<TypeQuery>) -> Response {
     let ty = match type_param(&q) {
         Ok(t) => t,
         Err(r) => return *r,
     };
-    match dlq::replay(s.store.clone(), &s.sink, ty).await {
+    let Some(sink) = s.live.sink() else {
+        return restarting();
+    };
+    match dlq::replay(s.store.clone(), &sink, ty).await {
         Ok(r) => {
             info!(
                 replayed = r.replayed,
@@ -330,7 +340,10 @@ async fn resync(State(s): State<AppState>, Query(q): Query<ResyncQuery>) -> Resp
         )
             .into_response();
     }
-    let Some(tx) = &s.resync else {
+    let Some(running) = s.live.running() else {
+        return restarting();
+    };
+    let Some(tx) = running.resync else {
         return (
             StatusCode::CONFLICT,
             "resync while running needs replication mode; in poll mode stop the daemon and run \

@@ -3,7 +3,9 @@
 
 pub mod dlq;
 pub mod health;
+pub mod heartbeat;
 pub mod http;
+pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod reload;
@@ -11,3 +13,4 @@ pub mod status;
 pub mod systemd;
 pub mod teardown;
 pub mod token;
+pub mod watchdog;

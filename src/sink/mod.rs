@@ -196,18 +196,22 @@ impl SinkHandle {
         if items.is_empty() {
             return Ok(());
         }
-        self.tx.send(items).await.map_err(|_| SinkClosed)
+        // Waiting on the (watched) sink is a healthy wait for the source.
+        crate::ops::heartbeat::idle(self.tx.send(items))
+            .await
+            .map_err(|_| SinkClosed)
     }
 
     /// Waits until everything sent before is durable.
     pub async fn barrier(&self) -> Result<(), SinkClosed> {
         let (tx, rx) = oneshot::channel();
         self.send(vec![SinkItem::Barrier(tx)]).await?;
-        rx.await.map_err(|_| SinkClosed)
+        crate::ops::heartbeat::idle(rx)
+            .await
+            .map_err(|_| SinkClosed)
     }
 
-    /// Which mappings keep delete images (sources report each table's
-    /// replica identity here).
+    /// Which mappings keep delete images.
     pub fn images(&self) -> &ImagePolicy {
         &self.images
     }
@@ -253,7 +257,7 @@ pub fn spawn(
     });
     let images = cfg.images.clone();
     let shared = task::Shared::new(cfg, client, store, metrics, health, stop);
-    let task = tokio::spawn(task::run(shared, rx, dtx));
+    let task = crate::ops::heartbeat::spawn("sink", task::run(shared, rx, dtx));
     (
         SinkHandle {
             tx,

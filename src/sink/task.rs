@@ -112,6 +112,7 @@ pub(super) async fn run(
     };
     *shared.lettered.lock().expect("lock") = lettered;
     loop {
+        crate::ops::heartbeat::tick();
         if committing.is_none() {
             if let Some((epoch, writes)) = waiting.take() {
                 committing = Some(tokio::spawn(commit_epoch(shared.clone(), epoch, writes)));
@@ -144,6 +145,12 @@ pub(super) async fn run(
             .started
             .map(|s| tokio::time::Instant::from_std(s + cfg.linger));
         let idle = sending.is_none() && waiting.is_none();
+        // For the watchdog, waiting is healthy unless a commit to the state
+        // store is what it waits for (that must finish promptly); an epoch
+        // in flight is bounded by `api.timeout` and retried with backoff.
+        let _healthy_wait = committing
+            .is_none()
+            .then(crate::ops::heartbeat::Idle::enter);
         tokio::select! {
             items = rx.recv(), if accepting => match items {
                 Some(items) => {

@@ -72,8 +72,12 @@ pub async fn backoff_sleep(stop: &CancellationToken, attempt: &mut u32) -> bool 
         rand::random(),
     );
     *attempt = attempt.saturating_add(1);
-    tokio::select! {
-        _ = tokio::time::sleep(d) => true,
-        _ = stop.cancelled() => false,
-    }
+    // A backoff that logged what fails is a healthy wait (the watchdog).
+    crate::ops::heartbeat::idle(async {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = stop.cancelled() => false,
+        }
+    })
+    .await
 }

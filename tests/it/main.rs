@@ -10,6 +10,7 @@ mod config_cli;
 mod demo;
 mod features;
 mod ops;
+mod ops_reload;
 mod oracle;
 mod packaging;
 mod partner;

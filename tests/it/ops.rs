@@ -350,15 +350,62 @@ region = { column = "country", transform = "upper" }
         std::sync::Arc::new(cobi_sync::state::MemoryStore::new());
     let pipeline = cobi_sync::daemon::Pipeline::start(&settings, store.clone()).unwrap();
     let state = cobi_sync::ops::http::AppState {
-        settings: std::sync::Arc::new(settings),
+        live: cobi_sync::ops::live::Live::new(
+            std::sync::Arc::new(settings),
+            Some(cobi_sync::ops::live::Running {
+                sink: pipeline.sink.clone(),
+                resync: None,
+            }),
+        ),
         store,
         health: pipeline.health.clone(),
         metrics: pipeline.metrics.clone(),
-        sink: pipeline.sink.clone(),
-        resync: None,
         token: Some(TOKEN.into()),
     };
     (pipeline, state)
+}
+
+/// While a SIGHUP restarts the pipeline (no sink or source to reach),
+/// `/resync` and `/dlq/replay` answer 503 saying so; in poll mode with a
+/// pipeline running, `/resync` answers 409 with the command to use instead.
+#[tokio::test]
+async fn resync_and_replay_answer_503_while_the_pipeline_restarts() {
+    use axum::extract::connect_info::MockConnectInfo;
+    use cobi_sync::ops::http::{router, Peer};
+    let (pipeline, state) = endpoint_state();
+    let app = router(state.clone()).layer(MockConnectInfo(Peer {
+        remote: "127.0.0.1:40000".parse().unwrap(),
+        local: "127.0.0.1:9187".parse().unwrap(),
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let served = tokio::spawn(async move { axum::serve(listener, app).await });
+    let post = |path: &'static str| {
+        let url = format!("{base}{path}");
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (code, body) = post("/resync?types=shops").await;
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("snapshot --force"), "{body}");
+
+    state.live.pause();
+    for path in ["/resync?types=shops", "/dlq/replay?type=shops"] {
+        let (code, body) = post(path).await;
+        assert_eq!(code, 503, "{path}: {body}");
+        assert!(body.contains("restarting"), "{path}: {body}");
+    }
+    served.abort();
+    let _ = served.await;
+    drop(state);
+    pipeline.drain(Duration::from_secs(1)).await;
 }
 
 /// Other hosts get health and metrics but not the dead letters (record
@@ -586,12 +633,12 @@ async fn sighup_applies_the_log_level_and_keeps_running() {
         async move { n == 5 }
     })
     .await;
-    // debug, and a batch size that needs a restart.
+    // debug, and a poll page size that needs a restart.
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(
         &cfg,
         text.replace("level = \"info\"", "level = \"debug\"")
-            .replace("[batch]\n", "[batch]\nmax_records = 100\n"),
+            .replace("page_size = 500", "page_size = 100"),
     )
     .unwrap();
     let lines_before = d.log_text().lines().count();
@@ -617,7 +664,7 @@ async fn sighup_applies_the_log_level_and_keeps_running() {
     );
     let log = d.log_text();
     assert!(
-        log.contains("SIGHUP: batch changed but cannot change while running"),
+        log.contains("SIGHUP: source.poll changed but cannot change while running"),
         "{log}"
     );
     assert!(

@@ -1119,12 +1119,16 @@ async fn store_calls_run_off_the_async_workers() {
     let port = free_port();
     let stop = tokio_util::sync::CancellationToken::new();
     let state = cobi_sync::ops::http::AppState {
-        settings: Arc::new(settings.clone()),
+        live: cobi_sync::ops::live::Live::new(
+            Arc::new(settings.clone()),
+            Some(cobi_sync::ops::live::Running {
+                sink: p.sink.clone(),
+                resync: None,
+            }),
+        ),
         store: dyn_store.clone(),
         health: p.health.clone(),
         metrics: p.metrics.clone(),
-        sink: p.sink.clone(),
-        resync: None,
         token: Some("t0ken".into()),
     };
     let server = cobi_sync::ops::http::serve(

@@ -165,11 +165,12 @@ impl PollSource {
             let ms = mappings.as_mut().expect("resolved");
             // Tick loop on this connection.
             loop {
+                crate::ops::heartbeat::tick();
                 if !first {
                     let at = next_tick.unwrap_or_else(|| self.next_after(Utc::now()));
                     let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
                     tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
+                        _ = crate::ops::heartbeat::idle(tokio::time::sleep(wait)) => {}
                         _ = self.stop.cancelled() => return Ok(()),
                     }
                     next_tick = None;

@@ -3,7 +3,11 @@
 //! feeds stream events and read results to [`Watermarks`], and carries out
 //! its verdicts (send to the sink, read a chunk, emit a watermark). It
 //! reconnects on transient failures with growing backoff, applies the
-//! `on_slot_lost` policy, and takes `resync` requests.
+//! `on_slot_lost` policy, and takes `resync` requests. Each turn of the
+//! stream loop ticks the task's heartbeat, and its wait for the next event
+//! counts as healthy ([`crate::ops::heartbeat`]): the periodic heartbeat
+//! statement runs outside that wait, so a database that stops answering
+//! still stops the systemd watchdog.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -39,7 +43,7 @@ use super::pgoutput::{self, Message, Tuple};
 use super::reads;
 use super::relations::{decode_tuple, Relations};
 use super::setup::{self, SlotStatus};
-use super::stream::{self, ReplicationStream, StreamEvent};
+use super::stream::{self, ReplicationStream, StreamError, StreamEvent};
 use super::watermark::{Change, Phase, Read, Verdict, Watermarks};
 use super::{ResyncRequest, CHUNK_ROWS, HEARTBEAT_PREFIX, WATERMARK_PREFIX};
 
@@ -359,33 +363,48 @@ impl Replicator {
         let reference = reads::current_snapshot(client, self.url()).await?;
         self.machine.set_reference(reference);
         loop {
+            crate::ops::heartbeat::tick();
             if self.in_tx.is_none() {
                 if let Some(end) = self.between_transactions(client).await? {
                     return Ok(end);
                 }
             }
             let retry = self.copy.wait.retry_at;
-            tokio::select! {
-                ev = stream.recv() => match ev {
-                    Ok(Some(ev)) => self.on_event(client, ev).await?,
-                    Ok(None) => return Err(SessionError::Transient("the replication stream ended".into())),
-                    Err(e) => return Err(SessionError::Transient(e.message)),
-                },
-                changed = durable.changed() => {
-                    if changed.is_err() {
-                        return Err(SessionError::fatal(SINK_STOPPED));
-                    }
+            // A healthy wait for the watchdog: the heartbeat below runs a
+            // statement at least every `HEARTBEAT`, outside this wait, so a
+            // database that stops answering still shows as a stuck source.
+            let wake = {
+                let _idle = crate::ops::heartbeat::Idle::enter();
+                tokio::select! {
+                    ev = stream.recv() => Wake::Stream(ev),
+                    changed = durable.changed() => Wake::Durable(changed.is_ok()),
+                    _ = heartbeat.tick() => Wake::Heartbeat,
+                    Some(req) = next_request(&mut self.resync) => Wake::Resync(req),
+                    _ = sleep_until(retry) => Wake::Retry,
+                    _ = self.env.stop.cancelled() => Wake::Stop,
+                }
+            };
+            match wake {
+                Wake::Stream(Ok(Some(ev))) => self.on_event(client, ev).await?,
+                Wake::Stream(Ok(None)) => {
+                    return Err(SessionError::Transient(
+                        "the replication stream ended".into(),
+                    ))
+                }
+                Wake::Stream(Err(e)) => return Err(SessionError::Transient(e.message)),
+                Wake::Durable(false) => return Err(SessionError::fatal(SINK_STOPPED)),
+                Wake::Durable(true) => {
                     if let Some(r) = &durable.borrow_and_update().replication {
                         stream.confirm(r.lsn);
                     }
-                },
-                _ = heartbeat.tick() => {
+                }
+                Wake::Heartbeat => {
                     self.heartbeat(client).await?;
                     self.check_lag(client).await?;
-                },
-                Some(req) = next_request(&mut self.resync) => self.on_resync(client, req).await?,
-                _ = sleep_until(retry) => {},
-                _ = self.env.stop.cancelled() => return Ok(End::Stopped),
+                }
+                Wake::Resync(req) => self.on_resync(client, req).await?,
+                Wake::Retry => {}
+                Wake::Stop => return Ok(End::Stopped),
             }
         }
     }
@@ -572,6 +591,17 @@ pub fn position_values(t: &SourceTable, p: &Position) -> Vec<Value> {
                 .unwrap_or(Value::Text(text.as_str().into())),
         })
         .collect()
+}
+
+/// What woke the stream loop.
+enum Wake {
+    Stream(Result<Option<StreamEvent>, StreamError>),
+    /// The sink's durable position moved (`false`: the sink stopped).
+    Durable(bool),
+    Heartbeat,
+    Resync(ResyncRequest),
+    Retry,
+    Stop,
 }
 
 async fn next_request(rx: &mut Option<mpsc::Receiver<ResyncRequest>>) -> Option<ResyncRequest> {
