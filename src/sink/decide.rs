@@ -24,15 +24,15 @@ use crate::state::{KeyState, KeyStatus};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum Resend {
     /// The row was read again without evidence that it changed (a poll
-    /// re-read: a table without a cursor read in full every tick, the
-    /// `lookback` window, the late-commit guard's window, NULL-cursor
+    /// read that repeats every tick: a table without a cursor, NULL-cursor
     /// rows): identical to what was accepted *or dead-lettered*, it is
-    /// skipped — re-sending a rejected record every tick would only churn
-    /// its letter. `dlq replay` or a change of the row sends it again.
+    /// skipped — re-sending a rejected record every tick forever would
+    /// only churn its letter. A change of the row or `dlq replay` sends it
+    /// again.
     Reread,
-    /// A change of the row (a replication change, a poll row past the
-    /// saved position, a first read): skipped only when identical to what
-    /// the API accepted.
+    /// A change of the row (a replication change, a copy, a poll row read
+    /// by the cursor walk — including its bounded lookback and late-commit
+    /// windows): skipped only when identical to what the API accepted.
     #[default]
     Changed,
     /// `snapshot --force`: sent even if unchanged.

@@ -545,7 +545,7 @@ impl PollSource {
         t: &SourceTable,
         sql: &str,
         progress: &mut Option<Progress>,
-        seen: &mut Seen,
+        resend: Resend,
     ) -> Result<(u64, Option<Position>), TickError> {
         let mut rows = RowStream::start(tx, sql, t.types()).await?;
         let mut n = 0u64;
@@ -566,7 +566,7 @@ impl PollSource {
             if let Some(p) = progress {
                 p.add(batch.len() as u64);
             }
-            self.send(items_of(t, batch, bad, seen)).await?;
+            self.send(items_of(t, batch, bad, resend)).await?;
         }
         Ok((n, last))
     }
@@ -593,13 +593,16 @@ impl PollSource {
         // No lower bound at all (a bound said "every row"): from the first
         // row, not from the position.
         let mut after = from.as_ref().and(pm.position.clone());
-        // Rows up to the position at the start were read before: the
-        // lookback and the guard's windows are re-reads.
-        let mut seen = Seen::up_to(pm.position.clone(), true);
+        // Rows re-read inside the lookback and the guard's windows count as
+        // changes: a dead letter among them is sent again while the window
+        // lasts (its parent may have arrived since), which is bounded — the
+        // window moves on with the position.
         let mut read = 0u64;
         loop {
             let sql = t.poll_page_sql(after.as_ref(), from.as_deref(), page);
-            let (n, last) = self.stream(tx, t, &sql, &mut progress, &mut seen).await?;
+            let (n, last) = self
+                .stream(tx, t, &sql, &mut progress, Resend::Changed)
+                .await?;
             read += n;
             if let Some(pos) = last {
                 self.advance(pm.table.mapping.id.to_string(), &mut pm.position, &pos)
@@ -647,15 +650,13 @@ impl PollSource {
     ) -> Result<u64, TickError> {
         let t = &pm.table;
         let mut progress = Some(Progress::new(&t.mapping.label(), None));
-        // In key order: each row is compared with the position.
-        let mut seen = Seen::up_to(pm.position.clone(), false);
         let (n, _) = self
             .stream(
                 tx,
                 t,
                 &t.key_chunk_sql(None, None),
                 &mut progress,
-                &mut seen,
+                Resend::Changed,
             )
             .await?;
         if let Some(p) = progress {
@@ -695,8 +696,9 @@ impl PollSource {
                 }
                 n += batch.len();
                 after = batch.last().map(|r| t.position_of(r).key);
-                // No cursor: nothing tells a change from a re-read.
-                self.send(items_of(t, batch, bad, &mut Seen::All)).await?;
+                // No cursor: every tick reads every row again, and nothing
+                // tells a change from a re-read.
+                self.send(items_of(t, batch, bad, Resend::Reread)).await?;
             }
             read += n as u64;
             if let Some(p) = &mut progress {
@@ -722,7 +724,7 @@ impl PollSource {
         let t = &pm.table;
         if t.cursor.is_some() {
             let (n, _) = self
-                .stream(tx, t, &t.null_cursor_sql(), &mut None, &mut Seen::All)
+                .stream(tx, t, &t.null_cursor_sql(), &mut None, Resend::Reread)
                 .await?;
             if n > 0 {
                 debug!(mapping = %t.mapping.label(), rows = n, "re-read rows with a NULL cursor");
@@ -827,57 +829,17 @@ fn position_mismatch(
     None
 }
 
-/// Which rows of a read the poller has read before (DESIGN.md §4.5): a
-/// re-read of a row is [`Resend::Reread`] — identical to its dead letter,
-/// it is not sent again every tick — while a row past the saved position
-/// is a change.
-enum Seen {
-    /// Every row was read before (no cursor, NULL-cursor rows).
-    All,
-    /// Rows at or below this position were read before; `None`: none
-    /// (a first read). `ordered`: rows come in `(cursor, key)` order, so
-    /// once one is past the position every later one is.
-    UpTo {
-        position: Option<Position>,
-        ordered: bool,
-    },
-}
-
-impl Seen {
-    fn up_to(position: Option<Position>, ordered: bool) -> Seen {
-        Seen::UpTo { position, ordered }
-    }
-
-    fn resend(&mut self, t: &SourceTable, row: &[Value]) -> Resend {
-        match self {
-            Seen::All => Resend::Reread,
-            Seen::UpTo { position: None, .. } => Resend::Changed,
-            Seen::UpTo {
-                position: Some(p),
-                ordered,
-            } => {
-                if t.position_of(row).cmp_values(p).is_gt() {
-                    if *ordered {
-                        *self = Seen::up_to(None, true);
-                    }
-                    Resend::Changed
-                } else {
-                    Resend::Reread
-                }
-            }
-        }
-    }
-}
-
 /// Rows to sink items; rows that failed to decode become dead letters
-/// naming why (the rest of the record as far as it mapped).
+/// naming why (the rest of the record as far as it mapped). `resend`:
+/// [`Resend::Reread`] for reads that repeat every tick without evidence of
+/// a change (a table without a cursor, NULL-cursor rows) — an unchanged
+/// dead letter among them is not sent again each time (DESIGN.md §4.5).
 fn items_of(
     t: &SourceTable,
     rows: Vec<Vec<Value>>,
     bad: Vec<(usize, String)>,
-    seen: &mut Seen,
+    resend: Resend,
 ) -> Vec<SinkItem> {
-    let resends: Vec<Resend> = rows.iter().map(|r| seen.resend(t, r)).collect();
     let reasons: std::collections::HashMap<usize, String> = bad.into_iter().collect();
     let mut items = if reasons.is_empty() {
         mapped_items(t, rows)
@@ -913,9 +875,11 @@ fn items_of(
             })
             .collect()
     };
-    for (item, r) in items.iter_mut().zip(resends) {
-        if let SinkItem::Upsert { resend, .. } = item {
-            *resend = r;
+    if resend != Resend::Changed {
+        for item in &mut items {
+            if let SinkItem::Upsert { resend: r, .. } = item {
+                *r = resend;
+            }
         }
     }
     items
