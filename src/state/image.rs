@@ -111,7 +111,9 @@ pub fn encode(record: &Record) -> Option<Bytes> {
             put_value(v, &mut out);
         }
     }
-    Some(Bytes::from(out))
+    // Exactly its length: `out` grew by doubling, and the image outlives
+    // the epoch (in its writes and the overlay until committed).
+    Some(Bytes::copy_from_slice(&out))
 }
 
 fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {

@@ -190,6 +190,7 @@ impl Locator {
 /// Reads key states; pages read are kept for the call.
 pub struct Reader<'a> {
     tree: &'a sled::Tree,
+    images: &'a sled::Tree,
     dirs: &'a Dirs,
     locator: Locator,
     ints: FxHashMap<Vec<u8>, Option<Page>>,
@@ -197,10 +198,12 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    /// A reader over `tree` (every prefix read must be loaded in `dirs`).
-    pub fn new(tree: &'a sled::Tree, dirs: &'a Dirs) -> Self {
+    /// A reader over `tree` and its `images` tree (every prefix read must
+    /// be loaded in `dirs`).
+    pub fn new(tree: &'a sled::Tree, images: &'a sled::Tree, dirs: &'a Dirs) -> Self {
         Reader {
             tree,
+            images,
             dirs,
             locator: Locator::default(),
             ints: FxHashMap::default(),
@@ -212,7 +215,7 @@ impl<'a> Reader<'a> {
     pub fn get(&mut self, prefix: &[u8], source_key: &str) -> Result<Option<KeyState>, StateError> {
         match self.locator.place(self.dirs, prefix, source_key) {
             Place::Int { key, slot } => {
-                let page = match self.ints.entry(key) {
+                let page = match self.ints.entry(key.clone()) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(e) => {
                         let p = match self.tree.get(e.key()).map_err(err("read"))? {
@@ -222,7 +225,22 @@ impl<'a> Reader<'a> {
                         e.insert(p)
                     }
                 };
-                Ok(page.as_ref().and_then(|p| p.get(slot)))
+                let Some(page) = page.as_ref() else {
+                    return Ok(None);
+                };
+                let mut state = page.get(slot);
+                if let Some(s) = state.as_mut().filter(|_| page.has_stored_image(slot)) {
+                    // Written before the page that marks it (see
+                    // Writer::write); absent only if a concurrent apply
+                    // removed it after this page was read (the key is
+                    // then seen as it is after that apply, without one).
+                    s.delete_image = self
+                        .images
+                        .get(pages::image_key(&key, slot))
+                        .map_err(err("read"))?
+                        .map(|i| bytes::Bytes::copy_from_slice(&i));
+                }
+                Ok(state)
             }
             Place::Range { page: None, .. } => Ok(None),
             Place::Range {
@@ -250,8 +268,12 @@ impl<'a> Reader<'a> {
 /// A group of key writes, turned into page writes by [`Writer::write`].
 pub struct Writer<'a> {
     tree: &'a sled::Tree,
+    images: &'a sled::Tree,
     locator: Locator,
     ints: FxHashMap<Vec<u8>, (Page, bool)>,
+    /// Integer keys' delete images: `images` key → the image (`None`:
+    /// remove it).
+    int_images: FxHashMap<Vec<u8>, Option<bytes::Bytes>>,
     /// Page key → the page's changes.
     ranges: FxHashMap<Vec<u8>, PageChanges>,
 }
@@ -264,12 +286,14 @@ type PageChanges = (Vec<u8>, Vec<u8>, Vec<Change>);
 type Splits = Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)>;
 
 impl<'a> Writer<'a> {
-    /// A writer over `tree`.
-    pub fn new(tree: &'a sled::Tree) -> Self {
+    /// A writer over `tree` and its `images` tree.
+    pub fn new(tree: &'a sled::Tree, images: &'a sled::Tree) -> Self {
         Writer {
             tree,
+            images,
             locator: Locator::default(),
             ints: FxHashMap::default(),
+            int_images: FxHashMap::default(),
             ranges: FxHashMap::default(),
         }
     }
@@ -285,22 +309,35 @@ impl<'a> Writer<'a> {
     ) -> Result<(), StateError> {
         match self.locator.place(dirs, prefix, source_key) {
             Place::Int { key, slot } => {
-                let page = match self.ints.entry(key) {
+                let page = match self.ints.entry(key.clone()) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(e) => {
-                        let p = match self.tree.get(e.key()).map_err(err("read"))? {
+                        let mut p = match self.tree.get(e.key()).map_err(err("read"))? {
                             Some(v) => decode_page(&v)?,
                             None => Page::default(),
                         };
-                        e.insert((p, false))
+                        // A version 2 page: its images move out when it is
+                        // rewritten (which it now is).
+                        let inline = p.take_inline_images();
+                        let changed = !inline.is_empty();
+                        for (s, image) in inline {
+                            self.int_images
+                                .insert(pages::image_key(e.key(), s), Some(image));
+                        }
+                        e.insert((p, changed))
                     }
                 };
+                let had_image = page.0.has_stored_image(slot);
+                let image = state.and_then(|s| s.delete_image.clone());
                 match state {
                     Some(s) => {
                         page.0.set(slot, s);
                         page.1 = true;
                     }
                     None => page.1 |= page.0.clear(slot),
+                }
+                if image.is_some() || had_image {
+                    self.int_images.insert(pages::image_key(&key, slot), image);
                 }
             }
             Place::Range { page, code } => {
@@ -324,14 +361,32 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
-    /// Writes every changed page: range pages that keep their size, then
-    /// split ones (under `dirs` exclusively, see the module doc), then
-    /// integer pages. An empty integer page is removed; range pages never
-    /// are.
+    /// Writes every changed page: integer keys' new delete images first,
+    /// then range pages that keep their size, split ones (under `dirs`
+    /// exclusively, see the module doc), integer pages, and last the
+    /// removals of integer keys' images. sled recovers a prefix of its log,
+    /// so a page never marks an image that is not stored; a crash can
+    /// only leave an image no page marks (never read, replaced when its
+    /// key gets one again). An empty integer page is removed; range pages
+    /// never are.
     pub fn write(self, dirs: &parking_lot::RwLock<Dirs>) -> Result<(), StateError> {
         let Writer {
-            tree, ints, ranges, ..
+            tree,
+            images,
+            ints,
+            ranges,
+            int_images,
+            ..
         } = self;
+        let mut int_images: Vec<_> = int_images.into_iter().collect();
+        int_images.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (k, image) in &int_images {
+            if let Some(image) = image {
+                images
+                    .insert(k.as_slice(), image.as_ref())
+                    .map_err(err("write"))?;
+            }
+        }
         let mut changed: Vec<_> = ranges.into_iter().collect();
         changed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut splits: Splits = Vec::new();
@@ -399,6 +454,11 @@ impl<'a> Writer<'a> {
                 tree.insert(k, page.encode()).map_err(err("write"))?;
             }
         }
+        for (k, image) in int_images {
+            if image.is_none() {
+                images.remove(k).map_err(err("write"))?;
+            }
+        }
         Ok(())
     }
 }
@@ -457,6 +517,7 @@ const MIGRATE_GROUP: usize = 10_000;
 /// many entries were converted.
 pub fn migrate(
     tree: &sled::Tree,
+    images: &sled::Tree,
     meta: &sled::Tree,
     dirs: &parking_lot::RwLock<Dirs>,
 ) -> Result<usize, StateError> {
@@ -491,7 +552,7 @@ pub fn migrate(
         let Some(last) = group.last().map(|(k, _)| k.clone()) else {
             break;
         };
-        let mut w = Writer::new(tree);
+        let mut w = Writer::new(tree, images);
         for (k, v) in &group {
             let (Some(prefix), Some(sk)) = (k.get(..PREFIX), super::StateKey::source_key_of(k))
             else {

@@ -6,23 +6,36 @@
 //! 20 bytes per key. So a key whose source key is a canonical unsigned
 //! integer `n` (`"0"`, `"42"`, not `"007"` or `"-1"`) shares a *page* with
 //! the 63 integers next to it: page `n / 64`, slot `n % 64`. A page holds
-//! each present slot's status and fingerprint, and its delete image where
-//! the mapping keeps one; an epoch of 10 000 consecutive ids writes ~160
-//! pages instead of 10 000 entries. Every other key lives in a hashed page
-//! ([`super::hashed`]); which form a key takes depends on its text only.
+//! each present slot's status and fingerprint, and a bit per slot saying
+//! whether the key has a delete image; the image itself is one entry of
+//! the `images` tree under [`image_key`]. An epoch of 10 000 consecutive
+//! ids writes ~160 pages instead of 10 000 entries. Every other key lives
+//! in a range page ([`super::ranges`]); which form a key takes depends on
+//! its text only.
+//!
+//! Why images are not in the page: sled (0.34) counts a cache access per
+//! tree operation and only evaluates its LRU once 64 accesses of one of
+//! its 256 shards have queued up. A page of 64 ~280-byte images is ~18
+//! KiB written with one access, so the nodes of a bulk load were never
+//! evicted: RSS grew by ~350 bytes per record, far past the cache's
+//! capacity. One small entry per image keeps the bytes per access small
+//! and sled's cache bounded.
 //!
 //! Page keys are `[type][mapping hash][0xFF][page, 8 bytes big-endian]`:
 //! 0xFF never occurs in UTF-8, so no per-key entry of the first layout
 //! (whose suffix is the source key's UTF-8) shares or sorts into that range.
 //!
 //! Encodings: version 1, `[1][present: u64 BE]` then per present slot
-//! `[status][fingerprint: u64 BE]` (no slot has an image); version 2, the
-//! same with each slot followed by its image as `[varint len + 1][bytes]`
-//! (`0`: none).
+//! `[status][fingerprint: u64 BE]` (no slot has an image); version 3, `[3]
+//! [present][imaged: u64 BE]` then the same slots (a slot whose `imaged`
+//! bit is set has its image in the `images` tree). Version 2 (each slot
+//! followed by its image as `[varint len + 1][bytes]`, `0`: none) is still
+//! read: a writer moves its images to the `images` tree when it rewrites
+//! the page ([`Page::take_inline_images`]).
 
 use bytes::Bytes;
 
-use super::keycode::{canonical_u64, get_varint, put_varint};
+use super::keycode::{canonical_u64, get_varint};
 use super::{decode_fixed, encode_fixed, KeyState, KeyStatus, FIXED_BYTES};
 
 /// Slots per page.
@@ -34,8 +47,11 @@ pub const PAGE_MARK: u8 = 0xFF;
 /// First byte of an encoded page without images (format version).
 const VERSION: u8 = 1;
 
-/// First byte of an encoded page with images.
+/// First byte of an encoded page with images inline (read only).
 const VERSION_IMAGES: u8 = 2;
+
+/// First byte of an encoded page whose images are in the `images` tree.
+const VERSION_IMAGED: u8 = 3;
 
 /// Bytes of one slot: status and fingerprint, as in a per-key entry.
 const SLOT_BYTES: usize = FIXED_BYTES;
@@ -70,7 +86,17 @@ pub fn page_of_key(prefix_len: usize, key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(rest[1..].try_into().ok()?))
 }
 
-/// One slot: status, fingerprint, delete image.
+/// The `images` tree key of a slot's delete image: the page key and the
+/// slot (keys of consecutive ids are consecutive, so a bulk load appends).
+pub fn image_key(page_key: &[u8], slot: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(page_key.len() + 1);
+    k.extend_from_slice(page_key);
+    k.push(slot);
+    k
+}
+
+/// One slot: status, fingerprint, delete image held inline (only in a
+/// page read in version 2).
 type Slot = (KeyStatus, u64, Option<Bytes>);
 
 fn slot_state((status, fingerprint, image): &Slot) -> KeyState {
@@ -81,10 +107,12 @@ fn slot_state((status, fingerprint, image): &Slot) -> KeyState {
     }
 }
 
-/// One page: which slots are present, and their states.
+/// One page: which slots are present, their states, and which have a
+/// delete image in the `images` tree.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Page {
     present: u64,
+    imaged: u64,
     slots: Vec<Slot>,
 }
 
@@ -102,16 +130,28 @@ impl Page {
         self.present & (1u64 << slot) != 0
     }
 
-    /// The state at `slot`.
+    /// The state at `slot`. Its delete image is only there if it was
+    /// inline (version 2): see [`Page::has_stored_image`].
     pub fn get(&self, slot: u8) -> Option<KeyState> {
         self.has(slot)
             .then(|| slot_state(&self.slots[self.index(slot)]))
     }
 
-    /// Sets `slot`.
+    /// Whether `slot`'s delete image is in the `images` tree.
+    pub fn has_stored_image(&self, slot: u8) -> bool {
+        self.imaged & (1u64 << slot) != 0
+    }
+
+    /// Sets `slot`; its image (if any) is to be written to the `images`
+    /// tree by the caller: the page only records that there is one.
     pub fn set(&mut self, slot: u8, state: &KeyState) {
         let i = self.index(slot);
-        let v = (state.status, state.fingerprint, state.delete_image.clone());
+        let v = (state.status, state.fingerprint, None);
+        if state.delete_image.is_some() {
+            self.imaged |= 1u64 << slot;
+        } else {
+            self.imaged &= !(1u64 << slot);
+        }
         if self.has(slot) {
             self.slots[i] = v;
         } else {
@@ -128,7 +168,23 @@ impl Page {
         let i = self.index(slot);
         self.slots.remove(i);
         self.present &= !(1u64 << slot);
+        self.imaged &= !(1u64 << slot);
         true
+    }
+
+    /// Moves the images held inline (a version 2 page) out of the page,
+    /// marking their slots as having a stored image: the caller writes
+    /// them to the `images` tree before the page.
+    pub fn take_inline_images(&mut self) -> Vec<(u8, Bytes)> {
+        let present: Vec<u8> = self.slots_present().collect();
+        let mut out = Vec::new();
+        for (slot, v) in present.into_iter().zip(self.slots.iter_mut()) {
+            if let Some(image) = v.2.take() {
+                self.imaged |= 1u64 << slot;
+                out.push((slot, image));
+            }
+        }
+        out
     }
 
     /// Present slots in order, with their states.
@@ -150,41 +206,43 @@ impl Page {
         (0..SLOTS as u8).filter(|&s| self.has(s))
     }
 
-    /// The page's bytes (version 1 unless a slot has an image).
+    /// The page's bytes (version 1 unless a slot has a stored image).
+    /// Inline images (of a version 2 page) must have been taken out first
+    /// ([`Page::take_inline_images`]).
     pub fn encode(&self) -> Vec<u8> {
-        let images = self.slots.iter().any(|s| s.2.is_some());
-        let extra: usize = self
-            .slots
-            .iter()
-            .map(|s| s.2.as_ref().map_or(1, |i| i.len() + 2))
-            .sum();
-        let mut v =
-            Vec::with_capacity(9 + self.slots.len() * SLOT_BYTES + if images { extra } else { 0 });
-        v.push(if images { VERSION_IMAGES } else { VERSION });
+        debug_assert!(
+            self.slots.iter().all(|s| s.2.is_none()),
+            "inline images left"
+        );
+        let imaged = self.imaged != 0;
+        let mut v = Vec::with_capacity(17 + self.slots.len() * SLOT_BYTES);
+        v.push(if imaged { VERSION_IMAGED } else { VERSION });
         v.extend_from_slice(&self.present.to_be_bytes());
-        for (status, fp, image) in &self.slots {
+        if imaged {
+            v.extend_from_slice(&self.imaged.to_be_bytes());
+        }
+        for (status, fp, _) in &self.slots {
             encode_fixed(*status, *fp, &mut v);
-            if images {
-                match image {
-                    None => v.push(0),
-                    Some(i) => {
-                        put_varint(i.len() as u64 + 1, &mut v);
-                        v.extend_from_slice(i);
-                    }
-                }
-            }
         }
         v
     }
 
     /// Decodes [`Page::encode`]'s bytes; `None` if they are not a page.
     pub fn decode(b: &[u8]) -> Option<Page> {
-        if b.len() < 9 || !matches!(b[0], VERSION | VERSION_IMAGES) {
+        if b.len() < 9 || !matches!(b[0], VERSION | VERSION_IMAGES | VERSION_IMAGED) {
             return None;
         }
         let images = b[0] == VERSION_IMAGES;
         let present = u64::from_be_bytes(b[1..9].try_into().ok()?);
         let mut body = &b[9..];
+        let mut imaged = 0;
+        if b[0] == VERSION_IMAGED {
+            imaged = u64::from_be_bytes(body.get(..8)?.try_into().ok()?);
+            body = &body[8..];
+            if imaged & !present != 0 {
+                return None;
+            }
+        }
         let n = present.count_ones() as usize;
         if !images && body.len() != n * SLOT_BYTES {
             return None;
@@ -205,13 +263,18 @@ impl Page {
             }
             slots.push((status, fp, image));
         }
-        body.is_empty().then_some(Page { present, slots })
+        body.is_empty().then_some(Page {
+            present,
+            imaged,
+            slots,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::encode_fixed;
 
     fn st(fp: u64) -> KeyState {
         KeyState {
@@ -281,15 +344,15 @@ mod tests {
         );
         assert_eq!(p.get(17), Some(st(1700)));
         assert_eq!(p.get(5).unwrap().status, KeyStatus::DeadLettered);
-        assert_eq!(
-            p.get(5).unwrap().delete_image.as_deref(),
-            Some(&b"\x01\x02"[..])
-        );
-        // With an image the page is version 2; each other slot pays one byte.
-        assert_eq!(p.encode()[0], 2);
-        assert_eq!(p.encode().len(), 9 + 4 * 9 + 3 + 3);
+        // The image itself is not in the page (the `images` tree has it):
+        // the page is version 3, eight bytes of image bits longer.
+        assert!(p.has_stored_image(5) && !p.has_stored_image(17));
+        assert_eq!(p.get(5).unwrap().delete_image, None);
+        assert_eq!(p.encode()[0], 3);
+        assert_eq!(p.encode().len(), 17 + 4 * 9);
         assert_eq!(Page::decode(&p.encode()).unwrap(), p);
         p.set(5, &st(5));
+        assert!(!p.has_stored_image(5));
         assert_eq!(p.get(1), None);
         let slots: Vec<u8> = p.iter().map(|(s, _)| s).collect();
         assert_eq!(slots, [0, 5, 17, 63]);
@@ -306,6 +369,54 @@ mod tests {
         }
         assert_eq!(p.encode().len(), 9 + 64 * 9);
         assert_eq!(Page::decode(&p.encode()).unwrap().get(40), Some(st(280)));
+    }
+
+    #[test]
+    fn a_page_of_imaged_slots_stays_small() {
+        // 64 keys with ~280-byte images: the page is status, fingerprint
+        // and a bit per slot (~600 bytes), not ~18 KiB of images.
+        let mut p = Page::default();
+        for s in 0..64 {
+            p.set(
+                s,
+                &KeyState {
+                    status: KeyStatus::Accepted,
+                    fingerprint: u64::from(s),
+                    delete_image: Some(Bytes::from(vec![s; 280])),
+                },
+            );
+        }
+        assert_eq!(p.encode().len(), 17 + 64 * SLOT_BYTES);
+        assert!((0..64).all(|s| p.has_stored_image(s)));
+        assert!(p.clear(3));
+        assert!(!p.has_stored_image(3));
+        assert_eq!(Page::decode(&p.encode()).unwrap(), p);
+    }
+
+    #[test]
+    fn a_version_2_page_is_read_and_gives_its_images_up() {
+        // [2][present] then per slot [status][fp][varint len + 1][image].
+        let mut v = vec![2u8];
+        v.extend_from_slice(&((1u64 << 1) | (1u64 << 7)).to_be_bytes());
+        encode_fixed(KeyStatus::Accepted, 11, &mut v);
+        v.extend_from_slice(&[3, b'a', b'b']);
+        encode_fixed(KeyStatus::DeadLettered, 77, &mut v);
+        v.push(0);
+        let mut p = Page::decode(&v).unwrap();
+        assert_eq!(p.get(1).unwrap().delete_image.as_deref(), Some(&b"ab"[..]));
+        assert_eq!(p.get(7).unwrap().fingerprint, 77);
+        assert_eq!(
+            p.take_inline_images(),
+            vec![(1u8, Bytes::from_static(b"ab"))]
+        );
+        assert!(p.has_stored_image(1) && !p.has_stored_image(7));
+        let back = Page::decode(&p.encode()).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(back.get(1).unwrap().delete_image, None);
+        // Image bits outside the present slots are damage.
+        let mut bad = p.encode();
+        bad[9 + 7] |= 1;
+        assert!(Page::decode(&bad).is_none());
     }
 
     #[test]

@@ -874,3 +874,78 @@ fn flushed_writes_survive_sigkill() {
         );
     }
 }
+
+#[test]
+fn integer_keys_keep_their_images_outside_their_page() {
+    // A page of 64 imaged keys stays ~600 bytes (sled evicts small writes;
+    // see `pages`); images come back, change, and go with their keys,
+    // also after a reopen.
+    let dir = tempfile::tempdir().unwrap();
+    let k = |n: u64| key("transactions", &n.to_string());
+    let img = |n: u64| format!("image {n} {}", "x".repeat(270));
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        let writes: Vec<Write> = (0..64)
+            .map(|n| Write::Key(k(n), accepted(n, Some(&img(n)))))
+            .collect();
+        s.apply(&writes).unwrap();
+        for (pk, v) in s.keys_tree().iter().map(Result::unwrap) {
+            assert!(
+                v.len() <= 17 + 64 * FIXED_BYTES,
+                "{pk:?}: {} bytes",
+                v.len()
+            );
+        }
+        s.apply(&[
+            Write::Key(k(1), accepted(100, None)),
+            Write::Key(k(2), accepted(200, Some("new"))),
+            Write::RemoveKey(k(3)),
+        ])
+        .unwrap();
+        s.flush().unwrap();
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    assert_eq!(s.get_key(&k(0)).unwrap(), Some(accepted(0, Some(&img(0)))));
+    assert_eq!(s.get_key(&k(1)).unwrap(), Some(accepted(100, None)));
+    assert_eq!(s.get_key(&k(2)).unwrap(), Some(accepted(200, Some("new"))));
+    assert_eq!(s.get_key(&k(3)).unwrap(), None);
+    assert_eq!(
+        s.get_key(&k(63)).unwrap(),
+        Some(accepted(63, Some(&img(63))))
+    );
+    // A key that comes back has no image left over from before.
+    s.apply(&[Write::Key(k(3), accepted(3, None))]).unwrap();
+    assert_eq!(s.get_key(&k(3)).unwrap(), Some(accepted(3, None)));
+}
+
+#[test]
+fn a_page_with_images_inline_is_read_and_converted_when_rewritten() {
+    // The previous page format (version 2) held images inline.
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    let k = |n: u64| key("transactions", &n.to_string());
+    let prefix = StateKey::mapping_prefix(k(0).ty, &k(0).mapping);
+    let mut v = vec![2u8];
+    v.extend_from_slice(&((1u64 << 1) | (1u64 << 2)).to_be_bytes());
+    encode_fixed(KeyStatus::Accepted, 1, &mut v);
+    v.extend_from_slice(&[4, b'o', b'l', b'd']);
+    encode_fixed(KeyStatus::Accepted, 2, &mut v);
+    v.push(0);
+    s.keys_tree()
+        .insert(super::pages::page_key(&prefix, 0), v)
+        .unwrap();
+    assert_eq!(s.get_key(&k(1)).unwrap(), Some(accepted(1, Some("old"))));
+    assert_eq!(s.get_key(&k(2)).unwrap(), Some(accepted(2, None)));
+    // Rewriting another slot moves key 1's image out of the page.
+    s.apply(&[Write::Key(k(5), accepted(5, Some("five")))])
+        .unwrap();
+    let page = s
+        .keys_tree()
+        .get(super::pages::page_key(&prefix, 0))
+        .unwrap()
+        .unwrap();
+    assert_eq!(page[0], 3);
+    assert_eq!(s.get_key(&k(1)).unwrap(), Some(accepted(1, Some("old"))));
+    assert_eq!(s.get_key(&k(5)).unwrap(), Some(accepted(5, Some("five"))));
+    assert_eq!(s.get_key(&k(2)).unwrap(), Some(accepted(2, None)));
+}
