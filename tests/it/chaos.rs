@@ -414,22 +414,31 @@ async fn state_dir_full_stops_confirming_then_recovers() {
         },
     )
     .await;
-    let stuck_at = confirmed_lsn(&client).await;
+    let client = &client;
+    // A position made durable just before the disk filled may still be
+    // confirmed by the next status update: take the stuck position only
+    // after one status update has followed the failure report.
+    let failed_at = server_now(client).await;
+    crate::common::wait_until(
+        Duration::from_secs(60),
+        "a status update from the daemon after the failure",
+        || {
+            let failed_at = failed_at.clone();
+            async move { walsender(client).await.1.is_some_and(|t| t > failed_at) }
+        },
+    )
+    .await;
+    let stuck_at = confirmed_lsn(client).await;
     // Positive signals first: the server has sent the daemon WAL past the
     // stuck position (the writer keeps writing), and the daemon has
     // answered with a status update since — the moment it would confirm.
-    let client = &client;
     crate::common::wait_until(
         Duration::from_secs(60),
         "WAL past the stuck position sent to the daemon",
         || async move { walsender(client).await.0 > stuck_at },
     )
     .await;
-    let sent_at: String = client
-        .query_one("SELECT (now() AT TIME ZONE 'UTC')::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let sent_at = server_now(client).await;
     crate::common::wait_until(
         Duration::from_secs(60),
         "a status update from the daemon after that WAL",
@@ -444,6 +453,8 @@ async fn state_dir_full_stops_confirming_then_recovers() {
         stuck_at,
         "progress confirmed while the state store cannot be written"
     );
+    let (code, body) = readyz().await;
+    assert_eq!(code, 503, "the store stayed unwritable throughout: {body}");
     assert!(
         d.log_text().contains("cannot write the state store"),
         "{}",
@@ -681,4 +692,13 @@ async fn sigterm_during_a_100k_row_delivery_exits_0_and_resends_nothing() {
         "records re-sent after the restart ({} duplicates)",
         duplicates(&mock)
     );
+}
+
+/// The server's clock, as `walsender` reports reply times (UTC text).
+async fn server_now(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one("SELECT (now() AT TIME ZONE 'UTC')::text", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
