@@ -309,7 +309,7 @@ async fn a_delete_after_a_crash_between_chunk_delivery_and_checkpoint_is_sent() 
         let id = settings
             .mappings
             .iter()
-            .find(|m| cobi_sync::model::schema::schema().ty(m.ty).name == "shop-tags")
+            .find(|m| Some(m.ty) == cobi_sync::sink::type_id("shop-tags"))
             .unwrap()
             .id
             .to_string();

@@ -7,7 +7,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::common::{mock, Daemon, Db, Workdir};
-use cobi_sync::model::schema::schema;
 use cobi_sync::state::{StateKey, StateStore};
 
 const SCHEMA: &str = "
@@ -78,7 +77,7 @@ fn stored(
     mapping: &str,
 ) -> Vec<(String, cobi_sync::state::KeyState)> {
     let store = cobi_sync::state::SledStore::open(dir).expect("open the state dir");
-    let ty = schema().type_id(ty).unwrap();
+    let ty = cobi_sync::sink::type_id(ty).unwrap();
     let keys: Vec<StateKey> = store
         .keys_of(ty, mapping)
         .unwrap()
@@ -143,7 +142,7 @@ async fn delete_images_of_every_field_build_the_soft_deletes() {
         "branches/public.branch_plain",
     );
     assert_eq!(branches.len(), 120);
-    let bt = schema().type_id("branches").unwrap();
+    let bt = cobi_sync::sink::type_id("branches").unwrap();
     for (sk, s) in &branches {
         let image = s
             .delete_image
