@@ -16,6 +16,7 @@
 //! [`Value::Null`]: crate::mapping::value::Value::Null
 
 pub mod binary;
+pub mod copy_binary;
 pub mod text;
 
 use crate::mapping::value::oid;
