@@ -258,36 +258,51 @@ impl Replicator {
     ) -> Result<(), SessionError> {
         self.drain().await?;
         let t = &self.tables[i];
-        let keys: Vec<String> = if partition {
-            let url = self.url().clone();
-            reads::absent_keys(client, &url, &self.env.store, t).await?
-        } else {
-            let store = self.env.store.clone();
-            let (ty, id) = (t.mapping.ty, t.mapping.id.clone());
-            tokio::task::spawn_blocking(move || store.keys_of(ty, &id))
-                .await
-                .map_err(|e| SessionError::fatal(format!("reading the state store: {e}")))?
-                .map_err(|e| SessionError::fatal(e.to_string()))?
-                .into_iter()
-                .filter(|(_, st)| *st == KeyStatus::Accepted)
-                .map(|(k, _)| k)
-                .collect()
-        };
-        warn!(table = %name, records = keys.len(), "TRUNCATE on a mapped table: sending soft deletes for every record it held");
-        let t = &self.tables[i];
         let (ty, id) = (t.mapping.ty, t.mapping.id.clone());
-        for sk in keys {
-            self.push(SinkItem::Delete {
-                key: StateKey {
-                    ty,
-                    mapping: id.clone(),
-                    source_key: sk,
-                },
-                basis: None,
-            })
-            .await?;
+        if partition {
+            let url = self.url().clone();
+            let keys = reads::absent_keys(client, &url, &self.env.store, t).await?;
+            warn!(table = %name, records = keys.len(), "TRUNCATE of a partition of a mapped table: sending soft deletes for every record it held");
+            for sk in keys {
+                self.push_soft_delete(ty, &id, sk).await?;
+            }
+            return Ok(());
         }
+        warn!(table = %name, "TRUNCATE on a mapped table: sending soft deletes for every record it held");
+        // Streamed from the store a chunk at a time: memory stays flat
+        // whatever the table's size.
+        let mut chunks = crate::state::stream_keys(self.env.store.clone(), ty, id.clone());
+        let mut sent = 0u64;
+        while let Some(chunk) = chunks.recv().await {
+            let chunk = chunk.map_err(|e| SessionError::fatal(e.to_string()))?;
+            for (sk, status) in chunk {
+                if status == KeyStatus::Accepted {
+                    self.push_soft_delete(ty, &id, sk).await?;
+                    sent += 1;
+                }
+            }
+        }
+        info!(table = %name, records = sent, "TRUNCATE: soft deletes queued");
         Ok(())
+    }
+
+    /// Queues the soft delete of one key of a truncated table (built from
+    /// its delete image by the sink).
+    async fn push_soft_delete(
+        &mut self,
+        ty: crate::state::TypeId,
+        mapping: &std::sync::Arc<str>,
+        source_key: String,
+    ) -> Result<(), SessionError> {
+        self.push(SinkItem::Delete {
+            key: StateKey {
+                ty,
+                mapping: mapping.clone(),
+                source_key,
+            },
+            basis: None,
+        })
+        .await
     }
 }
 
