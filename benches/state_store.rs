@@ -15,7 +15,9 @@
 //!
 //! Environment: `COBI_STATE_BENCH_N` (keys, default 1 000 000; more than
 //! one value separated by commas, e.g. `1000000,5000000`),
-//! `COBI_STATE_BENCH_BURST` (default 300 000). Prints one table.
+//! `COBI_STATE_BENCH_BURST` (default 300 000), `COBI_STATE_BENCH_SHAPES`
+//! (only the shapes whose name contains one of these comma-separated
+//! words, e.g. `integer` or `image`). Prints one table.
 
 use std::path::Path;
 use std::time::Instant;
@@ -223,11 +225,28 @@ fn main() {
             image: None,
         },
         Shape {
+            name: "integer keys + delete image",
+            key: |n| (n + 1).to_string(),
+            image: image.clone(),
+        },
+        Shape {
             name: "UUID keys + delete image",
             key: uuid_of,
             image: image.clone(),
         },
     ];
+    // `COBI_STATE_BENCH_SHAPES`: run only the shapes whose name contains
+    // one of these comma-separated words (e.g. `UUID`).
+    let only: Option<Vec<String>> = std::env::var("COBI_STATE_BENCH_SHAPES")
+        .ok()
+        .map(|v| v.split(',').map(|w| w.trim().to_string()).collect());
+    let shapes: Vec<Shape> = shapes
+        .into_iter()
+        .filter(|s| {
+            only.as_ref()
+                .is_none_or(|o| o.iter().any(|w| s.name.contains(w.as_str())))
+        })
+        .collect();
     let mapping: std::sync::Arc<str> = "transactions/public.bench".into();
     let mut rows: Vec<Measured> = Vec::new();
     for &n in &ns {
@@ -242,17 +261,17 @@ fn main() {
             };
             // A snapshot reads in key order: sorted keys.
             let mut keys: Vec<String> = (0..n).map(shape.key).collect();
-            if shape.name != "integer keys" {
+            if !shape.name.starts_with("integer keys") {
                 keys.sort_unstable();
             }
             rows.push(run.phase(format!("initial sync, {}", shape.name), keys.into_iter(), n));
-            if shape.name == "UUID keys" {
+            if shape.name.starts_with("UUID keys") {
                 rows.push(run.phase(
                     format!("burst of new random keys into {n}, {}", shape.name),
                     (n..n + burst).map(shape.key),
                     n + burst,
                 ));
-                for i in 1..=3 {
+                for i in 1..=if shape.image.is_some() { 1 } else { 3 } {
                     let mut keys: Vec<String> = (0..n + burst).map(shape.key).collect();
                     keys.sort_unstable();
                     rows.push(run.phase(

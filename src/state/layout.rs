@@ -22,7 +22,7 @@ use rustc_hash::FxHashMap;
 use sled::IVec;
 
 use super::keycode;
-use super::pages::{self, Page};
+use super::pages::{self, Group, Page};
 use super::ranges::{self, Change};
 use super::{decode_fixed, KeyState, KeyStatus, StateError, FIXED_BYTES};
 use crate::model::record::Record;
@@ -194,7 +194,42 @@ pub struct Reader<'a> {
     dirs: &'a Dirs,
     locator: Locator,
     ints: FxHashMap<Vec<u8>, Option<Page>>,
+    groups: FxHashMap<Vec<u8>, Option<Group>>,
     ranges: FxHashMap<Vec<u8>, Option<IVec>>,
+}
+
+/// Reads and decodes an image group (`None`: not stored).
+fn read_group(images: &sled::Tree, key: &[u8]) -> Result<Option<Group>, StateError> {
+    match images.get(key).map_err(err("read"))? {
+        Some(v) => Ok(Some(Group::decode(&v).ok_or_else(damaged)?)),
+        None => Ok(None),
+    }
+}
+
+/// The stored image of `slot` of the integer page at `key` (its own entry
+/// if the page is `per_slot`, else in its group, read once per reader).
+fn int_image(
+    images: &sled::Tree,
+    groups: &mut FxHashMap<Vec<u8>, Option<Group>>,
+    key: &[u8],
+    per_slot: bool,
+    slot: u8,
+) -> Result<Option<bytes::Bytes>, StateError> {
+    if per_slot {
+        let image = images
+            .get(pages::image_key(key, slot))
+            .map_err(err("read"))?;
+        return Ok(image.map(|i| bytes::Bytes::copy_from_slice(&i)));
+    }
+    let gk = pages::group_key(key, slot);
+    let group = match groups.get(&gk) {
+        Some(g) => g,
+        None => {
+            let g = read_group(images, &gk)?;
+            groups.entry(gk).or_insert(g)
+        }
+    };
+    Ok(group.as_ref().and_then(|g| g.get(slot).cloned()))
 }
 
 impl<'a> Reader<'a> {
@@ -207,6 +242,7 @@ impl<'a> Reader<'a> {
             dirs,
             locator: Locator::default(),
             ints: FxHashMap::default(),
+            groups: FxHashMap::default(),
             ranges: FxHashMap::default(),
         }
     }
@@ -234,11 +270,13 @@ impl<'a> Reader<'a> {
                     // Writer::write); absent only if a concurrent apply
                     // removed it after this page was read (the key is
                     // then seen as it is after that apply, without one).
-                    s.delete_image = self
-                        .images
-                        .get(pages::image_key(&key, slot))
-                        .map_err(err("read"))?
-                        .map(|i| bytes::Bytes::copy_from_slice(&i));
+                    s.delete_image = int_image(
+                        self.images,
+                        &mut self.groups,
+                        &key,
+                        page.is_per_slot(),
+                        slot,
+                    )?;
                 }
                 Ok(state)
             }
@@ -271,9 +309,12 @@ pub struct Writer<'a> {
     images: &'a sled::Tree,
     locator: Locator,
     ints: FxHashMap<Vec<u8>, (Page, bool)>,
-    /// Integer keys' delete images: `images` key → the image (`None`:
-    /// remove it).
-    int_images: FxHashMap<Vec<u8>, Option<bytes::Bytes>>,
+    /// Integer keys' delete images: image group key → `(slot, image)`
+    /// edits in order (`None`: remove it).
+    groups: FxHashMap<Vec<u8>, Vec<(u8, Option<bytes::Bytes>)>>,
+    /// Per-slot image entries of version 3 pages moved into groups: removed
+    /// once the pages are rewritten.
+    moved: Vec<Vec<u8>>,
     /// Page key → the page's changes.
     ranges: FxHashMap<Vec<u8>, PageChanges>,
 }
@@ -293,7 +334,8 @@ impl<'a> Writer<'a> {
             images,
             locator: Locator::default(),
             ints: FxHashMap::default(),
-            int_images: FxHashMap::default(),
+            groups: FxHashMap::default(),
+            moved: Vec::new(),
             ranges: FxHashMap::default(),
         }
     }
@@ -316,13 +358,31 @@ impl<'a> Writer<'a> {
                             Some(v) => decode_page(&v)?,
                             None => Page::default(),
                         };
-                        // A version 2 page: its images move out when it is
-                        // rewritten (which it now is).
-                        let inline = p.take_inline_images();
-                        let changed = !inline.is_empty();
-                        for (s, image) in inline {
-                            self.int_images
-                                .insert(pages::image_key(e.key(), s), Some(image));
+                        // Earlier formats move their images into groups
+                        // now that the page is rewritten: inline ones
+                        // (version 2), per-slot entries (version 3).
+                        let mut moved = p.take_inline_images();
+                        let mut changed = !moved.is_empty();
+                        if p.is_per_slot() {
+                            let mut missing = Vec::new();
+                            for slot in p.imaged_slots() {
+                                let ik = pages::image_key(e.key(), slot);
+                                match self.images.get(&ik).map_err(err("read"))? {
+                                    Some(i) => {
+                                        moved.push((slot, bytes::Bytes::copy_from_slice(&i)))
+                                    }
+                                    None => missing.push(slot),
+                                }
+                                self.moved.push(ik);
+                            }
+                            p.regroup(&missing);
+                            changed = true;
+                        }
+                        for (slot, image) in moved {
+                            self.groups
+                                .entry(pages::group_key(e.key(), slot))
+                                .or_default()
+                                .push((slot, Some(image)));
                         }
                         e.insert((p, changed))
                     }
@@ -337,7 +397,10 @@ impl<'a> Writer<'a> {
                     None => page.1 |= page.0.clear(slot),
                 }
                 if image.is_some() || had_image {
-                    self.int_images.insert(pages::image_key(&key, slot), image);
+                    self.groups
+                        .entry(pages::group_key(&key, slot))
+                        .or_default()
+                        .push((slot, image));
                 }
             }
             Place::Range { page, code } => {
@@ -361,30 +424,57 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
-    /// Writes every changed page: integer keys' new delete images first,
-    /// then range pages that keep their size, split ones (under `dirs`
-    /// exclusively, see the module doc), integer pages, and last the
-    /// removals of integer keys' images. sled recovers a prefix of its log,
-    /// so a page never marks an image that is not stored; a crash can
-    /// only leave an image no page marks (never read, replaced when its
-    /// key gets one again). An empty integer page is removed; range pages
-    /// never are.
+    /// Writes every changed page: integer keys' image groups with their
+    /// new images first, then range pages that keep their size, split ones
+    /// (under `dirs` exclusively, see the module doc), integer pages, and
+    /// last the groups that lose images. sled recovers a prefix of its log,
+    /// so a page never marks an image that is not stored; a crash can only
+    /// leave an image no page marks (never read, replaced when its key gets
+    /// one again). An empty integer page is removed; range pages never are.
     pub fn write(self, dirs: &parking_lot::RwLock<Dirs>) -> Result<(), StateError> {
         let Writer {
             tree,
             images,
             ints,
             ranges,
-            int_images,
+            groups,
+            moved,
             ..
         } = self;
-        let mut int_images: Vec<_> = int_images.into_iter().collect();
-        int_images.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        for (k, image) in &int_images {
-            if let Some(image) = image {
+        let mut groups: Vec<_> = groups.into_iter().collect();
+        groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // Groups that lose an image after the pages: (key, final group).
+        let mut shrinking: Vec<(Vec<u8>, Group)> = Vec::new();
+        for (k, edits) in groups {
+            let mut now = read_group(images, &k)?.unwrap_or_default();
+            let mut last: Vec<(u8, Option<bytes::Bytes>)> = Vec::with_capacity(edits.len());
+            for (slot, image) in edits {
+                match last.iter_mut().find(|(s, _)| *s == slot) {
+                    Some(e) => e.1 = image,
+                    None => last.push((slot, image)),
+                }
+            }
+            // Now: every new image, and every old one still marked.
+            let mut grows = false;
+            for (slot, image) in &last {
+                if image.is_some() {
+                    grows |= now.set(*slot, image.clone());
+                }
+            }
+            if grows {
                 images
-                    .insert(k.as_slice(), image.as_ref())
+                    .insert(k.as_slice(), now.encode())
                     .map_err(err("write"))?;
+            }
+            let mut after = now;
+            let mut shrinks = false;
+            for (slot, image) in last {
+                if image.is_none() {
+                    shrinks |= after.set(slot, None);
+                }
+            }
+            if shrinks {
+                shrinking.push((k, after));
             }
         }
         let mut changed: Vec<_> = ranges.into_iter().collect();
@@ -454,10 +544,15 @@ impl<'a> Writer<'a> {
                 tree.insert(k, page.encode()).map_err(err("write"))?;
             }
         }
-        for (k, image) in int_images {
-            if image.is_none() {
+        for (k, group) in shrinking {
+            if group.is_empty() {
                 images.remove(k).map_err(err("write"))?;
+            } else {
+                images.insert(k, group.encode()).map_err(err("write"))?;
             }
+        }
+        for k in moved {
+            images.remove(k).map_err(err("write"))?;
         }
         Ok(())
     }

@@ -18,20 +18,24 @@
 //! its 256 shards have queued up. A page of 64 ~280-byte images is ~18
 //! KiB written with one access, so the nodes of a bulk load were never
 //! evicted: RSS grew by ~350 bytes per record, far past the cache's
-//! capacity. One small entry per image keeps the bytes per access small
-//! and sled's cache bounded.
+//! capacity. One entry per image kept sled's cache bounded but made a
+//! bulk load one sled insert per record again (~13 µs of CPU per record,
+//! ~310 bytes on disk). So images live in *image groups*: the images of
+//! [`GROUP_SLOTS`] neighbouring slots in one `images` entry
+//! ([`group_key`], [`Group`]), ~1–2 KiB, the size of a range page.
 //!
 //! Page keys are `[type][mapping hash][0xFF][page, 8 bytes big-endian]`:
 //! 0xFF never occurs in UTF-8, so no per-key entry of the first layout
 //! (whose suffix is the source key's UTF-8) shares or sorts into that range.
 //!
 //! Encodings: version 1, `[1][present: u64 BE]` then per present slot
-//! `[status][fingerprint: u64 BE]` (no slot has an image); version 3, `[3]
+//! `[status][fingerprint: u64 BE]` (no slot has an image); version 4, `[4]
 //! [present][imaged: u64 BE]` then the same slots (a slot whose `imaged`
-//! bit is set has its image in the `images` tree). Version 2 (each slot
-//! followed by its image as `[varint len + 1][bytes]`, `0`: none) is still
-//! read: a writer moves its images to the `images` tree when it rewrites
-//! the page ([`Page::take_inline_images`]).
+//! bit is set has its image in its image group). Earlier versions are
+//! still read, and converted when a writer rewrites the page: version 2
+//! (each slot followed by its image as `[varint len + 1][bytes]`, `0`:
+//! none; [`Page::take_inline_images`]) and version 3 (as 4, but each image
+//! in its own entry under [`image_key`]; [`Page::is_per_slot`]).
 
 use bytes::Bytes;
 
@@ -50,8 +54,15 @@ const VERSION: u8 = 1;
 /// First byte of an encoded page with images inline (read only).
 const VERSION_IMAGES: u8 = 2;
 
-/// First byte of an encoded page whose images are in the `images` tree.
-const VERSION_IMAGED: u8 = 3;
+/// First byte of an encoded page whose images are in per-slot entries of
+/// the `images` tree (read only).
+const VERSION_PER_SLOT: u8 = 3;
+
+/// First byte of an encoded page whose images are in image groups.
+const VERSION_GROUPED: u8 = 4;
+
+/// Slots whose images share one image group entry.
+pub const GROUP_SLOTS: u8 = 8;
 
 /// Bytes of one slot: status and fingerprint, as in a per-key entry.
 const SLOT_BYTES: usize = FIXED_BYTES;
@@ -86,13 +97,86 @@ pub fn page_of_key(prefix_len: usize, key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(rest[1..].try_into().ok()?))
 }
 
-/// The `images` tree key of a slot's delete image: the page key and the
-/// slot (keys of consecutive ids are consecutive, so a bulk load appends).
+/// The `images` tree key of a slot's delete image in a version 3 page:
+/// the page key and the slot.
 pub fn image_key(page_key: &[u8], slot: u8) -> Vec<u8> {
     let mut k = Vec::with_capacity(page_key.len() + 1);
     k.extend_from_slice(page_key);
     k.push(slot);
     k
+}
+
+/// The `images` tree key of the image group holding `slot`'s image: the
+/// page key and `0x80 + slot / 8` (never a version 3 slot key, `0..64`;
+/// groups of consecutive ids are consecutive, so a bulk load appends).
+pub fn group_key(page_key: &[u8], slot: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(page_key.len() + 1);
+    k.extend_from_slice(page_key);
+    k.push(0x80 | (slot / GROUP_SLOTS));
+    k
+}
+
+/// The delete images of up to [`GROUP_SLOTS`] neighbouring slots of one
+/// integer page. Encoding: `[present: u8]` (bit `slot % 8`), then per
+/// present slot in order `[varint length][image]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Group {
+    images: [Option<Bytes>; GROUP_SLOTS as usize],
+}
+
+impl Group {
+    /// Decodes a stored group; `None` if the bytes are not one.
+    pub fn decode(b: &[u8]) -> Option<Group> {
+        let (&present, mut body) = b.split_first()?;
+        let mut g = Group::default();
+        for i in 0..GROUP_SLOTS {
+            if present & (1 << i) == 0 {
+                continue;
+            }
+            let (len, h) = get_varint(body)?;
+            let len = usize::try_from(len).ok()?;
+            let image = body.get(h..h + len)?;
+            g.images[usize::from(i)] = Some(Bytes::copy_from_slice(image));
+            body = &body[h + len..];
+        }
+        body.is_empty().then_some(g)
+    }
+
+    /// The image of `slot` (of the page), if the group holds one.
+    pub fn get(&self, slot: u8) -> Option<&Bytes> {
+        self.images[usize::from(slot % GROUP_SLOTS)].as_ref()
+    }
+
+    /// Sets or removes `slot`'s image; true if that changed the group.
+    pub fn set(&mut self, slot: u8, image: Option<Bytes>) -> bool {
+        let at = &mut self.images[usize::from(slot % GROUP_SLOTS)];
+        let changed = *at != image;
+        *at = image;
+        changed
+    }
+
+    /// No image left.
+    pub fn is_empty(&self) -> bool {
+        self.images.iter().all(Option::is_none)
+    }
+
+    /// The group's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let len: usize = self.images.iter().flatten().map(|i| i.len() + 2).sum();
+        let mut v = Vec::with_capacity(1 + len);
+        let mut present = 0u8;
+        for (i, image) in self.images.iter().enumerate() {
+            if image.is_some() {
+                present |= 1 << i;
+            }
+        }
+        v.push(present);
+        for image in self.images.iter().flatten() {
+            super::keycode::put_varint(image.len() as u64, &mut v);
+            v.extend_from_slice(image);
+        }
+        v
+    }
 }
 
 /// One slot: status, fingerprint, delete image held inline (only in a
@@ -113,6 +197,8 @@ fn slot_state((status, fingerprint, image): &Slot) -> KeyState {
 pub struct Page {
     present: u64,
     imaged: u64,
+    /// Read in version 3: the images are in per-slot entries.
+    per_slot: bool,
     slots: Vec<Slot>,
 }
 
@@ -137,9 +223,31 @@ impl Page {
             .then(|| slot_state(&self.slots[self.index(slot)]))
     }
 
-    /// Whether `slot`'s delete image is in the `images` tree.
+    /// Whether `slot`'s delete image is in the `images` tree (in its
+    /// image group, or, see [`Page::is_per_slot`], its own entry).
     pub fn has_stored_image(&self, slot: u8) -> bool {
         self.imaged & (1u64 << slot) != 0
+    }
+
+    /// Whether the page was read in version 3 (each image in its own
+    /// entry under [`image_key`]): a writer moves them into groups.
+    pub fn is_per_slot(&self) -> bool {
+        self.per_slot
+    }
+
+    /// The slots with a stored image, in order.
+    pub fn imaged_slots(&self) -> impl Iterator<Item = u8> + '_ {
+        (0..SLOTS as u8).filter(|&s| self.has_stored_image(s))
+    }
+
+    /// Marks the page as keeping its images in groups (after a writer
+    /// has moved a version 3 page's images); a slot in `missing` had no
+    /// image entry after all and loses its mark.
+    pub fn regroup(&mut self, missing: &[u8]) {
+        self.per_slot = false;
+        for s in missing {
+            self.imaged &= !(1u64 << s);
+        }
     }
 
     /// Sets `slot`; its image (if any) is to be written to the `images`
@@ -216,7 +324,8 @@ impl Page {
         );
         let imaged = self.imaged != 0;
         let mut v = Vec::with_capacity(17 + self.slots.len() * SLOT_BYTES);
-        v.push(if imaged { VERSION_IMAGED } else { VERSION });
+        debug_assert!(!self.per_slot, "per-slot images left");
+        v.push(if imaged { VERSION_GROUPED } else { VERSION });
         v.extend_from_slice(&self.present.to_be_bytes());
         if imaged {
             v.extend_from_slice(&self.imaged.to_be_bytes());
@@ -229,14 +338,20 @@ impl Page {
 
     /// Decodes [`Page::encode`]'s bytes; `None` if they are not a page.
     pub fn decode(b: &[u8]) -> Option<Page> {
-        if b.len() < 9 || !matches!(b[0], VERSION | VERSION_IMAGES | VERSION_IMAGED) {
+        if b.len() < 9
+            || !matches!(
+                b[0],
+                VERSION | VERSION_IMAGES | VERSION_PER_SLOT | VERSION_GROUPED
+            )
+        {
             return None;
         }
         let images = b[0] == VERSION_IMAGES;
         let present = u64::from_be_bytes(b[1..9].try_into().ok()?);
         let mut body = &b[9..];
         let mut imaged = 0;
-        if b[0] == VERSION_IMAGED {
+        let per_slot = b[0] == VERSION_PER_SLOT;
+        if per_slot || b[0] == VERSION_GROUPED {
             imaged = u64::from_be_bytes(body.get(..8)?.try_into().ok()?);
             body = &body[8..];
             if imaged & !present != 0 {
@@ -266,6 +381,7 @@ impl Page {
         body.is_empty().then_some(Page {
             present,
             imaged,
+            per_slot,
             slots,
         })
     }
@@ -345,10 +461,10 @@ mod tests {
         assert_eq!(p.get(17), Some(st(1700)));
         assert_eq!(p.get(5).unwrap().status, KeyStatus::DeadLettered);
         // The image itself is not in the page (the `images` tree has it):
-        // the page is version 3, eight bytes of image bits longer.
+        // the page is version 4, eight bytes of image bits longer.
         assert!(p.has_stored_image(5) && !p.has_stored_image(17));
         assert_eq!(p.get(5).unwrap().delete_image, None);
-        assert_eq!(p.encode()[0], 3);
+        assert_eq!(p.encode()[0], 4);
         assert_eq!(p.encode().len(), 17 + 4 * 9);
         assert_eq!(Page::decode(&p.encode()).unwrap(), p);
         p.set(5, &st(5));
@@ -417,6 +533,58 @@ mod tests {
         let mut bad = p.encode();
         bad[9 + 7] |= 1;
         assert!(Page::decode(&bad).is_none());
+    }
+
+    #[test]
+    fn a_version_3_page_says_its_images_are_per_slot() {
+        let mut p = Page::default();
+        p.set(2, &st(2));
+        p.set(
+            9,
+            &KeyState {
+                delete_image: Some(Bytes::from_static(b"i")),
+                ..st(9)
+            },
+        );
+        let mut v = p.encode();
+        v[0] = 3;
+        let mut back = Page::decode(&v).unwrap();
+        assert!(back.is_per_slot() && back.has_stored_image(9));
+        assert_eq!(back.imaged_slots().collect::<Vec<_>>(), [9]);
+        back.regroup(&[9]);
+        assert!(!back.is_per_slot() && !back.has_stored_image(9));
+        assert_eq!(back.encode()[0], 1);
+    }
+
+    #[test]
+    fn image_groups_round_trip_and_refuse_damage() {
+        let mut g = Group::default();
+        assert!(g.is_empty());
+        assert!(g.set(8 + 3, Some(Bytes::from_static(b"three"))));
+        assert!(g.set(8 + 7, Some(Bytes::from(vec![7u8; 300]))));
+        assert!(!g.set(8 + 3, Some(Bytes::from_static(b"three"))));
+        assert!(g.set(8 + 0, Some(Bytes::new())));
+        let b = g.encode();
+        assert_eq!(b[0], 0b1000_1001);
+        let back = Group::decode(&b).unwrap();
+        assert_eq!(back, g);
+        assert_eq!(back.get(3).map(|i| &i[..]), Some(&b"three"[..]));
+        assert_eq!(back.get(8).map(|i| i.len()), Some(0));
+        assert_eq!(back.get(5), None);
+        for cut in 0..b.len() {
+            assert!(Group::decode(&b[..cut]).is_none(), "cut at {cut}");
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert!(Group::decode(&long).is_none());
+        assert!(g.set(3, None) && g.set(7, None) && g.set(0, None));
+        assert!(g.is_empty());
+        // Group keys never collide with version 3 slot keys, and
+        // consecutive slots' groups sort in order.
+        let pk = page_key(&[1u8; 9], 5);
+        assert_eq!(group_key(&pk, 0), group_key(&pk, 7));
+        assert!(group_key(&pk, 7) < group_key(&pk, 8));
+        assert!((0..64).all(|s| image_key(&pk, s) < group_key(&pk, 0)));
     }
 
     #[test]

@@ -175,6 +175,12 @@ impl SledStore {
         self.t().expect("open").keys.clone()
     }
 
+    /// The `images` tree (tests).
+    #[cfg(test)]
+    pub(crate) fn images_tree(&self) -> sled::Tree {
+        self.t().expect("open").images.clone()
+    }
+
     /// Removes the layout marker (as in a store of the first layout).
     #[cfg(test)]
     pub(crate) fn forget_layout_marker(&self) {

@@ -916,6 +916,49 @@ fn integer_keys_keep_their_images_outside_their_page() {
     // A key that comes back has no image left over from before.
     s.apply(&[Write::Key(k(3), accepted(3, None))]).unwrap();
     assert_eq!(s.get_key(&k(3)).unwrap(), Some(accepted(3, None)));
+    // The 64 keys' images are in 8 group entries (not one per key); a
+    // group whose images all go is removed.
+    assert_eq!(s.images_tree().len(), 8);
+    let gone: Vec<Write> = (8..16).map(|n| Write::RemoveKey(k(n))).collect();
+    s.apply(&gone).unwrap();
+    assert_eq!(s.images_tree().len(), 7);
+    assert_eq!(
+        s.get_key(&k(16)).unwrap(),
+        Some(accepted(16, Some(&img(16))))
+    );
+}
+
+#[test]
+fn a_page_with_per_slot_images_is_read_and_regrouped_when_rewritten() {
+    // The previous page format (version 3) kept each image in its own
+    // entry of the `images` tree, under the page key and the slot.
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    let k = |n: u64| key("transactions", &n.to_string());
+    let prefix = StateKey::mapping_prefix(k(0).ty, &k(0).mapping);
+    let pk = super::pages::page_key(&prefix, 0);
+    let mut v = vec![3u8];
+    v.extend_from_slice(&((1u64 << 1) | (1u64 << 2) | (1u64 << 9)).to_be_bytes());
+    v.extend_from_slice(&((1u64 << 1) | (1u64 << 9)).to_be_bytes());
+    for fp in [1, 2, 9] {
+        encode_fixed(KeyStatus::Accepted, fp, &mut v);
+    }
+    s.keys_tree().insert(&pk, v).unwrap();
+    let per_slot = |slot: u8| super::pages::image_key(&pk, slot);
+    s.images_tree().insert(per_slot(1), &b"one"[..]).unwrap();
+    // Slot 9 is marked but its entry is missing: read without an image.
+    assert_eq!(s.get_key(&k(1)).unwrap(), Some(accepted(1, Some("one"))));
+    assert_eq!(s.get_key(&k(2)).unwrap(), Some(accepted(2, None)));
+    assert_eq!(s.get_key(&k(9)).unwrap(), Some(accepted(9, None)));
+    s.apply(&[Write::Key(k(5), accepted(5, Some("five")))])
+        .unwrap();
+    let page = s.keys_tree().get(&pk).unwrap().unwrap();
+    assert_eq!(page[0], 4);
+    assert_eq!(s.images_tree().get(per_slot(1)).unwrap(), None);
+    assert_eq!(s.images_tree().len(), 1, "one group for slots 0..8");
+    assert_eq!(s.get_key(&k(1)).unwrap(), Some(accepted(1, Some("one"))));
+    assert_eq!(s.get_key(&k(5)).unwrap(), Some(accepted(5, Some("five"))));
+    assert_eq!(s.get_key(&k(9)).unwrap(), Some(accepted(9, None)));
 }
 
 #[test]
@@ -944,7 +987,7 @@ fn a_page_with_images_inline_is_read_and_converted_when_rewritten() {
         .get(super::pages::page_key(&prefix, 0))
         .unwrap()
         .unwrap();
-    assert_eq!(page[0], 3);
+    assert_eq!(page[0], 4);
     assert_eq!(s.get_key(&k(1)).unwrap(), Some(accepted(1, Some("old"))));
     assert_eq!(s.get_key(&k(5)).unwrap(), Some(accepted(5, Some("five"))));
     assert_eq!(s.get_key(&k(2)).unwrap(), Some(accepted(2, None)));
