@@ -563,7 +563,7 @@ mod tests {
         assert!(g.set(8 + 3, Some(Bytes::from_static(b"three"))));
         assert!(g.set(8 + 7, Some(Bytes::from(vec![7u8; 300]))));
         assert!(!g.set(8 + 3, Some(Bytes::from_static(b"three"))));
-        assert!(g.set(8 + 0, Some(Bytes::new())));
+        assert!(g.set(8, Some(Bytes::new())));
         let b = g.encode();
         assert_eq!(b[0], 0b1000_1001);
         let back = Group::decode(&b).unwrap();
