@@ -59,27 +59,40 @@ pub fn canonical_uuid(s: &str) -> Option<[u8; 16]> {
     if b.len() != 36 {
         return None;
     }
+    // Lower-case hex digit → value, anything else → 0xFF.
+    const HEX: [u8; 256] = {
+        let mut t = [0xFFu8; 256];
+        let mut c = 0;
+        while c < 10 {
+            t[b'0' as usize + c] = c as u8;
+            c += 1;
+        }
+        let mut c = 0;
+        while c < 6 {
+            t[b'a' as usize + c] = 10 + c as u8;
+            c += 1;
+        }
+        t
+    };
+    if b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
+        return None;
+    }
     let mut out = [0u8; 16];
+    let mut bad = 0u8;
     let mut n = 0;
     let mut i = 0;
     while i < 36 {
         if matches!(i, 8 | 13 | 18 | 23) {
-            if b[i] != b'-' {
-                return None;
-            }
             i += 1;
             continue;
         }
-        let hex = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        };
-        out[n] = (hex(b[i])? << 4) | hex(b[i + 1])?;
+        let (hi, lo) = (HEX[b[i] as usize], HEX[b[i + 1] as usize]);
+        bad |= hi | lo;
+        out[n] = (hi << 4) | (lo & 0x0F);
         n += 1;
         i += 2;
     }
-    Some(out)
+    (bad & 0xF0 == 0).then_some(out)
 }
 
 /// `s` as a canonical unsigned integer (what `u64::to_string` gives back).
@@ -233,6 +246,31 @@ pub fn decode(b: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_canonical_uuids_become_sixteen_bytes() {
+        for n in [
+            0u128,
+            1,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+            u128::MAX,
+        ] {
+            let u = uuid::Uuid::from_u128(n);
+            let s = u.hyphenated().to_string();
+            assert_eq!(canonical_uuid(&s), Some(*u.as_bytes()), "{s}");
+        }
+        for not in [
+            "550E8400-e29b-41d4-a716-446655440000",
+            "550e8400-e29b-41d4-a716-44665544000g",
+            "550e8400e-29b-41d4-a716-446655440000",
+            "550e8400-e29b-41d4-a716-4466554400000",
+            "550e8400-e29b-41d4-a716_446655440000",
+            "{50e8400-e29b-41d4-a716-446655440000",
+            "550e8400-e29b-41d4-a716-44665544000\u{e9}",
+        ] {
+            assert_eq!(canonical_uuid(not), None, "{not}");
+        }
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -31,6 +31,7 @@ mod layout;
 mod memory;
 mod pages;
 mod ranges;
+mod recent;
 mod sled_store;
 
 use std::collections::BTreeMap;
