@@ -24,7 +24,6 @@ use sled::IVec;
 use super::keycode;
 use super::pages::{self, Group, Page};
 use super::ranges::{self, Change};
-use super::recent::Recent;
 use super::{decode_fixed, KeyState, KeyStatus, StateError, FIXED_BYTES};
 use crate::model::record::Record;
 use crate::model::schema::schema;
@@ -231,9 +230,6 @@ pub struct Reader<'a> {
     tree: &'a sled::Tree,
     images: &'a sled::Tree,
     dirs: &'a Dirs,
-    recent: &'a Recent,
-    /// [`Recent::generation`] when the reader began.
-    generation: u64,
     locator: Locator,
     ints: FxHashMap<Vec<u8>, Option<Page>>,
     groups: FxHashMap<Vec<u8>, Option<Group>>,
@@ -276,19 +272,12 @@ fn int_image(
 
 impl<'a> Reader<'a> {
     /// A reader over `tree` and its `images` tree (every prefix read must
-    /// be loaded in `dirs`), sharing range pages through `recent`.
-    pub fn new(
-        tree: &'a sled::Tree,
-        images: &'a sled::Tree,
-        dirs: &'a Dirs,
-        recent: &'a Recent,
-    ) -> Self {
+    /// be loaded in `dirs`).
+    pub fn new(tree: &'a sled::Tree, images: &'a sled::Tree, dirs: &'a Dirs) -> Self {
         Reader {
             tree,
             images,
             dirs,
-            recent,
-            generation: recent.generation(),
             locator: Locator::default(),
             ints: FxHashMap::default(),
             groups: FxHashMap::default(),
@@ -337,16 +326,7 @@ impl<'a> Reader<'a> {
                 let bytes = match self.ranges.get(&r.key) {
                     Some(v) => v,
                     None => {
-                        let v = match self.recent.get(&r.key) {
-                            Some(v) => Some(v),
-                            None => {
-                                let v = self.tree.get(&r.key).map_err(err("read"))?;
-                                if let Some(v) = &v {
-                                    self.recent.offer(self.generation, &r.key, v.clone());
-                                }
-                                v
-                            }
-                        };
+                        let v = self.tree.get(&r.key).map_err(err("read"))?;
                         self.ranges.entry(r.key.clone()).or_insert(v)
                     }
                 };
@@ -365,7 +345,6 @@ impl<'a> Reader<'a> {
 pub struct Writer<'a> {
     tree: &'a sled::Tree,
     images: &'a sled::Tree,
-    recent: &'a Recent,
     locator: Locator,
     ints: FxHashMap<Vec<u8>, (Page, bool)>,
     /// Integer keys' delete images: image group key → `(slot, image)`
@@ -386,13 +365,11 @@ type PageChanges = (Vec<u8>, Vec<u8>, Vec<Change>);
 type Splits = Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)>;
 
 impl<'a> Writer<'a> {
-    /// A writer over `tree` and its `images` tree, keeping the range pages
-    /// it writes in `recent`.
-    pub fn new(tree: &'a sled::Tree, images: &'a sled::Tree, recent: &'a Recent) -> Self {
+    /// A writer over `tree` and its `images` tree.
+    pub fn new(tree: &'a sled::Tree, images: &'a sled::Tree) -> Self {
         Writer {
             tree,
             images,
-            recent,
             locator: Locator::default(),
             ints: FxHashMap::default(),
             groups: FxHashMap::default(),
@@ -496,14 +473,12 @@ impl<'a> Writer<'a> {
         let Writer {
             tree,
             images,
-            recent,
             ints,
             ranges,
             groups,
             moved,
             ..
         } = self;
-        recent.begin_write();
         let mut groups: Vec<_> = groups.into_iter().collect();
         groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         // Groups that lose an image after the pages: (key, final group).
@@ -554,10 +529,7 @@ impl<'a> Writer<'a> {
                     created.push((prefix.clone(), start.clone()));
                 }
                 let end = page.and_then(|p| p.1);
-                let old = match recent.get(&key) {
-                    Some(v) => Some(v),
-                    None => tree.get(&key).map_err(err("read"))?,
-                };
+                let old = tree.get(&key).map_err(err("read"))?;
                 let new = ranges::rebuild(
                     old.as_deref().unwrap_or(&ranges::empty()),
                     &changes,
@@ -566,10 +538,7 @@ impl<'a> Writer<'a> {
                 )
                 .ok_or_else(damaged)?;
                 if new.len() <= ranges::MAX_BYTES {
-                    let new = IVec::from(new);
-                    tree.insert(key.as_slice(), new.clone())
-                        .map_err(err("write"))?;
-                    recent.put(&key, new);
+                    tree.insert(key, new).map_err(err("write"))?;
                 } else {
                     let pieces = ranges::split(new, &start).ok_or_else(damaged)?;
                     splits.push((prefix, pieces));
@@ -585,10 +554,8 @@ impl<'a> Writer<'a> {
             for (prefix, pieces) in splits {
                 // Upper pieces first, the page at the old start last.
                 for (start, bytes) in pieces.iter().skip(1).chain(pieces.first()) {
-                    let (key, bytes) = (ranges::page_key(&prefix, start), IVec::from(&bytes[..]));
-                    tree.insert(key.as_slice(), bytes.clone())
+                    tree.insert(ranges::page_key(&prefix, start), bytes.as_slice())
                         .map_err(err("write"))?;
-                    recent.put(&key, bytes);
                 }
                 starts
                     .entry(prefix)
@@ -683,7 +650,6 @@ pub fn migrate(
     images: &sled::Tree,
     meta: &sled::Tree,
     dirs: &parking_lot::RwLock<Dirs>,
-    recent: &Recent,
 ) -> Result<usize, StateError> {
     if meta.get(LAYOUT_KEY).map_err(err("read"))?.is_some() {
         return Ok(0);
@@ -716,7 +682,7 @@ pub fn migrate(
         let Some(last) = group.last().map(|(k, _)| k.clone()) else {
             break;
         };
-        let mut w = Writer::new(tree, images, recent);
+        let mut w = Writer::new(tree, images);
         for (k, v) in &group {
             let (Some(prefix), Some(sk)) = (k.get(..PREFIX), super::StateKey::source_key_of(k))
             else {

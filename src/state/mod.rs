@@ -31,7 +31,6 @@ mod layout;
 mod memory;
 mod pages;
 mod ranges;
-mod recent;
 mod sled_store;
 
 use std::collections::BTreeMap;

@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::layout::{self, err, Dirs, Reader, Writer};
-use super::recent::Recent;
 use super::{
     Checkpoint, DeadLetter, KeyState, KeyStatus, StateError, StateKey, StateStore, TypeStats, Write,
 };
@@ -62,8 +61,6 @@ pub struct SledStore {
     apply_lock: Mutex<()>,
     /// Range-page directories (see [`super::layout`]).
     dirs: parking_lot::RwLock<Dirs>,
-    /// Range pages read or written lately (see [`super::recent`]).
-    recent: Recent,
 }
 
 impl SledStore {
@@ -74,8 +71,7 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<SledStore, StateError> {
         let trees = Self::open_trees(dir)?;
         let dirs = parking_lot::RwLock::new(Dirs::default());
-        let recent = Recent::default();
-        let converted = layout::migrate(&trees.keys, &trees.images, &trees.meta, &dirs, &recent)?;
+        let converted = layout::migrate(&trees.keys, &trees.images, &trees.meta, &dirs)?;
         if converted > 0 {
             tracing::info!(entries = converted, dir = %dir.display(), "state store converted to key pages");
         }
@@ -84,7 +80,6 @@ impl SledStore {
             trees: RwLock::new(Some(Arc::new(trees))),
             apply_lock: Mutex::new(()),
             dirs,
-            recent,
         })
     }
 
@@ -174,11 +169,9 @@ impl SledStore {
         Ok(self.t()?.keys.len())
     }
 
-    /// The raw keys tree, for tests that stage a crash's leftovers (the
-    /// pages kept in memory are forgotten: the test may write behind them).
+    /// The raw keys tree, for tests that stage a crash's leftovers.
     #[cfg(test)]
     pub(crate) fn keys_tree(&self) -> sled::Tree {
-        self.recent.clear();
         self.t().expect("open").keys.clone()
     }
 
@@ -255,7 +248,7 @@ impl StateStore for SledStore {
         let prefixes = prefixes_of(keys.iter().copied());
         self.load_dirs(&tr.keys, prefixes.iter().map(|p| p.0.as_slice()))?;
         let dirs = self.dirs.read();
-        let mut reader = Reader::new(&tr.keys, &tr.images, &dirs, &self.recent);
+        let mut reader = Reader::new(&tr.keys, &tr.images, &dirs);
         keys.iter()
             .map(|k| reader.get(prefix_of(&prefixes, k), &k.source_key))
             .collect()
@@ -281,7 +274,6 @@ impl StateStore for SledStore {
         if r.is_err() {
             // Pages may be half written: read the directories again.
             self.dirs.write().clear();
-            self.recent.clear();
         }
         r
     }
@@ -362,7 +354,6 @@ impl StateStore for SledStore {
         let _no_apply = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut slot = self.trees.write().expect("lock");
         self.dirs.write().clear();
-        self.recent.clear();
         // Drop the failed database first: sled locks the directory.
         if let Some(old) = slot.take() {
             drop(old);
@@ -399,7 +390,7 @@ impl SledStore {
         // one 20 000-record epoch, against ~10 MiB for plain inserts.)
         // Key pages are written after the dead letters and before the
         // checkpoints.
-        let mut writer = Writer::new(&tr.keys, &tr.images, &self.recent);
+        let mut writer = Writer::new(&tr.keys, &tr.images);
         let mut checkpoints = Vec::new();
         {
             let dirs = self.dirs.read();
