@@ -257,7 +257,11 @@ fn int_image(
         let image = images
             .get(pages::image_key(key, slot))
             .map_err(err("read"))?;
-        return Ok(image.map(|i| bytes::Bytes::copy_from_slice(&i)));
+        if let Some(i) = image {
+            return Ok(Some(bytes::Bytes::copy_from_slice(&i)));
+        }
+        // A concurrent apply may have converted the page since it was
+        // read: it writes the groups before removing per-slot entries.
     }
     let gk = pages::group_key(key, slot);
     let group = match groups.get(&gk) {

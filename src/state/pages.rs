@@ -7,8 +7,8 @@
 //! integer `n` (`"0"`, `"42"`, not `"007"` or `"-1"`) shares a *page* with
 //! the 63 integers next to it: page `n / 64`, slot `n % 64`. A page holds
 //! each present slot's status and fingerprint, and a bit per slot saying
-//! whether the key has a delete image; the image itself is one entry of
-//! the `images` tree under [`image_key`]. An epoch of 10 000 consecutive
+//! whether the key has a delete image; the image itself is in the image
+//! group of its slot ([`group_key`], below). An epoch of 10 000 consecutive
 //! ids writes ~160 pages instead of 10 000 entries. Every other key lives
 //! in a range page ([`super::ranges`]); which form a key takes depends on
 //! its text only.
@@ -134,10 +134,10 @@ impl Group {
                 continue;
             }
             let (len, h) = get_varint(body)?;
-            let len = usize::try_from(len).ok()?;
-            let image = body.get(h..h + len)?;
+            let end = h.checked_add(usize::try_from(len).ok()?)?;
+            let image = body.get(h..end)?;
             g.images[usize::from(i)] = Some(Bytes::copy_from_slice(image));
-            body = &body[h + len..];
+            body = &body[end..];
         }
         body.is_empty().then_some(g)
     }

@@ -929,6 +929,45 @@ fn integer_keys_keep_their_images_outside_their_page() {
 }
 
 #[test]
+fn a_lookup_racing_the_regrouping_of_its_page_still_finds_the_images() {
+    // A lookup holds a version 3 page it read; an apply converts that page
+    // (images into groups, per-slot entries removed) for another key; the
+    // lookup then asks for a third key's image: found in its group.
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    let k = |n: u64| key("transactions", &n.to_string());
+    let prefix = StateKey::mapping_prefix(k(0).ty, &k(0).mapping);
+    let pk = super::pages::page_key(&prefix, 0);
+    let mut v = vec![3u8];
+    v.extend_from_slice(&((1u64 << 1) | (1u64 << 2)).to_be_bytes());
+    v.extend_from_slice(&((1u64 << 1) | (1u64 << 2)).to_be_bytes());
+    for fp in [1, 2] {
+        encode_fixed(KeyStatus::Accepted, fp, &mut v);
+    }
+    let (keys, images) = (s.keys_tree(), s.images_tree());
+    keys.insert(&pk, v).unwrap();
+    images
+        .insert(super::pages::image_key(&pk, 1), &b"one"[..])
+        .unwrap();
+    images
+        .insert(super::pages::image_key(&pk, 2), &b"two"[..])
+        .unwrap();
+    let dirs = super::layout::Dirs::default();
+    let mut reader = super::layout::Reader::new(&keys, &images, &dirs);
+    assert_eq!(
+        reader.get(&prefix, "1").unwrap(),
+        Some(accepted(1, Some("one")))
+    );
+    s.apply(&[Write::Key(k(5), accepted(5, None))]).unwrap();
+    assert_eq!(images.get(super::pages::image_key(&pk, 2)).unwrap(), None);
+    assert_eq!(
+        reader.get(&prefix, "2").unwrap(),
+        Some(accepted(2, Some("two"))),
+        "the page the lookup holds is version 3, its entries are gone"
+    );
+}
+
+#[test]
 fn a_page_with_per_slot_images_is_read_and_regrouped_when_rewritten() {
     // The previous page format (version 3) kept each image in its own
     // entry of the `images` tree, under the page key and the slot.
