@@ -349,3 +349,6 @@ fn unit(stage: &mut Stage, types: &[PgType], data: &[u8]) -> Result<Option<Lenie
     }
     Ok(Some((row, errors)))
 }
+
+#[cfg(test)]
+mod tests;
