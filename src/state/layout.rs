@@ -68,12 +68,21 @@ pub struct Dirs {
 /// starts themselves are one buffer with their end offsets (~33 bytes per
 /// page with a UUID start, against ~56 as a boxed slice each: the
 /// directory of a 5 M-record store is ~500 000 pages).
+///
+/// Every [`BLOCK`]th head is kept again in `tops` (~1 600 numbers for
+/// 100 000 pages, a few KiB that stay in the CPU cache): a lookup searches
+/// those, then one block of heads, touching ~3 cache lines of the
+/// directory instead of one per step of a binary search over all of it.
 #[derive(Default)]
 struct Starts {
     heads: Vec<u64>,
+    tops: Vec<u64>,
     bytes: Vec<u8>,
     ends: Vec<usize>,
 }
+
+/// Heads per entry of [`Starts::tops`].
+const BLOCK: usize = 64;
 
 /// The first 8 bytes of `b` as a big-endian number, zero-padded: `a <= b`
 /// implies `head(a) <= head(b)`.
@@ -87,6 +96,9 @@ fn head(b: &[u8]) -> u64 {
 impl Starts {
     /// Appends a start (callers append in order).
     fn push(&mut self, start: &[u8]) {
+        if self.heads.len() % BLOCK == 0 {
+            self.tops.push(head(start));
+        }
         self.heads.push(head(start));
         self.bytes.extend_from_slice(start);
         self.ends.push(self.bytes.len());
@@ -110,8 +122,25 @@ impl Starts {
     /// How many starts are `<= code`.
     fn count_at_or_below(&self, code: &[u8]) -> usize {
         let h = head(code);
-        let lo = self.heads.partition_point(|&x| x < h);
-        let hi = lo + self.heads[lo..].partition_point(|&x| x == h);
+        // The first head >= h: after the last block that starts below h,
+        // within that block or at the next one's start.
+        let j = self.tops.partition_point(|&t| t < h);
+        let lo = match j.checked_sub(1) {
+            None => 0,
+            Some(b) => {
+                let base = b * BLOCK;
+                let end = (base + BLOCK).min(self.heads.len());
+                base + self.heads[base..end].partition_point(|&x| x < h)
+            }
+        };
+        // The heads equal to h (few, but text keys may share many): a
+        // galloping search from `lo`.
+        let rest = &self.heads[lo..];
+        let mut bound = 1;
+        while bound < rest.len() && rest[bound] == h {
+            bound *= 2;
+        }
+        let hi = lo + rest[..bound.min(rest.len())].partition_point(|&x| x == h);
         let (mut a, mut b) = (lo, hi);
         // Binary search among the starts sharing the head.
         while a < b {
@@ -174,6 +203,7 @@ impl Dirs {
         let old = std::mem::take(starts);
         let mut merged = Starts {
             heads: Vec::with_capacity(old.len() + new.len()),
+            tops: Vec::with_capacity((old.len() + new.len()).div_ceil(BLOCK)),
             bytes: Vec::with_capacity(old.bytes.len() + new.iter().map(Vec::len).sum::<usize>()),
             ends: Vec::with_capacity(old.len() + new.len()),
         };
@@ -590,8 +620,8 @@ impl<'a> Writer<'a> {
                 starts.entry(prefix).or_default().push(start);
             }
             for (prefix, pieces) in splits {
-                // Upper pieces first, the page at the old start last.
-                for (start, bytes) in pieces.iter().skip(1).chain(pieces.first()) {
+                for i in split_write_order(pieces.len()) {
+                    let (start, bytes) = &pieces[i];
                     tree.insert(ranges::page_key(&prefix, start), bytes.as_slice())
                         .map_err(err("write"))?;
                 }
@@ -629,6 +659,18 @@ impl<'a> Writer<'a> {
         }
         Ok(())
     }
+}
+
+/// The order in which a split's pieces are written (indices into the
+/// pieces, the first at the old page's start): the upper pieces from the
+/// highest down, the old start last. A crash at any point leaves every
+/// key routed to a page holding it: keys at or above the lowest piece
+/// written go to a written piece, the others to the old page, which still
+/// holds its whole old range. (Written lowest first, a crash after piece 1
+/// routed the keys of piece 2's range to piece 1, which lacks them: found
+/// by `flushed_writes_survive_sigkill` under load.)
+pub(super) fn split_write_order(pieces: usize) -> impl Iterator<Item = usize> {
+    (1..pieces).rev().chain(0..pieces.min(1))
 }
 
 /// Every key of a mapping with its status, page by page (see
@@ -768,11 +810,11 @@ mod tests {
     proptest! {
         #[test]
         fn directory_lookups_agree_with_a_plain_search(
-            mut starts in proptest::collection::vec(proptest::collection::vec(0u8..3, 0..11), 0..40),
+            mut starts in proptest::collection::vec(proptest::collection::vec(0u8..3, 0..11), 0..400),
             code in proptest::collection::vec(0u8..3, 0..11),
         ) {
             // Few byte values and lengths around 8: many starts share their
-            // first 8 bytes, some are shorter than 8.
+            // first 8 bytes, some are shorter than 8; up to several blocks.
             starts.sort();
             starts.dedup();
             let mut d = Starts::default();

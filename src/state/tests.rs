@@ -1031,3 +1031,114 @@ fn a_page_with_images_inline_is_read_and_converted_when_rewritten() {
     assert_eq!(s.get_key(&k(5)).unwrap(), Some(accepted(5, Some("five"))));
     assert_eq!(s.get_key(&k(2)).unwrap(), Some(accepted(2, None)));
 }
+
+/// Lookups racing applies (the sink's pipeline: epoch N+1 is looked up
+/// while epoch N is applied, pages split meanwhile) lose no write: every
+/// key ends with the state its last apply gave it, for UUID (range page)
+/// and integer keys alike. (Written for a hand-off of lookup pages to the
+/// apply, tried and dropped: see the README's performance section.)
+#[test]
+fn applies_racing_lookups_keep_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+    let keys: Vec<StateKey> = (0..150u64)
+        .map(|n| key("customers", &uuid_key(n)))
+        .chain((0..150u64).map(|n| key("shops", &n.to_string())))
+        .collect();
+    let image = "x".repeat(60);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (store, keys, done) = (store.clone(), keys.clone(), done.clone());
+        std::thread::spawn(move || {
+            let refs: Vec<&StateKey> = keys.iter().collect();
+            let mut lookups = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                store.get_keys(&refs).unwrap();
+                lookups += 1;
+            }
+            lookups
+        })
+    };
+    let mut last = std::collections::HashMap::new();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    for round in 1..=400u64 {
+        let mut writes = Vec::new();
+        for k in &keys {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            if rng % 5 == 0 {
+                writes.push(Write::Key(k.clone(), accepted(round, Some(&image))));
+                last.insert(k.clone(), round);
+            }
+        }
+        // Some lookups of this round's keys first, as the sink does.
+        let refs: Vec<&StateKey> = keys.iter().step_by(3).collect();
+        store.get_keys(&refs).unwrap();
+        store.apply(&writes).unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let lookups = reader.join().unwrap();
+    assert!(lookups > 10, "the lookups raced the applies ({lookups})");
+    let refs: Vec<&StateKey> = keys.iter().collect();
+    let states = store.get_keys(&refs).unwrap();
+    for (k, s) in keys.iter().zip(states) {
+        let want = last.get(k).copied();
+        assert_eq!(s.map(|s| s.fingerprint), want, "{}", k.source_key);
+    }
+}
+
+/// A split into three or more pieces, cut short by a crash after each of
+/// its page writes in turn: every key the old page held is still found
+/// (with its old or its new state) and listed once.
+#[test]
+fn a_crash_at_any_point_of_a_split_into_many_pieces_loses_no_key() {
+    let k = |n: u64| key("transactions", &uuid_key(n));
+    let prefix = StateKey::mapping_prefix(k(0).ty, &k(0).mapping);
+    let change = |n: u64, fp: u64| (keycode::code(&uuid_key(n)), Some(accepted(fp, None)));
+    // The old page: 40 keys at fingerprint 1. The apply that splits it
+    // gives them fingerprint 2 and adds 110 more keys.
+    let old_changes: Vec<ranges::Change> = (0..40).map(|n| change(n, 1)).collect();
+    let old = ranges::rebuild(&ranges::empty(), &old_changes, &[], None).unwrap();
+    assert!(old.len() <= ranges::MAX_BYTES);
+    let new_changes: Vec<ranges::Change> = (0..150).map(|n| change(n, 2)).collect();
+    let merged = ranges::rebuild(&old, &new_changes, &[], None).unwrap();
+    let pieces = ranges::split(merged, &[]).unwrap();
+    assert!(pieces.len() >= 3, "{} pieces", pieces.len());
+    let order: Vec<usize> = super::layout::split_write_order(pieces.len()).collect();
+    assert_eq!(order.last(), Some(&0), "the old start is written last");
+    for crash in 0..=order.len() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let tree = s.keys_tree();
+        tree.insert(ranges::page_key(&prefix, &[]), old.as_slice())
+            .unwrap();
+        for &i in &order[..crash] {
+            let (start, bytes) = &pieces[i];
+            tree.insert(ranges::page_key(&prefix, start), bytes.as_slice())
+                .unwrap();
+        }
+        s.flush().unwrap();
+        drop((tree, s));
+        let s = SledStore::open(dir.path()).unwrap();
+        for n in 0..40 {
+            let fp = s.get_key(&k(n)).unwrap().map(|st| st.fingerprint);
+            assert!(
+                matches!(fp, Some(1 | 2)),
+                "crash after {crash} of {} page writes: key {n} reads {fp:?}",
+                order.len()
+            );
+        }
+        let listed = all_states(&s, k(0).ty, &k(0).mapping);
+        let old_listed = (0..40)
+            .filter(|n| listed.iter().any(|(sk, _)| *sk == uuid_key(*n)))
+            .count();
+        assert_eq!(old_listed, 40, "crash after {crash}: the old keys listed");
+        let unique: std::collections::BTreeSet<&String> = listed.iter().map(|(sk, _)| sk).collect();
+        assert_eq!(
+            unique.len(),
+            listed.len(),
+            "crash after {crash}: listed once"
+        );
+    }
+}
