@@ -9,8 +9,9 @@
 //! [`Dirs`] is the in-memory directory of range pages: per mapping, the
 //! sorted starts of its pages (a key code, ~20 bytes, per page of ~40
 //! keys; read once per mapping by a scan). Readers hold it shared while they look a page up and read it;
-//! a split is published under it exclusively (upper pieces, then the
-//! lower page, then the new starts), so a reader never routes a key to a
+//! a split is published under it exclusively (upper pieces highest
+//! first, then the lower page, then the new starts; see
+//! [`split_write_order`]), so a reader never routes a key to a
 //! page that no longer holds it.
 //!
 //! The first layout of the store (one entry per non-integer key and per

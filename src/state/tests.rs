@@ -1072,7 +1072,7 @@ fn applies_racing_lookups_keep_every_write() {
                 last.insert(k.clone(), round);
             }
         }
-        // Some lookups of this round's keys first, as the sink does.
+        // A lookup before each apply, as the sink does.
         let refs: Vec<&StateKey> = keys.iter().step_by(3).collect();
         store.get_keys(&refs).unwrap();
         store.apply(&writes).unwrap();
