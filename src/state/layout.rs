@@ -24,6 +24,7 @@ use sled::IVec;
 
 use super::keycode;
 use super::pages::{self, Group, Page};
+use super::presence::Presence;
 use super::ranges::{self, Change};
 use super::{decode_fixed, KeyState, KeyStatus, StateError, FIXED_BYTES};
 use crate::model::record::Record;
@@ -55,10 +56,14 @@ fn decode_page(v: &[u8]) -> Result<Page, StateError> {
     Page::decode(v).ok_or_else(damaged)
 }
 
-/// The range-page starts of each mapping read so far, sorted.
+/// The range-page starts of each mapping read so far, sorted, and which
+/// keys its pages may hold ([`Presence`]).
 #[derive(Default)]
 pub struct Dirs {
     map: FxHashMap<Vec<u8>, Starts>,
+    /// Only for mappings read by [`Dirs::load`] (without one, every key
+    /// may be held).
+    presence: FxHashMap<Vec<u8>, Presence>,
 }
 
 /// One mapping's page starts, sorted, with the first 8 bytes of each as a
@@ -168,18 +173,54 @@ impl Dirs {
         self.map.contains_key(prefix)
     }
 
-    /// Reads a mapping's page starts from the tree.
+    /// Reads a mapping's page starts from the tree, and the codes its
+    /// pages hold into its [`Presence`] filter.
     pub fn load(&mut self, tree: &sled::Tree, prefix: &[u8]) -> Result<(), StateError> {
         let mut mark = prefix.to_vec();
         mark.push(ranges::MARK);
         let mut starts = Starts::default();
+        let mut presence = Presence::default();
         for item in tree.scan_prefix(&mark) {
-            let (k, _) = item.map_err(err("scan"))?;
+            let (k, v) = item.map_err(err("scan"))?;
             // The tree returns them in order.
             starts.push(ranges::start_of_key(prefix.len(), &k).ok_or_else(damaged)?);
+            // Every slot, in range or not: a filter may hold more.
+            for slot in ranges::slots(&v).ok_or_else(damaged)? {
+                if presence.is_full() {
+                    presence.grow();
+                }
+                presence.add(slot.code);
+            }
         }
         self.map.insert(prefix.to_vec(), starts);
+        self.presence.insert(prefix.to_vec(), presence);
         Ok(())
+    }
+
+    /// Whether a mapping's range pages may hold the key with this code
+    /// (`false`: no page does, nothing to read).
+    pub fn may_hold(&self, prefix: &[u8], code: &[u8]) -> bool {
+        self.presence.get(prefix).is_none_or(|p| p.may_hold(code))
+    }
+
+    /// Notes that a key with this code is being given a state (before its
+    /// page is written).
+    fn note(&self, prefix: &[u8], code: &[u8]) {
+        if let Some(p) = self.presence.get(prefix) {
+            p.add(code);
+        }
+    }
+
+    /// Whether a presence filter is full (then [`Dirs::grow_full`]).
+    pub fn any_full(&self) -> bool {
+        self.presence.values().any(Presence::is_full)
+    }
+
+    /// Gives every full presence filter a new layer.
+    pub fn grow_full(&mut self) {
+        for p in self.presence.values_mut().filter(|p| p.is_full()) {
+            p.grow();
+        }
     }
 
     /// The page whose range holds `code`, as `(start, next page's start)`,
@@ -224,6 +265,7 @@ impl Dirs {
     /// Forgets every directory (after a failed write: reread from disk).
     pub fn clear(&mut self) {
         self.map.clear();
+        self.presence.clear();
     }
 
     /// Pages in a mapping's directory.
@@ -299,6 +341,8 @@ pub struct Reader<'a> {
     ints: FxHashMap<Vec<u8>, Option<Page>>,
     groups: FxHashMap<Vec<u8>, Option<Group>>,
     ranges: FxHashMap<Vec<u8>, Option<IVec>>,
+    /// Range pages read from the tree.
+    range_reads: u64,
 }
 
 /// Reads and decodes an image group (`None`: not stored).
@@ -351,7 +395,13 @@ impl<'a> Reader<'a> {
             ints: FxHashMap::default(),
             groups: FxHashMap::default(),
             ranges: FxHashMap::default(),
+            range_reads: 0,
         }
+    }
+
+    /// Range pages read from the tree so far.
+    pub fn range_reads(&self) -> u64 {
+        self.range_reads
     }
 
     /// The state of `source_key` under a mapping prefix.
@@ -388,6 +438,7 @@ impl<'a> Reader<'a> {
                 Ok(state)
             }
             Place::Range { page: None, .. } => Ok(None),
+            Place::Range { code, .. } if !self.dirs.may_hold(prefix, &code) => Ok(None),
             Place::Range {
                 page: Some(r),
                 code,
@@ -396,6 +447,7 @@ impl<'a> Reader<'a> {
                     Some(v) => v,
                     None => {
                         let v = self.tree.get(&r.key).map_err(err("read"))?;
+                        self.range_reads += 1;
                         self.ranges.entry(r.key.clone()).or_insert(v)
                     }
                 };
@@ -511,6 +563,9 @@ impl<'a> Writer<'a> {
                 }
             }
             Place::Range { page, code } => {
+                if state.is_some() {
+                    dirs.note(prefix, &code);
+                }
                 let group = match page {
                     // Most keys of a group share a few pages: no copies then.
                     Some(r) if self.ranges.contains_key(&r.key) => {

@@ -30,6 +30,7 @@ mod keycode;
 mod layout;
 mod memory;
 mod pages;
+mod presence;
 mod ranges;
 mod sled_store;
 

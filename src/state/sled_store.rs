@@ -61,6 +61,8 @@ pub struct SledStore {
     apply_lock: Mutex<()>,
     /// Range-page directories (see [`super::layout`]).
     dirs: parking_lot::RwLock<Dirs>,
+    /// Range pages read by lookups since open (tests).
+    range_reads: std::sync::atomic::AtomicU64,
 }
 
 impl SledStore {
@@ -80,6 +82,7 @@ impl SledStore {
             trees: RwLock::new(Some(Arc::new(trees))),
             apply_lock: Mutex::new(()),
             dirs,
+            range_reads: Default::default(),
         })
     }
 
@@ -201,6 +204,19 @@ impl SledStore {
         self.dirs.read().pages(&prefix)
     }
 
+    /// Drops the in-memory directories and filters, as a failed apply does
+    /// (tests).
+    #[cfg(test)]
+    pub(crate) fn forget_directories(&self) {
+        self.dirs.write().clear();
+    }
+
+    /// Range pages read by lookups since the store was opened (tests).
+    #[cfg(test)]
+    pub(crate) fn range_page_reads(&self) -> u64 {
+        self.range_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Bytes of the database on disk (sled's files), for measurements.
     pub fn disk_bytes(&self) -> Result<u64, StateError> {
         self.t()?.db.size_on_disk().map_err(err("size"))
@@ -249,9 +265,26 @@ impl StateStore for SledStore {
         self.load_dirs(&tr.keys, prefixes.iter().map(|p| p.0.as_slice()))?;
         let dirs = self.dirs.read();
         let mut reader = Reader::new(&tr.keys, &tr.images, &dirs);
-        keys.iter()
-            .map(|k| reader.get(prefix_of(&prefixes, k), &k.source_key))
-            .collect()
+        // In key order: neighbouring keys share pages and sled nodes, read
+        // once while they are cached rather than once per key.
+        let mut order: Vec<(usize, Vec<u8>)> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let mut c = prefix_of(&prefixes, k).to_vec();
+                super::keycode::encode(&k.source_key, &mut c);
+                (i, c)
+            })
+            .collect();
+        order.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+        let mut out = vec![None; keys.len()];
+        for (i, _) in order {
+            let k = keys[i];
+            out[i] = reader.get(prefix_of(&prefixes, k), &k.source_key)?;
+        }
+        self.range_reads
+            .fetch_add(reader.range_reads(), std::sync::atomic::Ordering::Relaxed);
+        Ok(out)
     }
 
     fn scan_keys(
@@ -416,6 +449,9 @@ impl SledStore {
             }
         }
         writer.write(&self.dirs)?;
+        if self.dirs.read().any_full() {
+            self.dirs.write().grow_full();
+        }
         for c in checkpoints {
             tr.checkpoints
                 .insert(c.name().as_bytes(), json(c))
