@@ -1090,50 +1090,77 @@ fn applies_racing_lookups_keep_every_write() {
 
 /// A split into three or more pieces, cut short by a crash after each of
 /// its page writes in turn: every key the old page held is still found
-/// (with its old or its new state) and listed once.
+/// (with its old or its new state) and listed once. Two shapes: old keys
+/// spread over every piece (random UUIDs), and a snapshot's (old keys all
+/// below the new ones, the pieces carry nothing).
 #[test]
 fn a_crash_at_any_point_of_a_split_into_many_pieces_loses_no_key() {
-    let k = |n: u64| key("transactions", &uuid_key(n));
-    let prefix = StateKey::mapping_prefix(k(0).ty, &k(0).mapping);
-    let change = |n: u64, fp: u64| (keycode::code(&uuid_key(n)), Some(accepted(fp, None)));
-    // The old page: 40 keys at fingerprint 1. The apply that splits it
-    // gives them fingerprint 2 and adds 110 more keys.
-    let old_changes: Vec<ranges::Change> = (0..40).map(|n| change(n, 1)).collect();
+    // Random UUIDs: old keys 0..40 spread over the whole range.
+    crash_at_every_split_write(&(0..40).map(uuid_key).collect::<Vec<_>>(), |n| {
+        uuid_key(1000 + n)
+    });
+    // A snapshot's shape: ascending keys, old ones first.
+    let ordered = |n: u64| format!("{n:08}-key");
+    crash_at_every_split_write(&(0..40).map(ordered).collect::<Vec<_>>(), |n| {
+        ordered(1000 + n)
+    });
+}
+
+/// Writes a 40-key page, then the page writes of an apply that gives
+/// those keys fingerprint 2 and adds 110 new ones (a split into 3+
+/// pieces), cut after each write in turn; checks every old key after
+/// reopening.
+fn crash_at_every_split_write(old_keys: &[String], new_key: impl Fn(u64) -> String) {
+    let k = |sk: &str| key("transactions", sk);
+    let prefix = StateKey::mapping_prefix(k("x").ty, &k("x").mapping);
+    let change = |sk: &str, fp: u64| (keycode::code(sk), Some(accepted(fp, None)));
+    let old_changes: Vec<ranges::Change> = old_keys.iter().map(|sk| change(sk, 1)).collect();
     let old = ranges::rebuild(&ranges::empty(), &old_changes, &[], None).unwrap();
     assert!(old.len() <= ranges::MAX_BYTES);
-    let new_changes: Vec<ranges::Change> = (0..150).map(|n| change(n, 2)).collect();
+    let new_changes: Vec<ranges::Change> = old_keys
+        .iter()
+        .map(|sk| change(sk, 2))
+        .chain((0..110).map(|n| change(&new_key(n), 2)))
+        .collect();
     let merged = ranges::rebuild(&old, &new_changes, &[], None).unwrap();
     let pieces = ranges::split(merged, &[]).unwrap();
     assert!(pieces.len() >= 3, "{} pieces", pieces.len());
-    let order: Vec<usize> = super::layout::split_write_order(pieces.len()).collect();
-    assert_eq!(order.last(), Some(&0), "the old start is written last");
-    for crash in 0..=order.len() {
+    let writes = super::layout::split_writes(&old, None, pieces).unwrap();
+    assert!(
+        writes.last().is_some_and(|w| w.0.is_empty()),
+        "the old start is written last"
+    );
+    for crash in 0..=writes.len() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
         let tree = s.keys_tree();
         tree.insert(ranges::page_key(&prefix, &[]), old.as_slice())
             .unwrap();
-        for &i in &order[..crash] {
-            let (start, bytes) = &pieces[i];
+        for (start, bytes) in &writes[..crash] {
             tree.insert(ranges::page_key(&prefix, start), bytes.as_slice())
                 .unwrap();
         }
         s.flush().unwrap();
         drop((tree, s));
         let s = SledStore::open(dir.path()).unwrap();
-        for n in 0..40 {
-            let fp = s.get_key(&k(n)).unwrap().map(|st| st.fingerprint);
+        for sk in old_keys {
+            let fp = s.get_key(&k(sk)).unwrap().map(|st| st.fingerprint);
             assert!(
                 matches!(fp, Some(1 | 2)),
-                "crash after {crash} of {} page writes: key {n} reads {fp:?}",
-                order.len()
+                "crash after {crash} of {} page writes: key {sk} reads {fp:?}",
+                writes.len()
             );
         }
-        let listed = all_states(&s, k(0).ty, &k(0).mapping);
-        let old_listed = (0..40)
-            .filter(|n| listed.iter().any(|(sk, _)| *sk == uuid_key(*n)))
+        let listed = all_states(&s, k("x").ty, &k("x").mapping);
+        let old_listed = old_keys
+            .iter()
+            .filter(|sk| listed.iter().any(|(l, _)| l == *sk))
             .count();
-        assert_eq!(old_listed, 40, "crash after {crash}: the old keys listed");
+        assert_eq!(
+            old_listed,
+            old_keys.len(),
+            "crash after {crash}: the old keys listed"
+        );
         let unique: std::collections::BTreeSet<&String> = listed.iter().map(|(sk, _)| sk).collect();
         assert_eq!(
             unique.len(),
