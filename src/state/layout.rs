@@ -10,7 +10,8 @@
 //! sorted starts of its pages (a key code, ~20 bytes, per page of ~40
 //! keys; read once per mapping by a scan). Readers hold it shared while they look a page up and read it;
 //! a split is published under it exclusively (upper pieces lowest
-//! first, each carrying the old page's keys above its range, then the
+//! first, each but the highest carrying the old page's keys above its
+//! range, then the
 //! lower page, then the new starts; see [`split_writes`]), so a reader
 //! never routes a key to a page that no longer holds it.
 //!
@@ -881,6 +882,9 @@ pub fn migrate(
             w.set(&dirs.read(), prefix, &sk, Some(&state))?;
         }
         w.write(dirs)?;
+        if dirs.read().any_full() {
+            dirs.write().grow_full();
+        }
         for (k, _) in &group {
             tree.remove(k).map_err(err("write"))?;
         }

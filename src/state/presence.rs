@@ -17,8 +17,10 @@
 //! a list of layers, each four times larger than the one before, a new
 //! one started when the newest is full: a key is present if any layer
 //! says so. Each layer is sized for a 1 % false-positive rate at its
-//! capacity (~10 bits a key; ~1.2 MiB per million keys, ~1.6 at most
-//! counting unused capacity).
+//! capacity (~10 bits a key: ~1.2 MB per million keys of capacity). Just
+//! after a layer is added, the capacity is up to ~4× the keys held
+//! (~5 MB per million keys); at most, with ~4 layers full, false
+//! positives approach 4 %.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -11,20 +11,24 @@
 //! with one page whose start is empty (before every code); a page whose
 //! bytes pass [`MAX_BYTES`] after a write is cut into pieces of about
 //! [`TARGET_BYTES`] ([`split`]), so pages stay small whatever the table's
-//! size. A snapshot reads a table in key order, so it appends to the last
+//! size (a piece may be written with up to one old page of leftovers more,
+//! see below, dropped at its next rewrite). A snapshot reads a table in key order, so it appends to the last
 //! page and its splits, like integer pages; random keys (a UUID insert
 //! burst) touch one page each.
 //!
 //! Encoding: `[1]` then slots, each `[key code][status][fingerprint: u64
 //! BE][varint image length + 1, or 0][image]`, in no particular order.
 //!
-//! Crash safety. A split writes the new upper pieces first and rewrites
-//! the lower page last. A crash between leaves the old page whole next to
-//! the new pieces: the copies it still holds of keys above its range are
-//! never consulted (a key is looked up in the page whose range holds it)
-//! and are dropped by the next rewrite ([`rebuild`] keeps only slots in
-//! the page's range) and skipped by scans. Pages are never removed, so
-//! such a leftover can never come back into range.
+//! Crash safety. A split writes the new upper pieces first, lowest first,
+//! each also carrying the old page's slots above its own range, and
+//! rewrites the lower page last (`layout::split_writes`). A crash between
+//! leaves the old page whole next to the pieces written, the highest of
+//! which holds the rest of the range through its carried slots. Copies of
+//! keys above a page's range (the old page's, a piece's carried slots) are
+//! leftovers: never consulted (a key is looked up in the page whose range
+//! holds it), dropped by the next rewrite ([`rebuild`] keeps only slots in
+//! the page's range) and skipped by scans. Pages are never removed, so a
+//! leftover can never come back into range.
 
 use std::cmp::Ordering;
 

@@ -146,7 +146,34 @@ impl SledStore {
         })
     }
 
-    /// Makes sure the directories of `prefixes` are in memory.
+    /// The trees and the directories of `prefixes` (read if need be) for a
+    /// lookup, both taken under the directory lock. [`StateStore::recover`]
+    /// holds that lock while it swaps the trees, and a failed apply while it
+    /// clears the directories, so a lookup never reads directories (and
+    /// presence filters) from a database other than the one it reads pages
+    /// from, nor finds them cleared between loading and reading.
+    fn lookup_view<'p>(
+        &self,
+        prefixes: impl Iterator<Item = &'p [u8]> + Clone,
+    ) -> Result<(Arc<Trees>, parking_lot::RwLockReadGuard<'_, Dirs>), StateError> {
+        let d = self.dirs.read();
+        if prefixes.clone().all(|p| d.has(p)) {
+            return Ok((self.t()?, d));
+        }
+        drop(d);
+        let mut d = self.dirs.write();
+        let tr = self.t()?;
+        for p in prefixes {
+            if !d.has(p) {
+                d.load(&tr.keys, p)?;
+            }
+        }
+        Ok((tr, parking_lot::RwLockWriteGuard::downgrade(d)))
+    }
+
+    /// Makes sure the directories of `prefixes` are in memory (applies:
+    /// under the apply lock, so nothing clears them or swaps the trees
+    /// meanwhile).
     fn load_dirs<'p>(
         &self,
         tree: &sled::Tree,
@@ -260,10 +287,8 @@ impl StateStore for SledStore {
     }
 
     fn get_keys(&self, keys: &[&StateKey]) -> Result<Vec<Option<KeyState>>, StateError> {
-        let tr = self.t()?;
         let prefixes = prefixes_of(keys.iter().copied());
-        self.load_dirs(&tr.keys, prefixes.iter().map(|p| p.0.as_slice()))?;
-        let dirs = self.dirs.read();
+        let (tr, dirs) = self.lookup_view(prefixes.iter().map(|p| p.0.as_slice()))?;
         let mut reader = Reader::new(&tr.keys, &tr.images, &dirs);
         // In key order: neighbouring keys share pages and sled nodes, read
         // once while they are cached rather than once per key.
@@ -385,8 +410,10 @@ impl StateStore for SledStore {
 
     fn recover(&self) -> Result<(), StateError> {
         let _no_apply = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // No lookup between here and the new trees (see `lookup_view`).
+        let mut dirs = self.dirs.write();
         let mut slot = self.trees.write().expect("lock");
-        self.dirs.write().clear();
+        dirs.clear();
         // Drop the failed database first: sled locks the directory.
         if let Some(old) = slot.take() {
             drop(old);

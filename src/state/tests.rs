@@ -1240,3 +1240,41 @@ fn the_filter_read_again_after_a_reset_finds_every_stored_key() {
         .iter()
         .all(|s| s.as_ref().map(|s| s.fingerprint) == Some(4)));
 }
+
+/// Lookups racing the reset a failed apply does (directories and filters
+/// dropped, read again by the next user) still find every stored key:
+/// directories are loaded and read under one lock.
+#[test]
+fn lookups_racing_a_directory_reset_find_every_stored_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+    let keys: Vec<StateKey> = (0..200u64)
+        .map(|n| key("customers", &uuid_key(n)))
+        .collect();
+    let writes: Vec<Write> = keys
+        .iter()
+        .map(|k| Write::Key(k.clone(), accepted(9, None)))
+        .collect();
+    store.apply(&writes).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let resetter = {
+        let (store, done) = (store.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut resets = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                store.forget_directories();
+                resets += 1;
+                std::thread::yield_now();
+            }
+            resets
+        })
+    };
+    let refs: Vec<&StateKey> = keys.iter().collect();
+    for round in 0..3000 {
+        let states = store.get_keys(&refs).unwrap();
+        let missing = states.iter().filter(|s| s.is_none()).count();
+        assert_eq!(missing, 0, "round {round}: stored keys read as absent");
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(resetter.join().unwrap() > 100, "the resets raced the lookups");
+}
