@@ -1276,5 +1276,8 @@ fn lookups_racing_a_directory_reset_find_every_stored_key() {
         assert_eq!(missing, 0, "round {round}: stored keys read as absent");
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
-    assert!(resetter.join().unwrap() > 100, "the resets raced the lookups");
+    assert!(
+        resetter.join().unwrap() > 100,
+        "the resets raced the lookups"
+    );
 }
