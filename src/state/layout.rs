@@ -187,10 +187,7 @@ impl Dirs {
             starts.push(ranges::start_of_key(prefix.len(), &k).ok_or_else(damaged)?);
             // Every slot, in range or not: a filter may hold more.
             for slot in ranges::slots(&v).ok_or_else(damaged)? {
-                if presence.is_full() {
-                    presence.grow();
-                }
-                presence.add(slot.code);
+                presence.add_growing(slot.code);
             }
         }
         self.map.insert(prefix.to_vec(), starts);
@@ -307,14 +304,22 @@ struct Locator {
 }
 
 impl Locator {
-    fn place(&mut self, dirs: &Dirs, prefix: &[u8], source_key: &str) -> Place<'_> {
+    /// Where `source_key` lives; `code` is its key code if the caller
+    /// has it already (computed here otherwise).
+    fn place(
+        &mut self,
+        dirs: &Dirs,
+        prefix: &[u8],
+        source_key: &str,
+        code: Option<Vec<u8>>,
+    ) -> Place<'_> {
         if let Some((page, slot)) = pages::locate(source_key) {
             return Place::Int {
                 key: pages::page_key(prefix, page),
                 slot,
             };
         }
-        let code = keycode::code(source_key);
+        let code = code.unwrap_or_else(|| keycode::code(source_key));
         let hit = self.last.as_ref().is_some_and(|l| {
             l.prefix == prefix && ranges::in_range(&code, &l.start, l.next.as_deref())
         });
@@ -405,9 +410,15 @@ impl<'a> Reader<'a> {
         self.range_reads
     }
 
-    /// The state of `source_key` under a mapping prefix.
-    pub fn get(&mut self, prefix: &[u8], source_key: &str) -> Result<Option<KeyState>, StateError> {
-        match self.locator.place(self.dirs, prefix, source_key) {
+    /// The state of `source_key` under a mapping prefix; `code` is its
+    /// key code ([`keycode::code`]) if the caller has it.
+    pub fn get(
+        &mut self,
+        prefix: &[u8],
+        source_key: &str,
+        code: Option<Vec<u8>>,
+    ) -> Result<Option<KeyState>, StateError> {
+        match self.locator.place(self.dirs, prefix, source_key, code) {
             Place::Int { key, slot } => {
                 let page = match self.ints.entry(key.clone()) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -509,7 +520,7 @@ impl<'a> Writer<'a> {
         source_key: &str,
         state: Option<&KeyState>,
     ) -> Result<(), StateError> {
-        match self.locator.place(dirs, prefix, source_key) {
+        match self.locator.place(dirs, prefix, source_key, None) {
             Place::Int { key, slot } => {
                 let page = match self.ints.entry(key.clone()) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -750,17 +761,16 @@ pub(super) fn split_writes(
 ) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     let old_slots = ranges::slots(old)?;
     for i in 1..pieces.len().saturating_sub(1) {
-        let above = pieces[i + 1].0.clone();
-        for s in old_slots
-            .iter()
-            .filter(|s| ranges::in_range(s.code, &above, end))
-        {
-            pieces[i].1.extend_from_slice(s.bytes);
+        let (piece, above) = pieces.split_at_mut(i + 1);
+        let (next_start, bytes) = (&above[0].0, &mut piece[i].1);
+        for s in &old_slots {
+            if ranges::in_range(s.code, next_start, end) {
+                bytes.extend_from_slice(s.bytes);
+            }
         }
     }
     if !pieces.is_empty() {
-        let lower = pieces.remove(0);
-        pieces.push(lower);
+        pieces.rotate_left(1);
     }
     Some(pieces)
 }

@@ -83,6 +83,15 @@ impl Presence {
         self.added.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds a key's code, first starting a new layer if the newest is full
+    /// (when nothing reads the filter yet: loading it).
+    pub fn add_growing(&mut self, code: &[u8]) {
+        if self.is_full() {
+            self.grow();
+        }
+        self.add(code);
+    }
+
     /// Whether the newest layer holds as many keys as it was sized for.
     pub fn is_full(&self) -> bool {
         self.added.load(Ordering::Relaxed) >= self.capacity
@@ -117,10 +126,7 @@ mod tests {
     fn filled(n: u64) -> Presence {
         let mut p = Presence::default();
         for i in 0..n {
-            if p.is_full() {
-                p.grow();
-            }
-            p.add(&code(i));
+            p.add_growing(&code(i));
         }
         p
     }

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
+use super::keycode;
 use super::layout::{self, err, Dirs, Reader, Writer};
 use super::{
     Checkpoint, DeadLetter, KeyState, KeyStatus, StateError, StateKey, StateStore, TypeStats, Write,
@@ -290,22 +291,18 @@ impl StateStore for SledStore {
         let prefixes = prefixes_of(keys.iter().copied());
         let (tr, dirs) = self.lookup_view(prefixes.iter().map(|p| p.0.as_slice()))?;
         let mut reader = Reader::new(&tr.keys, &tr.images, &dirs);
-        // In key order: neighbouring keys share pages and sled nodes, read
-        // once while they are cached rather than once per key.
-        let mut order: Vec<(usize, Vec<u8>)> = keys
+        // In key order (mapping, then key code): neighbouring keys share
+        // pages and sled nodes, read once while they are cached rather than
+        // once per key. The code is computed once, here.
+        let mut order: Vec<(&[u8], Vec<u8>, usize)> = keys
             .iter()
             .enumerate()
-            .map(|(i, k)| {
-                let mut c = prefix_of(&prefixes, k).to_vec();
-                super::keycode::encode(&k.source_key, &mut c);
-                (i, c)
-            })
+            .map(|(i, k)| (prefix_of(&prefixes, k), keycode::code(&k.source_key), i))
             .collect();
-        order.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+        order.sort_unstable();
         let mut out = vec![None; keys.len()];
-        for (i, _) in order {
-            let k = keys[i];
-            out[i] = reader.get(prefix_of(&prefixes, k), &k.source_key)?;
+        for (prefix, code, i) in order {
+            out[i] = reader.get(prefix, &keys[i].source_key, Some(code))?;
         }
         self.range_reads
             .fetch_add(reader.range_reads(), std::sync::atomic::Ordering::Relaxed);

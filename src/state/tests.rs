@@ -955,13 +955,13 @@ fn a_lookup_racing_the_regrouping_of_its_page_still_finds_the_images() {
     let dirs = super::layout::Dirs::default();
     let mut reader = super::layout::Reader::new(&keys, &images, &dirs);
     assert_eq!(
-        reader.get(&prefix, "1").unwrap(),
+        reader.get(&prefix, "1", None).unwrap(),
         Some(accepted(1, Some("one")))
     );
     s.apply(&[Write::Key(k(5), accepted(5, None))]).unwrap();
     assert_eq!(images.get(super::pages::image_key(&pk, 2)).unwrap(), None);
     assert_eq!(
-        reader.get(&prefix, "2").unwrap(),
+        reader.get(&prefix, "2", None).unwrap(),
         Some(accepted(2, Some("two"))),
         "the page the lookup holds is version 3, its entries are gone"
     );
