@@ -1,0 +1,82 @@
+//! The state store's tests, one idea per file: the contract both stores
+//! keep ([`contract`]), the sled store's page layout ([`page_layout`]), crash
+//! durability ([`crash`]), concurrent lookups and applies ([`races`]) and
+//! the presence filter ([`presence`]). Shared helpers are here.
+
+mod contract;
+mod crash;
+mod page_layout;
+mod presence;
+mod races;
+
+use super::*;
+use super::{keycode, layout, pages, ranges};
+use crate::mapping::value::oid;
+
+fn key(ty: &str, sk: &str) -> StateKey {
+    StateKey {
+        ty: schema().type_id(ty).unwrap(),
+        mapping: format!("{ty}/public.t").into(),
+        source_key: sk.into(),
+    }
+}
+
+fn accepted(fp: u64, image: Option<&str>) -> KeyState {
+    KeyState {
+        status: KeyStatus::Accepted,
+        fingerprint: fp,
+        delete_image: image.map(|s| bytes::Bytes::copy_from_slice(s.as_bytes())),
+    }
+}
+
+/// Every key of a mapping with its full state, sorted (keys from
+/// `keys_of`, states from `get_keys`, which must agree on statuses).
+fn all_states(store: &dyn StateStore, ty: TypeId, mapping: &str) -> Vec<(String, KeyState)> {
+    let mut listed = store.keys_of(ty, mapping).unwrap();
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    let keys: Vec<StateKey> = listed
+        .iter()
+        .map(|(k, _)| StateKey {
+            ty,
+            mapping: mapping.into(),
+            source_key: k.clone(),
+        })
+        .collect();
+    let refs: Vec<&StateKey> = keys.iter().collect();
+    let states = store.get_keys(&refs).unwrap();
+    listed
+        .into_iter()
+        .zip(states)
+        .map(|((k, status), st)| {
+            let st = st.unwrap_or_else(|| panic!("{k} is listed but has no state"));
+            assert_eq!(st.status, status, "{k}");
+            (k, st)
+        })
+        .collect()
+}
+
+fn uuid_key(n: u64) -> String {
+    uuid::Uuid::from_u64_pair(n.wrapping_mul(0x9e37_79b9_7f4a_7c15), n).to_string()
+}
+
+fn int_pos(v: i64) -> Position {
+    Position {
+        cursor: None,
+        key: vec![CursorValue {
+            oid: oid::INT8,
+            text: Some(v.to_string()),
+        }],
+    }
+}
+
+fn sorted_states(s: &dyn StateStore) -> Vec<(String, KeyState)> {
+    let k = key("transactions", "1");
+    all_states(s, k.ty, &k.mapping)
+}
+
+/// Writes giving each key an accepted state with fingerprint `fp`.
+fn accept_all(keys: &[StateKey], fp: u64, image: Option<&str>) -> Vec<Write> {
+    keys.iter()
+        .map(|k| Write::Key(k.clone(), accepted(fp, image)))
+        .collect()
+}
