@@ -67,7 +67,10 @@ impl Presence {
     /// Whether a key with this code may have been added (`false`: it
     /// certainly was not).
     pub fn may_hold(&self, code: &[u8]) -> bool {
-        let h = hash(code);
+        self.holds(hash(code))
+    }
+
+    fn holds(&self, h: u64) -> bool {
         self.layers.iter().any(|l| l.contains_hash(h))
     }
 
@@ -75,7 +78,7 @@ impl Presence {
     /// [`Presence::grow`] when [`Presence::is_full`].
     pub fn add(&self, code: &[u8]) {
         let h = hash(code);
-        if self.layers.iter().any(|l| l.contains_hash(h)) {
+        if self.holds(h) {
             return;
         }
         let last = self.layers.last().expect("at least one layer");
