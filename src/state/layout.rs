@@ -320,21 +320,26 @@ impl Locator {
             };
         }
         let code = code.unwrap_or_else(|| keycode::code(source_key));
+        Place::Range {
+            page: self.range(dirs, prefix, &code),
+            code,
+        }
+    }
+
+    /// The range page of the key with this code, if the mapping has one.
+    fn range(&mut self, dirs: &Dirs, prefix: &[u8], code: &[u8]) -> Option<&RangeOf> {
         let hit = self.last.as_ref().is_some_and(|l| {
-            l.prefix == prefix && ranges::in_range(&code, &l.start, l.next.as_deref())
+            l.prefix == prefix && ranges::in_range(code, &l.start, l.next.as_deref())
         });
         if !hit {
-            self.last = dirs.page_for(prefix, &code).map(|(start, next)| RangeOf {
+            self.last = dirs.page_for(prefix, code).map(|(start, next)| RangeOf {
                 prefix: prefix.to_vec(),
                 start: start.to_vec(),
                 next: next.map(<[u8]>::to_vec),
                 key: ranges::page_key(prefix, start),
             });
         }
-        Place::Range {
-            page: self.last.as_ref(),
-            code,
-        }
+        self.last.as_ref()
     }
 }
 
@@ -520,82 +525,90 @@ impl<'a> Writer<'a> {
         source_key: &str,
         state: Option<&KeyState>,
     ) -> Result<(), StateError> {
-        match self.locator.place(dirs, prefix, source_key, None) {
-            Place::Int { key, slot } => {
-                let page = match self.ints.entry(key.clone()) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        let mut p = match self.tree.get(e.key()).map_err(err("read"))? {
-                            Some(v) => decode_page(&v)?,
-                            None => Page::default(),
-                        };
-                        // Earlier formats move their images into groups
-                        // now that the page is rewritten: inline ones
-                        // (version 2), per-slot entries (version 3).
-                        let mut moved = p.take_inline_images();
-                        let mut changed = !moved.is_empty();
-                        if p.is_per_slot() {
-                            let mut missing = Vec::new();
-                            for slot in p.imaged_slots() {
-                                let ik = pages::image_key(e.key(), slot);
-                                match self.images.get(&ik).map_err(err("read"))? {
-                                    Some(i) => {
-                                        moved.push((slot, bytes::Bytes::copy_from_slice(&i)))
-                                    }
-                                    None => missing.push(slot),
-                                }
-                                self.moved.push(ik);
-                            }
-                            p.regroup(&missing);
-                            changed = true;
-                        }
-                        for (slot, image) in moved {
-                            self.groups
-                                .entry(pages::group_key(e.key(), slot))
-                                .or_default()
-                                .push((slot, Some(image)));
-                        }
-                        e.insert((p, changed))
-                    }
+        let Some((page, slot)) = pages::locate(source_key) else {
+            self.set_range(dirs, prefix, keycode::code(source_key), state);
+            return Ok(());
+        };
+        let key = pages::page_key(prefix, page);
+        let page = match self.ints.entry(key.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let mut p = match self.tree.get(e.key()).map_err(err("read"))? {
+                    Some(v) => decode_page(&v)?,
+                    None => Page::default(),
                 };
-                let had_image = page.0.has_stored_image(slot);
-                let image = state.and_then(|s| s.delete_image.clone());
-                match state {
-                    Some(s) => {
-                        page.0.set(slot, s);
-                        page.1 = true;
+                // Earlier formats move their images into groups
+                // now that the page is rewritten: inline ones
+                // (version 2), per-slot entries (version 3).
+                let mut moved = p.take_inline_images();
+                let mut changed = !moved.is_empty();
+                if p.is_per_slot() {
+                    let mut missing = Vec::new();
+                    for slot in p.imaged_slots() {
+                        let ik = pages::image_key(e.key(), slot);
+                        match self.images.get(&ik).map_err(err("read"))? {
+                            Some(i) => moved.push((slot, bytes::Bytes::copy_from_slice(&i))),
+                            None => missing.push(slot),
+                        }
+                        self.moved.push(ik);
                     }
-                    None => page.1 |= page.0.clear(slot),
+                    p.regroup(&missing);
+                    changed = true;
                 }
-                if image.is_some() || had_image {
+                for (slot, image) in moved {
                     self.groups
-                        .entry(pages::group_key(&key, slot))
+                        .entry(pages::group_key(e.key(), slot))
                         .or_default()
-                        .push((slot, image));
+                        .push((slot, Some(image)));
                 }
+                e.insert((p, changed))
             }
-            Place::Range { page, code } => {
-                if state.is_some() {
-                    dirs.note(prefix, &code);
-                }
-                let group = match page {
-                    // Most keys of a group share a few pages: no copies then.
-                    Some(r) if self.ranges.contains_key(&r.key) => {
-                        self.ranges.get_mut(&r.key).expect("present")
-                    }
-                    Some(r) => self
-                        .ranges
-                        .entry(r.key.clone())
-                        .or_insert_with(|| (prefix.to_vec(), r.start.clone(), Vec::new())),
-                    None => self
-                        .ranges
-                        .entry(ranges::page_key(prefix, &[]))
-                        .or_insert_with(|| (prefix.to_vec(), Vec::new(), Vec::new())),
-                };
-                group.2.push((code, state.cloned()));
+        };
+        let had_image = page.0.has_stored_image(slot);
+        let image = state.and_then(|s| s.delete_image.clone());
+        match state {
+            Some(s) => {
+                page.0.set(slot, s);
+                page.1 = true;
             }
+            None => page.1 |= page.0.clear(slot),
+        }
+        if image.is_some() || had_image {
+            self.groups
+                .entry(pages::group_key(&key, slot))
+                .or_default()
+                .push((slot, image));
         }
         Ok(())
+    }
+
+    /// Sets (`Some`) or removes (`None`) the state of the range key with
+    /// this code. `dirs` must hold the prefix.
+    pub fn set_range(
+        &mut self,
+        dirs: &Dirs,
+        prefix: &[u8],
+        code: Vec<u8>,
+        state: Option<&KeyState>,
+    ) {
+        if state.is_some() {
+            dirs.note(prefix, &code);
+        }
+        let group = match self.locator.range(dirs, prefix, &code) {
+            // Most keys of a group share a few pages: no copies then.
+            Some(r) if self.ranges.contains_key(&r.key) => {
+                self.ranges.get_mut(&r.key).expect("present")
+            }
+            Some(r) => self
+                .ranges
+                .entry(r.key.clone())
+                .or_insert_with(|| (prefix.to_vec(), r.start.clone(), Vec::new())),
+            None => self
+                .ranges
+                .entry(ranges::page_key(prefix, &[]))
+                .or_insert_with(|| (prefix.to_vec(), Vec::new(), Vec::new())),
+        };
+        group.2.push((code, state.cloned()));
     }
 
     /// Writes every changed page: integer keys' image groups with their
@@ -605,7 +618,9 @@ impl<'a> Writer<'a> {
     /// so a page never marks an image that is not stored; a crash can only
     /// leave an image no page marks (never read, replaced when its key gets
     /// one again). An empty integer page is removed; range pages never are.
-    pub fn write(self, dirs: &parking_lot::RwLock<Dirs>) -> Result<(), StateError> {
+    /// Returns how many range pages were written (split pieces count one
+    /// each).
+    pub fn write(self, dirs: &parking_lot::RwLock<Dirs>) -> Result<u64, StateError> {
         let Writer {
             tree,
             images,
@@ -654,6 +669,7 @@ impl<'a> Writer<'a> {
         let mut changed: Vec<_> = ranges.into_iter().collect();
         changed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut splits: Splits = Vec::new();
+        let mut range_writes = 0u64;
         let mut created: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         {
             let d = dirs.read();
@@ -675,6 +691,7 @@ impl<'a> Writer<'a> {
                 .ok_or_else(damaged)?;
                 if new.len() <= ranges::MAX_BYTES {
                     tree.insert(key, new).map_err(err("write"))?;
+                    range_writes += 1;
                 } else {
                     let pieces = ranges::split(new, &start).ok_or_else(damaged)?;
                     let empty = ranges::empty();
@@ -695,6 +712,7 @@ impl<'a> Writer<'a> {
                     tree.insert(ranges::page_key(&prefix, start), bytes.as_slice())
                         .map_err(err("write"))?;
                 }
+                range_writes += pieces.len() as u64;
                 starts
                     .entry(prefix)
                     .or_default()
@@ -727,7 +745,7 @@ impl<'a> Writer<'a> {
         for k in moved {
             images.remove(k).map_err(err("write"))?;
         }
-        Ok(())
+        Ok(range_writes)
     }
 }
 

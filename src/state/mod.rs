@@ -26,6 +26,7 @@
 //! [`stream_keys`].
 
 pub mod image;
+mod journal;
 mod keycode;
 mod layout;
 mod memory;

@@ -97,7 +97,7 @@ impl Slot<'_> {
 }
 
 /// Reads the slot at the start of `b`.
-fn slot_at(b: &[u8]) -> Option<Slot<'_>> {
+pub fn slot_at(b: &[u8]) -> Option<Slot<'_>> {
     let k = keycode::len(b)?;
     let (status, fingerprint) = decode_fixed(b.get(k..)?)?;
     let at = k + FIXED_BYTES;

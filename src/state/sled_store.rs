@@ -4,7 +4,8 @@
 //! (the delete images of integer keys, see [`super::pages`]),
 //! `dead_letters` (record key → JSON [`DeadLetter`]), `checkpoints`
 //! (name → JSON [`Checkpoint`]), `stats` (type id → JSON [`TypeStats`]),
-//! `meta` (the layout marker). Checkpoints of a group of writes are
+//! `meta` (the layout marker), `journal` (range keys' writes not yet in
+//! their pages, see [`super::journal`]). Checkpoints of a group of writes are
 //! written last (see [`StateStore::apply`] below).
 //!
 //! Memory: sled's page cache is bounded ([`CACHE_BYTES`]). Beyond it,
@@ -19,8 +20,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
+use super::journal::{self, Pending};
 use super::keycode;
 use super::layout::{self, err, Dirs, Reader, Writer};
+use super::pages;
 use super::{
     Checkpoint, DeadLetter, KeyState, KeyStatus, StateError, StateKey, StateStore, TypeStats, Write,
 };
@@ -46,6 +49,7 @@ struct Trees {
     dead: sled::Tree,
     checkpoints: sled::Tree,
     stats: sled::Tree,
+    journal: sled::Tree,
 }
 
 /// sled database in the state directory.
@@ -62,8 +66,15 @@ pub struct SledStore {
     apply_lock: Mutex<()>,
     /// Range-page directories (see [`super::layout`]).
     dirs: parking_lot::RwLock<Dirs>,
+    /// Range keys' writes held back from their pages (see
+    /// [`super::journal`]); changed only under the apply lock.
+    pending: parking_lot::RwLock<Pending>,
+    /// Held-back bytes at which an apply writes them to their pages.
+    drain_bytes: usize,
     /// Range pages read by lookups since open (tests).
     range_reads: std::sync::atomic::AtomicU64,
+    /// Range pages written since open (tests).
+    range_writes: std::sync::atomic::AtomicU64,
 }
 
 impl SledStore {
@@ -72,18 +83,28 @@ impl SledStore {
     /// or ask it through its HTTP endpoint. A store of the first layout is
     /// converted on the way.
     pub fn open(dir: &Path) -> Result<SledStore, StateError> {
+        Self::open_draining_at(dir, journal::DRAIN_BYTES)
+    }
+
+    /// Opens the store, writing held-back keys to their pages once they
+    /// reach `drain_bytes` (0: at every apply).
+    pub fn open_draining_at(dir: &Path, drain_bytes: usize) -> Result<SledStore, StateError> {
         let trees = Self::open_trees(dir)?;
         let dirs = parking_lot::RwLock::new(Dirs::default());
         let converted = layout::migrate(&trees.keys, &trees.images, &trees.meta, &dirs)?;
         if converted > 0 {
             tracing::info!(entries = converted, dir = %dir.display(), "state store converted to key pages");
         }
+        let pending = parking_lot::RwLock::new(Pending::load(&trees.journal)?);
         Ok(SledStore {
             dir: dir.to_path_buf(),
             trees: RwLock::new(Some(Arc::new(trees))),
             apply_lock: Mutex::new(()),
             dirs,
+            pending,
+            drain_bytes,
             range_reads: Default::default(),
+            range_writes: Default::default(),
         })
     }
 
@@ -143,6 +164,7 @@ impl SledStore {
             dead: open("dead_letters")?,
             checkpoints: open("checkpoints")?,
             stats: open("stats")?,
+            journal: open("journal")?,
             db,
         })
     }
@@ -245,11 +267,32 @@ impl SledStore {
         self.range_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Range pages written since the store was opened (tests).
+    #[cfg(test)]
+    pub(crate) fn range_page_writes(&self) -> u64 {
+        self.range_writes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The raw journal tree, for tests that stage a crash's leftovers.
+    #[cfg(test)]
+    pub(crate) fn journal_tree(&self) -> sled::Tree {
+        self.t().expect("open").journal.clone()
+    }
+
+    /// Range keys held back from their pages (tests).
+    #[cfg(test)]
+    pub(crate) fn held_back(&self) -> usize {
+        self.pending.read().len()
+    }
+
     /// Bytes of the database on disk (sled's files), for measurements.
     pub fn disk_bytes(&self) -> Result<u64, StateError> {
         self.t()?.db.size_on_disk().map_err(err("size"))
     }
 }
+
+/// Held-back keys written to pages per [`Writer`] in a drain.
+const DRAIN_GROUP: usize = 10_000;
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("state values serialise")
@@ -289,18 +332,36 @@ impl StateStore for SledStore {
 
     fn get_keys(&self, keys: &[&StateKey]) -> Result<Vec<Option<KeyState>>, StateError> {
         let prefixes = prefixes_of(keys.iter().copied());
-        let (tr, dirs) = self.lookup_view(prefixes.iter().map(|p| p.0.as_slice()))?;
-        let mut reader = Reader::new(&tr.keys, &tr.images, &dirs);
-        // In key order (mapping, then key code): neighbouring keys share
-        // pages and sled nodes, read once while they are cached rather than
-        // once per key. The code is computed once, here.
-        let mut order: Vec<(&[u8], Vec<u8>, usize)> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (prefix_of(&prefixes, k), keycode::code(&k.source_key), i))
-            .collect();
-        order.sort_unstable();
         let mut out = vec![None; keys.len()];
+        // Range keys held back answer first; the rest read pages in key
+        // order (mapping, then key code): neighbouring keys share pages
+        // and sled nodes, read once while they are cached rather than once
+        // per key. The code is computed once, here.
+        let mut order: Vec<(&[u8], Vec<u8>, usize)> = Vec::with_capacity(keys.len());
+        {
+            let pending = self.pending.read();
+            let mut held = Vec::new();
+            for (i, k) in keys.iter().enumerate() {
+                let prefix = prefix_of(&prefixes, k);
+                let code = keycode::code(&k.source_key);
+                if !pending.is_empty() && pages::locate(&k.source_key).is_none() {
+                    held.clear();
+                    held.extend_from_slice(prefix);
+                    held.extend_from_slice(&code);
+                    if let Some(s) = pending.get(&held) {
+                        out[i] = s.clone();
+                        continue;
+                    }
+                }
+                order.push((prefix, code, i));
+            }
+        }
+        if order.is_empty() {
+            return Ok(out);
+        }
+        order.sort_unstable();
+        let (tr, dirs) = self.lookup_view(order.iter().map(|o| o.0))?;
+        let mut reader = Reader::new(&tr.keys, &tr.images, &dirs);
         for (prefix, code, i) in order {
             out[i] = reader.get(prefix, &keys[i].source_key, Some(code))?;
         }
@@ -316,7 +377,28 @@ impl StateStore for SledStore {
         visit: &mut dyn FnMut(String, KeyStatus),
     ) -> Result<(), StateError> {
         let tr = self.t()?;
-        layout::scan(&tr.keys, &StateKey::mapping_prefix(ty, mapping), visit)
+        let prefix = StateKey::mapping_prefix(ty, mapping);
+        // Held-back keys as they are now, instead of their pages' states.
+        let held: BTreeMap<Vec<u8>, Option<KeyStatus>> = self
+            .pending
+            .read()
+            .of_mapping(&prefix)
+            .map(|(code, s)| (code.to_vec(), s.as_ref().map(|s| s.status)))
+            .collect();
+        if held.is_empty() {
+            return layout::scan(&tr.keys, &prefix, visit);
+        }
+        layout::scan(&tr.keys, &prefix, &mut |key, status| {
+            if pages::locate(&key).is_some() || !held.contains_key(&keycode::code(&key)) {
+                visit(key, status)
+            }
+        })?;
+        for (code, status) in held {
+            if let Some(status) = status {
+                visit(keycode::decode(&code).ok_or_else(layout::damaged)?, status);
+            }
+        }
+        Ok(())
     }
 
     fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
@@ -327,8 +409,13 @@ impl StateStore for SledStore {
         }
         let r = self.apply_locked(&tr, writes);
         if r.is_err() {
-            // Pages may be half written: read the directories again.
+            // Pages may be half written: read the directories again. The
+            // journal may hold part of this apply: what is held back is
+            // what it holds.
             self.dirs.write().clear();
+            if let Ok(p) = Pending::load(&tr.journal) {
+                *self.pending.write() = p;
+            }
         }
         r
     }
@@ -416,12 +503,40 @@ impl StateStore for SledStore {
             drop(old);
         }
         let fresh = Self::open_trees(&self.dir)?;
+        *self.pending.write() = Pending::load(&fresh.journal)?;
         *slot = Some(Arc::new(fresh));
         Ok(())
     }
 }
 
 impl SledStore {
+    /// Writes the held-back keys to their pages, in key order and in
+    /// groups of [`DRAIN_GROUP`] (bounded memory; each group's pages are
+    /// neighbours). Lookups meanwhile still find them held back.
+    fn drain(&self, tr: &Trees, pending: &Pending) -> Result<(), StateError> {
+        let mut keys = pending.iter().peekable();
+        while keys.peek().is_some() {
+            let group: Vec<_> = keys.by_ref().take(DRAIN_GROUP).collect();
+            let mut prefixes: Vec<&[u8]> = group.iter().map(|g| g.0).collect();
+            prefixes.dedup();
+            self.load_dirs(&tr.keys, prefixes.iter().copied())?;
+            let mut writer = Writer::new(&tr.keys, &tr.images);
+            {
+                let dirs = self.dirs.read();
+                for (prefix, code, state) in group {
+                    writer.set_range(&dirs, prefix, code.to_vec(), state.as_ref());
+                }
+            }
+            let written = writer.write(&self.dirs)?;
+            self.range_writes
+                .fetch_add(written, std::sync::atomic::Ordering::Relaxed);
+            if self.dirs.read().any_full() {
+                self.dirs.write().grow_full();
+            }
+        }
+        Ok(())
+    }
+
     fn apply_locked(&self, tr: &Trees, writes: &[Write]) -> Result<(), StateError> {
         // Checkpoint monotonicity is decided against what is stored.
         let mut resolved = Vec::with_capacity(writes.len());
@@ -440,6 +555,25 @@ impl SledStore {
             _ => None,
         }));
         self.load_dirs(&tr.keys, prefixes.iter().map(|p| p.0.as_slice()))?;
+        // Range keys' writes go to the journal first, integer keys' to
+        // their pages below.
+        let mut held = Vec::new();
+        for w in &resolved {
+            let (k, s) = match w {
+                Write::Key(k, s) => (k, Some(s)),
+                Write::RemoveKey(k) => (k, None),
+                _ => continue,
+            };
+            if pages::locate(&k.source_key).is_none() {
+                let mut key = prefix_of(&prefixes, k).to_vec();
+                keycode::encode(&k.source_key, &mut key);
+                held.push((key, s.cloned()));
+            }
+        }
+        let mut pending = self.pending.upgradable_read();
+        if !held.is_empty() {
+            pending.with_upgraded(|p| p.record(&tr.journal, held))?;
+        }
         // Plain inserts, checkpoints last. sled recovers a prefix of its
         // log after a crash, so a checkpoint that survives implies every
         // write before it did. (Batches and multi-tree transactions hold
@@ -453,6 +587,8 @@ impl SledStore {
             let dirs = self.dirs.read();
             for w in resolved {
                 match w {
+                    Write::Key(k, _) | Write::RemoveKey(k)
+                        if pages::locate(&k.source_key).is_none() => {}
                     Write::Key(k, s) => {
                         writer.set(&dirs, prefix_of(&prefixes, k), &k.source_key, Some(s))?
                     }
@@ -472,9 +608,15 @@ impl SledStore {
                 }
             }
         }
-        writer.write(&self.dirs)?;
+        let written = writer.write(&self.dirs)?;
+        self.range_writes
+            .fetch_add(written, std::sync::atomic::Ordering::Relaxed);
         if self.dirs.read().any_full() {
             self.dirs.write().grow_full();
+        }
+        if pending.is_full(self.drain_bytes) {
+            self.drain(tr, &pending)?;
+            pending.with_upgraded(|p| p.drained(&tr.journal))?;
         }
         for c in checkpoints {
             tr.checkpoints

@@ -327,17 +327,20 @@ fn memory_store_contract() {
 
 #[test]
 fn sled_store_contract_and_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    {
+    for drain in DRAINS {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open_draining_at(dir.path(), drain).unwrap();
+            contract(&s);
+            s.flush().unwrap();
+        }
         let s = SledStore::open(dir.path()).unwrap();
-        contract(&s);
-        s.flush().unwrap();
+        assert_eq!(
+            s.get_key(&key("shops", "1")).unwrap().unwrap().fingerprint,
+            11,
+            "drain at {drain} bytes"
+        );
     }
-    let s = SledStore::open(dir.path()).unwrap();
-    assert_eq!(
-        s.get_key(&key("shops", "1")).unwrap().unwrap().fingerprint,
-        11
-    );
 }
 
 #[test]
@@ -347,15 +350,21 @@ fn memory_store_key_forms() {
 
 #[test]
 fn sled_store_key_forms_and_reopen() {
+    for drain in DRAINS {
+        sled_store_key_forms_and_reopen_draining_at(drain);
+    }
+}
+
+fn sled_store_key_forms_and_reopen_draining_at(drain: usize) {
     let dir = tempfile::tempdir().unwrap();
     let before = {
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = SledStore::open_draining_at(dir.path(), drain).unwrap();
         key_forms_contract(&s);
         s.flush().unwrap();
         sorted_states(&s)
     };
     let s = SledStore::open(dir.path()).unwrap();
-    assert_eq!(sorted_states(&s), before);
+    assert_eq!(sorted_states(&s), before, "drain at {drain} bytes");
     assert_eq!(
         s.get_key(&key("transactions", "5"))
             .unwrap()

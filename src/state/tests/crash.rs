@@ -7,10 +7,12 @@ use std::process::{Command, Stdio};
 use super::*;
 
 const CHILD_ENV: &str = "COBI_SYNC_STATE_CRASH_CHILD";
+const DRAIN_ENV: &str = "COBI_SYNC_STATE_CRASH_DRAIN";
 
 /// Writes forever, printing `flushed N` after each flush (run as a child).
 fn crash_child(dir: &str) -> ! {
-    let store = SledStore::open(std::path::Path::new(dir)).unwrap();
+    let drain = std::env::var(DRAIN_ENV).unwrap().parse().unwrap();
+    let store = SledStore::open_draining_at(std::path::Path::new(dir), drain).unwrap();
     let mut i: u64 = 0;
     loop {
         let mut writes = Vec::new();
@@ -46,11 +48,20 @@ fn flushed_writes_survive_sigkill() {
         "{}::flushed_writes_survive_sigkill",
         module_path!().split_once("::").expect("a crate path").1
     );
-    for (round, target) in [7u64, 93, 251].into_iter().enumerate() {
+    // Killed with keys held back in the journal, amid drains every few
+    // applies (64 KiB: ~15), and with every key in its page.
+    let rounds = [
+        (7u64, DRAINS[2]),
+        (93, 64 * 1024),
+        (251, 64 * 1024),
+        (120, 0),
+    ];
+    for (round, (target, drain)) in rounds.into_iter().enumerate() {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", me.as_str(), "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, dir.path())
+            .env(DRAIN_ENV, drain.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -97,7 +108,7 @@ fn flushed_writes_survive_sigkill() {
 #[test]
 fn after_a_crash_mid_split_the_new_pages_win_and_damage_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let s = SledStore::open(dir.path()).unwrap();
+    let s = paged(dir.path());
     let k = |n: u64| key("transactions", &uuid_key(n));
     let prefix = StateKey::mapping_prefix(k(0).ty, &k(0).mapping);
     // One range page (start: empty) holding 20 keys (fingerprint 1).
@@ -133,7 +144,7 @@ fn after_a_crash_mid_split_the_new_pages_win_and_damage_is_named() {
         .unwrap();
     s.flush().unwrap();
     drop(s);
-    let s = SledStore::open(dir.path()).unwrap();
+    let s = paged(dir.path());
     let want = |n: u64| {
         if codes[10..].iter().any(|c| c.1 == n) {
             2

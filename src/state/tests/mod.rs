@@ -1,10 +1,12 @@
 //! The state store's tests, one idea per file: the contract both stores
 //! keep ([`contract`]), the sled store's page layout ([`page_layout`]), crash
 //! durability ([`crash`]), concurrent lookups and applies ([`races`]) and
-//! the presence filter ([`presence`]). Shared helpers are here.
+//! the presence filter ([`presence`]), keys held back in the journal
+//! ([`journal`]). Shared helpers are here.
 
 mod contract;
 mod crash;
+mod journal;
 mod page_layout;
 mod presence;
 mod races;
@@ -12,6 +14,16 @@ mod races;
 use super::*;
 use super::{keycode, layout, pages, ranges};
 use crate::mapping::value::oid;
+
+/// A sled store that writes every key to its page at once (no key held
+/// back in the journal): for tests of the pages themselves.
+fn paged(dir: &std::path::Path) -> SledStore {
+    SledStore::open_draining_at(dir, 0).unwrap()
+}
+
+/// Drain thresholds the contract is kept under: every apply, every few
+/// applies, and the product's (the keys stay held back).
+const DRAINS: [usize; 3] = [0, 4096, super::journal::DRAIN_BYTES];
 
 fn key(ty: &str, sk: &str) -> StateKey {
     StateKey {

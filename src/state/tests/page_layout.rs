@@ -9,7 +9,7 @@ fn keys_with_long_common_prefixes_lose_nothing() {
     // Synthetic UUIDs (twelve zero bytes, then a counter) and text keys
     // that differ only at their end: pages still split between keys.
     let dir = tempfile::tempdir().unwrap();
-    let s = SledStore::open(dir.path()).unwrap();
+    let s = paged(dir.path());
     let keys: Vec<StateKey> = (0..3000u64)
         .flat_map(|n| {
             [
@@ -43,7 +43,7 @@ fn a_snapshot_in_key_order_appends_pages() {
     // each epoch writes about as many pages as its keys fill, and a
     // lookup of the next epoch's (new) keys reads one page.
     let dir = tempfile::tempdir().unwrap();
-    let s = SledStore::open(dir.path()).unwrap();
+    let s = paged(dir.path());
     let mut all: Vec<String> = (0..20_000u64).map(uuid_key).collect();
     all.sort();
     for chunk in all.chunks(5000) {
@@ -67,7 +67,7 @@ fn a_snapshot_in_key_order_appends_pages() {
 fn sled_store_pages_integer_keys() {
     // 10 000 consecutive ids take ~157 entries in the keys tree, not 10 000.
     let dir = tempfile::tempdir().unwrap();
-    let s = SledStore::open(dir.path()).unwrap();
+    let s = paged(dir.path());
     let writes: Vec<Write> = (1..=10_000u64)
         .map(|n| Write::Key(key("transactions", &n.to_string()), accepted(n, None)))
         .collect();
@@ -83,7 +83,7 @@ fn sled_store_pages_uuid_keys_and_splits_them_as_they_grow() {
     let dir = tempfile::tempdir().unwrap();
     let k = |n: u64| key("transactions", &uuid_key(n));
     {
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = paged(dir.path());
         for epoch in 0..10u64 {
             let writes: Vec<Write> = (epoch * 2000..(epoch + 1) * 2000)
                 .map(|n| Write::Key(k(n), accepted(n, None)))
@@ -110,7 +110,7 @@ fn sled_store_pages_uuid_keys_and_splits_them_as_they_grow() {
         }
         s.flush().unwrap();
     }
-    let s = SledStore::open(dir.path()).unwrap();
+    let s = paged(dir.path());
     let listed = s.keys_of(k(0).ty, &k(0).mapping).unwrap();
     assert_eq!(listed.len(), 20_000);
     assert_eq!(s.get_key(&k(12_345)).unwrap().unwrap().fingerprint, 12_345);
@@ -125,7 +125,7 @@ fn integer_keys_keep_their_images_outside_their_page() {
     let k = |n: u64| key("transactions", &n.to_string());
     let img = |n: u64| format!("image {n} {}", "x".repeat(270));
     {
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = paged(dir.path());
         let writes: Vec<Write> = (0..64)
             .map(|n| Write::Key(k(n), accepted(n, Some(&img(n)))))
             .collect();
@@ -145,7 +145,7 @@ fn integer_keys_keep_their_images_outside_their_page() {
         .unwrap();
         s.flush().unwrap();
     }
-    let s = SledStore::open(dir.path()).unwrap();
+    let s = paged(dir.path());
     assert_eq!(s.get_key(&k(0)).unwrap(), Some(accepted(0, Some(&img(0)))));
     assert_eq!(s.get_key(&k(1)).unwrap(), Some(accepted(100, None)));
     assert_eq!(s.get_key(&k(2)).unwrap(), Some(accepted(200, Some("new"))));
@@ -174,7 +174,7 @@ fn a_page_with_per_slot_images_is_read_and_regrouped_when_rewritten() {
     // The previous page format (version 3) kept each image in its own
     // entry of the `images` tree, under the page key and the slot.
     let dir = tempfile::tempdir().unwrap();
-    let s = SledStore::open(dir.path()).unwrap();
+    let s = paged(dir.path());
     let k = |n: u64| key("transactions", &n.to_string());
     let prefix = StateKey::mapping_prefix(k(0).ty, &k(0).mapping);
     let pk = pages::page_key(&prefix, 0);
@@ -206,7 +206,7 @@ fn a_page_with_per_slot_images_is_read_and_regrouped_when_rewritten() {
 fn a_page_with_images_inline_is_read_and_converted_when_rewritten() {
     // The previous page format (version 2) held images inline.
     let dir = tempfile::tempdir().unwrap();
-    let s = SledStore::open(dir.path()).unwrap();
+    let s = paged(dir.path());
     let k = |n: u64| key("transactions", &n.to_string());
     let prefix = StateKey::mapping_prefix(k(0).ty, &k(0).mapping);
     let mut v = vec![2u8];
@@ -250,7 +250,7 @@ fn a_store_of_the_first_layout_is_converted_once() {
         (k.encode(), v)
     };
     {
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = paged(dir.path());
         let t = s.keys_tree();
         let (k1, v1) = legacy(&key("transactions", &u), 10, Some(&json));
         t.insert(k1, v1).unwrap();
@@ -267,7 +267,7 @@ fn a_store_of_the_first_layout_is_converted_once() {
         s.forget_layout_marker();
         s.flush().unwrap();
     }
-    let s = SledStore::open(dir.path()).unwrap();
+    let s = paged(dir.path());
     let st = s.get_key(&key("transactions", &u)).unwrap().unwrap();
     assert_eq!(st.fingerprint, 10);
     let r = image::decode(tx, st.delete_image.as_ref().unwrap()).unwrap();

@@ -37,7 +37,7 @@ fn lookups_of_keys_never_stored_read_no_page() {
         );
     };
     {
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = paged(dir.path());
         for chunk in stored.chunks(10_000) {
             let writes = accept_all(chunk, 1, Some("image"));
             store.apply(&writes).unwrap();
@@ -45,7 +45,7 @@ fn lookups_of_keys_never_stored_read_no_page() {
         store.flush().unwrap();
         check(&store, "after the writes");
     }
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = paged(dir.path());
     check(&store, "after reopening");
 }
 
@@ -54,7 +54,7 @@ fn lookups_of_keys_never_stored_read_no_page() {
 #[test]
 fn the_filter_read_again_after_a_reset_finds_every_stored_key() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = paged(dir.path());
     let keys: Vec<StateKey> = (0..3_000u64)
         .map(|n| key("customers", &uuid_key(n)))
         .collect();

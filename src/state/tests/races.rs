@@ -5,11 +5,18 @@ use super::*;
 
 #[test]
 fn concurrent_applies_to_one_page_lose_nothing() {
+    // Pages written at every apply, and amid drains of held-back keys.
+    for drain in [0, 4096] {
+        concurrent_applies_to_one_page_lose_nothing_draining_at(drain);
+    }
+}
+
+fn concurrent_applies_to_one_page_lose_nothing_draining_at(drain: usize) {
     // Pages are read, changed and written back: applies from several
     // threads (the sink's commit, a future admin path) must not lose
     // slots, and readers racing page splits must find every key.
     let dir = tempfile::tempdir().unwrap();
-    let s = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+    let s = std::sync::Arc::new(SledStore::open_draining_at(dir.path(), drain).unwrap());
     let threads: Vec<_> = (0..4u64)
         .map(|t| {
             let s = s.clone();
@@ -73,7 +80,7 @@ fn a_lookup_racing_the_regrouping_of_its_page_still_finds_the_images() {
     // (images into groups, per-slot entries removed) for another key; the
     // lookup then asks for a third key's image: found in its group.
     let dir = tempfile::tempdir().unwrap();
-    let s = SledStore::open(dir.path()).unwrap();
+    let s = paged(dir.path());
     let k = |n: u64| key("transactions", &n.to_string());
     let prefix = StateKey::mapping_prefix(k(0).ty, &k(0).mapping);
     let pk = pages::page_key(&prefix, 0);
@@ -109,12 +116,18 @@ fn a_lookup_racing_the_regrouping_of_its_page_still_finds_the_images() {
 /// Lookups racing applies (the sink's pipeline: epoch N+1 is looked up
 /// while epoch N is applied, pages split meanwhile) lose no write: every
 /// key ends with the state its last apply gave it, for UUID (range page)
-/// and integer keys alike. (Written for a hand-off of lookup pages to the
-/// apply, tried and dropped: see the README's performance section.)
+/// and integer keys alike; and a racing lookup never reads a key older
+/// than it read it before (held-back keys drained meanwhile included).
 #[test]
 fn applies_racing_lookups_keep_every_write() {
+    for drain in [0, 4096] {
+        applies_racing_lookups_keep_every_write_draining_at(drain);
+    }
+}
+
+fn applies_racing_lookups_keep_every_write_draining_at(drain: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let store = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+    let store = std::sync::Arc::new(SledStore::open_draining_at(dir.path(), drain).unwrap());
     let keys: Vec<StateKey> = (0..150u64)
         .map(|n| key("customers", &uuid_key(n)))
         .chain((0..150u64).map(|n| key("shops", &n.to_string())))
@@ -126,8 +139,18 @@ fn applies_racing_lookups_keep_every_write() {
         std::thread::spawn(move || {
             let refs: Vec<&StateKey> = keys.iter().collect();
             let mut lookups = 0u64;
+            let mut seen = vec![0u64; keys.len()];
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                store.get_keys(&refs).unwrap();
+                let states = store.get_keys(&refs).unwrap();
+                for ((s, seen), k) in states.iter().zip(&mut seen).zip(&keys) {
+                    let now = s.as_ref().map_or(0, |s| s.fingerprint);
+                    assert!(
+                        now >= *seen,
+                        "drain at {drain}: {} read {now} after {seen}",
+                        k.source_key
+                    );
+                    *seen = now;
+                }
                 lookups += 1;
             }
             lookups
@@ -168,7 +191,7 @@ fn applies_racing_lookups_keep_every_write() {
 #[test]
 fn lookups_racing_a_directory_reset_find_every_stored_key() {
     let dir = tempfile::tempdir().unwrap();
-    let store = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+    let store = std::sync::Arc::new(paged(dir.path()));
     let keys: Vec<StateKey> = (0..200u64)
         .map(|n| key("customers", &uuid_key(n)))
         .collect();
