@@ -340,16 +340,12 @@ impl StateStore for SledStore {
         let mut order: Vec<(&[u8], Vec<u8>, usize)> = Vec::with_capacity(keys.len());
         {
             let pending = self.pending.read();
-            let mut held = Vec::new();
             for (i, k) in keys.iter().enumerate() {
                 let prefix = prefix_of(&prefixes, k);
                 let code = keycode::code(&k.source_key);
                 if !pending.is_empty() && pages::locate(&k.source_key).is_none() {
-                    held.clear();
-                    held.extend_from_slice(prefix);
-                    held.extend_from_slice(&code);
-                    if let Some(s) = pending.get(&held) {
-                        out[i] = s.clone();
+                    if let Some(s) = pending.get(prefix, &code) {
+                        out[i] = s;
                         continue;
                     }
                 }
@@ -383,7 +379,7 @@ impl StateStore for SledStore {
             .pending
             .read()
             .of_mapping(&prefix)
-            .map(|(code, s)| (code.to_vec(), s.as_ref().map(|s| s.status)))
+            .into_iter()
             .collect();
         if held.is_empty() {
             return layout::scan(&tr.keys, &prefix, visit);
@@ -514,16 +510,16 @@ impl SledStore {
     /// groups of [`DRAIN_GROUP`] (bounded memory; each group's pages are
     /// neighbours). Lookups meanwhile still find them held back.
     fn drain(&self, tr: &Trees, pending: &Pending) -> Result<(), StateError> {
-        let mut keys = pending.iter().peekable();
-        while keys.peek().is_some() {
-            let group: Vec<_> = keys.by_ref().take(DRAIN_GROUP).collect();
-            let mut prefixes: Vec<&[u8]> = group.iter().map(|g| g.0).collect();
+        let records = pending.sorted();
+        for group in records.chunks(DRAIN_GROUP) {
+            let mut prefixes: Vec<&[u8]> = group.iter().map(|r| pending.at(*r).0).collect();
             prefixes.dedup();
             self.load_dirs(&tr.keys, prefixes.iter().copied())?;
             let mut writer = Writer::new(&tr.keys, &tr.images);
             {
                 let dirs = self.dirs.read();
-                for (prefix, code, state) in group {
+                for r in group {
+                    let (prefix, code, state) = pending.at(*r);
                     writer.set_range(&dirs, prefix, code.to_vec(), state.as_ref());
                 }
             }
@@ -565,14 +561,12 @@ impl SledStore {
                 _ => continue,
             };
             if pages::locate(&k.source_key).is_none() {
-                let mut key = prefix_of(&prefixes, k).to_vec();
-                keycode::encode(&k.source_key, &mut key);
-                held.push((key, s.cloned()));
+                held.push((prefix_of(&prefixes, k), keycode::code(&k.source_key), s));
             }
         }
         let mut pending = self.pending.upgradable_read();
         if !held.is_empty() {
-            pending.with_upgraded(|p| p.record(&tr.journal, held))?;
+            pending.with_upgraded(|p| p.record_writes(&tr.journal, held.into_iter()))?;
         }
         // Plain inserts, checkpoints last. sled recovers a prefix of its
         // log after a crash, so a checkpoint that survives implies every
