@@ -49,7 +49,6 @@ struct Trees {
     dead: sled::Tree,
     checkpoints: sled::Tree,
     stats: sled::Tree,
-    journal: sled::Tree,
 }
 
 /// sled database in the state directory.
@@ -95,7 +94,7 @@ impl SledStore {
         if converted > 0 {
             tracing::info!(entries = converted, dir = %dir.display(), "state store converted to key pages");
         }
-        let pending = parking_lot::RwLock::new(Pending::load(&trees.journal)?);
+        let pending = parking_lot::RwLock::new(Pending::open(dir)?);
         Ok(SledStore {
             dir: dir.to_path_buf(),
             trees: RwLock::new(Some(Arc::new(trees))),
@@ -164,7 +163,6 @@ impl SledStore {
             dead: open("dead_letters")?,
             checkpoints: open("checkpoints")?,
             stats: open("stats")?,
-            journal: open("journal")?,
             db,
         })
     }
@@ -273,10 +271,10 @@ impl SledStore {
         self.range_writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The raw journal tree, for tests that stage a crash's leftovers.
+    /// The journal file (tests stage a crash's leftovers in it).
     #[cfg(test)]
-    pub(crate) fn journal_tree(&self) -> sled::Tree {
-        self.t().expect("open").journal.clone()
+    pub(crate) fn journal_path(&self) -> PathBuf {
+        self.dir.join(journal::JOURNAL_FILE)
     }
 
     /// Range keys held back from their pages (tests).
@@ -285,9 +283,12 @@ impl SledStore {
         self.pending.read().len()
     }
 
-    /// Bytes of the database on disk (sled's files), for measurements.
+    /// Bytes of the database on disk (sled's files and the journal), for
+    /// measurements.
     pub fn disk_bytes(&self) -> Result<u64, StateError> {
-        self.t()?.db.size_on_disk().map_err(err("size"))
+        let journal =
+            std::fs::metadata(self.dir.join(journal::JOURNAL_FILE)).map_or(0, |m| m.len());
+        Ok(self.t()?.db.size_on_disk().map_err(err("size"))? + journal)
     }
 }
 
@@ -409,8 +410,11 @@ impl StateStore for SledStore {
             // journal may hold part of this apply: what is held back is
             // what it holds.
             self.dirs.write().clear();
-            if let Ok(p) = Pending::load(&tr.journal) {
-                *self.pending.write() = p;
+            let mut pending = self.pending.write();
+            let reopened = Pending::open(&self.dir);
+            // The file stays open (and locked by sled's lock) meanwhile.
+            if let Ok(p) = reopened {
+                *pending = p;
             }
         }
         r
@@ -418,6 +422,7 @@ impl StateStore for SledStore {
 
     fn flush(&self) -> Result<(), StateError> {
         let tr = self.t()?;
+        self.pending.write().sync()?;
         tr.db.flush().map_err(err("flush"))?;
         Ok(())
     }
@@ -499,7 +504,7 @@ impl StateStore for SledStore {
             drop(old);
         }
         let fresh = Self::open_trees(&self.dir)?;
-        *self.pending.write() = Pending::load(&fresh.journal)?;
+        *self.pending.write() = Pending::open(&self.dir)?;
         *slot = Some(Arc::new(fresh));
         Ok(())
     }
@@ -566,7 +571,7 @@ impl SledStore {
         }
         let mut pending = self.pending.upgradable_read();
         if !held.is_empty() {
-            pending.with_upgraded(|p| p.record_writes(&tr.journal, held.into_iter()))?;
+            pending.with_upgraded(|p| p.record_writes(held.into_iter()))?;
         }
         // Plain inserts, checkpoints last. sled recovers a prefix of its
         // log after a crash, so a checkpoint that survives implies every
@@ -610,7 +615,12 @@ impl SledStore {
         }
         if pending.is_full(self.drain_bytes) {
             self.drain(tr, &pending)?;
-            pending.with_upgraded(|p| p.drained(&tr.journal))?;
+            // The pages are durable before the journal is emptied.
+            tr.db.flush().map_err(err("flush"))?;
+            pending.with_upgraded(Pending::drained)?;
+        }
+        if !checkpoints.is_empty() {
+            pending.with_upgraded(Pending::sync)?;
         }
         for c in checkpoints {
             tr.checkpoints
