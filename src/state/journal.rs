@@ -47,6 +47,9 @@ const FRAME_HEAD: usize = 8;
 /// image each, ~600 000 without.
 pub const DRAIN_BYTES: usize = 32 * 1024 * 1024;
 
+/// Room kept beyond [`DRAIN_BYTES`] for the apply that crosses it.
+pub const SLACK_BYTES: usize = 2 * 1024 * 1024;
+
 /// Index bytes per held-back key (an offset, with the table's slack).
 const INDEX_BYTES: usize = 8;
 
@@ -149,10 +152,11 @@ fn hash(prefix: &[u8], code: &[u8]) -> u64 {
 }
 
 impl Pending {
-    /// Opens the journal in `dir` (created if need be) and reads it back.
-    /// A frame cut short by a crash, and anything after it, is cut off:
-    /// no checkpoint depends on it.
-    pub fn open(dir: &Path) -> Result<Pending, StateError> {
+    /// Opens the journal in `dir` (created if need be) and reads it back,
+    /// with room for `expected` bytes of records (taken as they are
+    /// written). A frame cut short by a crash, and anything after it, is
+    /// cut off: no checkpoint depends on it.
+    pub fn open(dir: &Path, expected: usize) -> Result<Pending, StateError> {
         let path = dir.join(JOURNAL_FILE);
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -173,7 +177,7 @@ impl Pending {
             );
         }
         let mut p = Pending {
-            arena: Vec::with_capacity(whole),
+            arena: Vec::with_capacity(whole.max(expected)),
             index: HashTable::new(),
             file,
             unsynced: false,
@@ -233,14 +237,17 @@ impl Pending {
             return Ok(());
         }
         let len = u32::try_from(payload.len()).map_err(|_| damaged())?;
-        let mut frame = Vec::with_capacity(FRAME_HEAD + payload.len());
-        frame.extend_from_slice(&len.to_le_bytes());
-        frame.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        frame.extend_from_slice(payload);
-        self.file.write_all(&frame).map_err(|e| StateError {
+        let mut head = [0u8; FRAME_HEAD];
+        head[..4].copy_from_slice(&len.to_le_bytes());
+        head[4..].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        // Two writes: a crash between them leaves a head without its
+        // payload, cut off when the journal is read back.
+        let io = |e: std::io::Error| StateError {
             op: "write",
             detail: format!("state journal: {e}"),
-        })?;
+        };
+        self.file.write_all(&head).map_err(io)?;
+        self.file.write_all(payload).map_err(io)?;
         self.unsynced = true;
         self.index_from(from).ok_or_else(damaged)
     }
@@ -320,8 +327,10 @@ impl Pending {
         self.file.set_len(0).map_err(io)?;
         self.file.sync_data().map_err(io)?;
         self.unsynced = false;
-        self.arena = Vec::new();
-        self.index = HashTable::new();
+        // Capacity kept: refilled by the next applies without growing
+        // (each growth of a large buffer is a copy onto fresh pages).
+        self.arena.clear();
+        self.index.clear();
         Ok(())
     }
 }
@@ -342,7 +351,10 @@ mod tests {
         })
     }
 
-    fn record(p: &mut Pending, writes: &[((Vec<u8>, Vec<u8>), Option<KeyState>)]) {
+    /// A key write: `((prefix, code), state)`.
+    type KeyWrite = ((Vec<u8>, Vec<u8>), Option<KeyState>);
+
+    fn record(p: &mut Pending, writes: &[KeyWrite]) {
         p.record_writes(
             writes
                 .iter()
@@ -381,7 +393,7 @@ mod tests {
     #[test]
     fn the_newest_write_of_a_key_wins_in_memory_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
-        let mut p = Pending::open(dir.path()).unwrap();
+        let mut p = Pending::open(dir.path(), 0).unwrap();
         record(
             &mut p,
             &[(key(1, "a"), state(1, None)), (key(2, "a"), state(5, None))],
@@ -391,7 +403,7 @@ mod tests {
             &[(key(1, "a"), state(2, Some("x"))), (key(1, "b"), None)],
         );
         p.sync().unwrap();
-        let again = Pending::open(dir.path()).unwrap();
+        let again = Pending::open(dir.path(), 0).unwrap();
         for p in [&p, &again] {
             let (a, b) = (key(1, "a"), key(1, "b"));
             assert_eq!(p.get(&a.0, &a.1), Some(state(2, Some("x"))));
@@ -421,14 +433,14 @@ mod tests {
         p.drained().unwrap();
         assert!(p.is_empty() && !p.is_full(1));
         drop((p, again));
-        assert!(Pending::open(dir.path()).unwrap().is_empty());
+        assert!(Pending::open(dir.path(), 0).unwrap().is_empty());
     }
 
     #[test]
     fn a_frame_cut_short_by_a_crash_is_cut_off_and_later_writes_follow_the_whole_ones() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(JOURNAL_FILE);
-        let mut p = Pending::open(dir.path()).unwrap();
+        let mut p = Pending::open(dir.path(), 0).unwrap();
         record(&mut p, &[(key(1, "a"), state(1, None))]);
         let whole = std::fs::metadata(&path).unwrap().len();
         record(&mut p, &[(key(1, "b"), state(2, Some("image")))]);
@@ -442,12 +454,12 @@ mod tests {
             f
         }] {
             std::fs::write(&path, &damage).unwrap();
-            let mut p = Pending::open(dir.path()).unwrap();
+            let mut p = Pending::open(dir.path(), 0).unwrap();
             assert_eq!(p.len(), 1);
             assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
             record(&mut p, &[(key(1, "c"), state(3, None))]);
             drop(p);
-            let p = Pending::open(dir.path()).unwrap();
+            let p = Pending::open(dir.path(), 0).unwrap();
             let c = key(1, "c");
             assert_eq!(p.get(&c.0, &c.1), Some(state(3, None)));
             assert_eq!(p.len(), 2);
@@ -461,9 +473,9 @@ mod tests {
         let writes: Vec<_> = (0..1000)
             .map(|i| (key(3, &format!("k{i}")), state(i, Some(&image))))
             .collect();
-        let mut p = Pending::open(dir.path()).unwrap();
+        let mut p = Pending::open(dir.path(), 0).unwrap();
         record(&mut p, &writes);
         assert!(p.is_full(1000 * 200) && !p.is_full(1000 * 300));
-        assert_eq!(Pending::open(dir.path()).unwrap().len(), 1000);
+        assert_eq!(Pending::open(dir.path(), 0).unwrap().len(), 1000);
     }
 }

@@ -526,7 +526,7 @@ impl<'a> Writer<'a> {
         state: Option<&KeyState>,
     ) -> Result<(), StateError> {
         let Some((page, slot)) = pages::locate(source_key) else {
-            self.set_range(dirs, prefix, keycode::code(source_key), state);
+            self.set_range(dirs, prefix, keycode::code(source_key), state.cloned());
             return Ok(());
         };
         let key = pages::page_key(prefix, page);
@@ -589,7 +589,7 @@ impl<'a> Writer<'a> {
         dirs: &Dirs,
         prefix: &[u8],
         code: Vec<u8>,
-        state: Option<&KeyState>,
+        state: Option<KeyState>,
     ) {
         if state.is_some() {
             dirs.note(prefix, &code);
@@ -608,7 +608,7 @@ impl<'a> Writer<'a> {
                 .entry(ranges::page_key(prefix, &[]))
                 .or_insert_with(|| (prefix.to_vec(), Vec::new(), Vec::new())),
         };
-        group.2.push((code, state.cloned()));
+        group.2.push((code, state));
     }
 
     /// Writes every changed page: integer keys' image groups with their

@@ -94,7 +94,8 @@ impl SledStore {
         if converted > 0 {
             tracing::info!(entries = converted, dir = %dir.display(), "state store converted to key pages");
         }
-        let pending = parking_lot::RwLock::new(Pending::open(dir)?);
+        let pending =
+            parking_lot::RwLock::new(Pending::open(dir, drain_bytes + journal::SLACK_BYTES)?);
         Ok(SledStore {
             dir: dir.to_path_buf(),
             trees: RwLock::new(Some(Arc::new(trees))),
@@ -411,7 +412,7 @@ impl StateStore for SledStore {
             // what it holds.
             self.dirs.write().clear();
             let mut pending = self.pending.write();
-            let reopened = Pending::open(&self.dir);
+            let reopened = Pending::open(&self.dir, self.drain_bytes + journal::SLACK_BYTES);
             // The file stays open (and locked by sled's lock) meanwhile.
             if let Ok(p) = reopened {
                 *pending = p;
@@ -504,7 +505,7 @@ impl StateStore for SledStore {
             drop(old);
         }
         let fresh = Self::open_trees(&self.dir)?;
-        *self.pending.write() = Pending::open(&self.dir)?;
+        *self.pending.write() = Pending::open(&self.dir, self.drain_bytes + journal::SLACK_BYTES)?;
         *slot = Some(Arc::new(fresh));
         Ok(())
     }
@@ -525,7 +526,7 @@ impl SledStore {
                 let dirs = self.dirs.read();
                 for r in group {
                     let (prefix, code, state) = pending.at(*r);
-                    writer.set_range(&dirs, prefix, code.to_vec(), state.as_ref());
+                    writer.set_range(&dirs, prefix, code.to_vec(), state);
                 }
             }
             let written = writer.write(&self.dirs)?;
