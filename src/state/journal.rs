@@ -176,11 +176,19 @@ impl Pending {
                 "state journal: an incomplete last write (a crash) was cut off"
             );
         }
+        // Created now, or left by a process killed before its sync: make
+        // the file's entry and its frames durable before anything builds
+        // on them.
+        if let Some(parent) = path.parent() {
+            File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("flush", parent))?;
+        }
         let mut p = Pending {
             arena: Vec::with_capacity(whole.max(expected)),
             index: HashTable::new(),
             file,
-            unsynced: false,
+            unsynced: whole > 0,
         };
         for payload in frames {
             let from = p.arena.len();
@@ -236,7 +244,17 @@ impl Pending {
         if payload.is_empty() {
             return Ok(());
         }
-        let len = u32::try_from(payload.len()).map_err(|_| damaged())?;
+        let too_large = || StateError {
+            op: "write",
+            detail: "state journal: over 4 GiB held back".into(),
+        };
+        let (Ok(len), Ok(_)) = (
+            u32::try_from(payload.len()),
+            u32::try_from(self.arena.len()),
+        ) else {
+            self.arena.truncate(from);
+            return Err(too_large());
+        };
         let mut head = [0u8; FRAME_HEAD];
         head[..4].copy_from_slice(&len.to_le_bytes());
         head[4..].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
@@ -246,8 +264,17 @@ impl Pending {
             op: "write",
             detail: format!("state journal: {e}"),
         };
-        self.file.write_all(&head).map_err(io)?;
-        self.file.write_all(payload).map_err(io)?;
+        let before = self.file.metadata().map_err(io)?.len();
+        let written = self
+            .file
+            .write_all(&head)
+            .and_then(|()| self.file.write_all(payload));
+        if let Err(e) = written {
+            // Undone, so that later frames follow whole ones.
+            self.arena.truncate(from);
+            let _ = self.file.set_len(before);
+            return Err(io(e));
+        }
         self.unsynced = true;
         self.index_from(from).ok_or_else(damaged)
     }
@@ -383,9 +410,20 @@ mod tests {
             at += r.len;
         }
         assert_eq!(at, b.len());
-        let last = b.len() - 1;
+        let last_start = b.len()
+            - writes.iter().last().map_or(0, |_| {
+                let mut one = Vec::new();
+                put_record(
+                    &writes[2].0 .0,
+                    &writes[2].0 .1,
+                    writes[2].1.as_ref(),
+                    &mut one,
+                );
+                one.len()
+            });
+        assert!(record_at(&b[last_start..]).is_some());
         assert!(
-            record_at(&b[at - 20..last]).is_none(),
+            record_at(&b[last_start..b.len() - 1]).is_none(),
             "a cut record is damage"
         );
     }
@@ -445,8 +483,7 @@ mod tests {
         let whole = std::fs::metadata(&path).unwrap().len();
         record(&mut p, &[(key(1, "b"), state(2, Some("image")))]);
         drop(p);
-        // The second frame is cut short, then a flipped byte in a frame
-        // after it: both are dropped.
+        // The second frame cut short, or with a byte flipped: dropped.
         let full = std::fs::read(&path).unwrap();
         for damage in [full[..full.len() - 3].to_vec(), {
             let mut f = full.clone();

@@ -412,10 +412,10 @@ impl StateStore for SledStore {
             // what it holds.
             self.dirs.write().clear();
             let mut pending = self.pending.write();
-            let reopened = Pending::open(&self.dir, self.drain_bytes + journal::SLACK_BYTES);
-            // The file stays open (and locked by sled's lock) meanwhile.
-            if let Ok(p) = reopened {
-                *pending = p;
+            match Pending::open(&self.dir, self.drain_bytes + journal::SLACK_BYTES) {
+                Ok(p) => *pending = p,
+                // A failed journal write was undone where it failed.
+                Err(e) => tracing::error!(error = %e, "state journal could not be read again"),
             }
         }
         r
@@ -557,22 +557,23 @@ impl SledStore {
             _ => None,
         }));
         self.load_dirs(&tr.keys, prefixes.iter().map(|p| p.0.as_slice()))?;
-        // Range keys' writes go to the journal first, integer keys' to
-        // their pages below.
+        // Range keys' writes go to the journal (after the rest, below),
+        // integer keys' to their pages.
         let mut held = Vec::new();
+        let mut letters = false;
         for w in &resolved {
             let (k, s) = match w {
                 Write::Key(k, s) => (k, Some(s)),
                 Write::RemoveKey(k) => (k, None),
+                Write::DeadLetter(..) | Write::RemoveDeadLetter(_) => {
+                    letters = true;
+                    continue;
+                }
                 _ => continue,
             };
             if pages::locate(&k.source_key).is_none() {
                 held.push((prefix_of(&prefixes, k), keycode::code(&k.source_key), s));
             }
-        }
-        let mut pending = self.pending.upgradable_read();
-        if !held.is_empty() {
-            pending.with_upgraded(|p| p.record_writes(held.into_iter()))?;
         }
         // Plain inserts, checkpoints last. sled recovers a prefix of its
         // log after a crash, so a checkpoint that survives implies every
@@ -613,6 +614,17 @@ impl SledStore {
             .fetch_add(written, std::sync::atomic::Ordering::Relaxed);
         if self.dirs.read().any_full() {
             self.dirs.write().grow_full();
+        }
+        // A key's state must not outlive its dead letter (or the removal
+        // of one) in a crash: sled's writes reach the disk at its next
+        // flush, the journal's at once (a killed process's writes stay in
+        // the OS). Dead letters are rare: flush them first.
+        if letters && !held.is_empty() {
+            tr.db.flush().map_err(err("flush"))?;
+        }
+        let mut pending = self.pending.upgradable_read();
+        if !held.is_empty() {
+            pending.with_upgraded(|p| p.record_writes(held.into_iter()))?;
         }
         if pending.is_full(self.drain_bytes) {
             self.drain(tr, &pending)?;

@@ -17,10 +17,21 @@ fn crash_child(dir: &str) -> ! {
     loop {
         let mut writes = Vec::new();
         for j in 0..50 {
-            writes.push(Write::Key(
-                key("shops", &format!("{i}-{j}")),
-                accepted(i, Some("{\"x\":1}")),
-            ));
+            let k = key("shops", &format!("{i}-{j}"));
+            if j % 10 == 0 {
+                // Rejected: its dead letter and its state.
+                writes.push(Write::DeadLetter(k.clone(), Box::new(letter(&k))));
+                writes.push(Write::Key(
+                    k,
+                    KeyState {
+                        status: KeyStatus::DeadLettered,
+                        fingerprint: i,
+                        delete_image: None,
+                    },
+                ));
+            } else {
+                writes.push(Write::Key(k, accepted(i, Some("{\"x\":1}"))));
+            }
         }
         writes.push(Write::Checkpoint(Checkpoint::Replication(
             ReplicationCheckpoint {
@@ -34,6 +45,20 @@ fn crash_child(dir: &str) -> ! {
             println!("flushed {i}");
         }
         i += 1;
+    }
+}
+
+fn letter(k: &StateKey) -> DeadLetter {
+    DeadLetter {
+        ty: "shops".into(),
+        mapping: k.mapping.to_string(),
+        cobi_key: None,
+        source_key: k.source_key.clone(),
+        record: "{}".into(),
+        reason: "test".into(),
+        attempts: 1,
+        first_at: String::new(),
+        last_at: String::new(),
     }
 }
 
@@ -97,6 +122,26 @@ fn flushed_writes_survive_sigkill() {
                 );
             }
         }
+        // Unflushed applies too: no key keeps a dead-lettered state
+        // without its dead letter.
+        let mut rejected = 0;
+        for i in 0..=last + 50 {
+            for j in (0..50).step_by(10) {
+                let k = key("shops", &format!("{i}-{j}"));
+                let st = store.get_key(&k).unwrap();
+                if st.is_some_and(|s| s.status == KeyStatus::DeadLettered) {
+                    rejected += 1;
+                    assert!(
+                        store.dead_letter(&k).unwrap().is_some(),
+                        "round {round}: {i}-{j} is dead-lettered without its dead letter"
+                    );
+                }
+            }
+        }
+        assert!(
+            rejected >= 5 * (last + 1),
+            "round {round}: {rejected} rejected keys"
+        );
         let lsn = replication_checkpoint(&store).unwrap().unwrap().lsn;
         assert!(
             lsn >= last,
