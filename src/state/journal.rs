@@ -64,8 +64,9 @@ pub struct Pending {
     arena: Vec<u8>,
     /// Offset in `arena` of each key's newest record, hashed by key.
     index: HashTable<u32>,
-    /// The journal file (appended to).
+    /// The journal file (appended to), and its path for errors.
     file: File,
+    path: std::path::PathBuf,
     /// Whether frames were appended since the last `fdatasync`.
     unsynced: bool,
 }
@@ -188,6 +189,7 @@ impl Pending {
             arena: Vec::with_capacity(whole.max(expected)),
             index: HashTable::new(),
             file,
+            path,
             unsynced: whole > 0,
         };
         for payload in frames {
@@ -246,7 +248,7 @@ impl Pending {
         }
         let too_large = || StateError {
             op: "write",
-            detail: "state journal: over 4 GiB held back".into(),
+            detail: format!("{}: over 4 GiB held back", self.path.display()),
         };
         let (Ok(len), Ok(_)) = (
             u32::try_from(payload.len()),
@@ -260,11 +262,8 @@ impl Pending {
         head[4..].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
         // Two writes: a crash between them leaves a head without its
         // payload, cut off when the journal is read back.
-        let io = |e: std::io::Error| StateError {
-            op: "write",
-            detail: format!("state journal: {e}"),
-        };
-        let before = self.file.metadata().map_err(io)?.len();
+        let io = io_err("write", &self.path);
+        let before = self.file.metadata().map_err(&io)?.len();
         let written = self
             .file
             .write_all(&head)
@@ -275,6 +274,7 @@ impl Pending {
             let _ = self.file.set_len(before);
             return Err(io(e));
         }
+        drop(io);
         self.unsynced = true;
         self.index_from(from).ok_or_else(damaged)
     }
@@ -282,10 +282,7 @@ impl Pending {
     /// Makes the journal durable (before checkpoints that depend on it).
     pub fn sync(&mut self) -> Result<(), StateError> {
         if self.unsynced {
-            self.file.sync_data().map_err(|e| StateError {
-                op: "flush",
-                detail: format!("state journal: {e}"),
-            })?;
+            self.file.sync_data().map_err(io_err("flush", &self.path))?;
             self.unsynced = false;
         }
         Ok(())
@@ -337,6 +334,12 @@ impl Pending {
         out
     }
 
+    /// The key of a record of [`Pending::sorted`]: `(prefix, code)`.
+    pub fn key_at(&self, record: u32) -> (&[u8], &[u8]) {
+        let r = self.record(record);
+        (r.prefix, r.code)
+    }
+
     /// The key and state of a record of [`Pending::sorted`]: `(prefix,
     /// code, state)`.
     pub fn at(&self, record: u32) -> (&[u8], &[u8], Option<KeyState>) {
@@ -347,11 +350,8 @@ impl Pending {
     /// After the pending keys are written to their pages and those are
     /// durable: empties the journal and forgets them.
     pub fn drained(&mut self) -> Result<(), StateError> {
-        let io = |e: std::io::Error| StateError {
-            op: "write",
-            detail: format!("state journal: {e}"),
-        };
-        self.file.set_len(0).map_err(io)?;
+        let io = io_err("write", &self.path);
+        self.file.set_len(0).map_err(&io)?;
         self.file.sync_data().map_err(io)?;
         self.unsynced = false;
         // Capacity kept: refilled by the next applies without growing
@@ -399,31 +399,20 @@ mod tests {
             (key(2, uuid), state(9, Some("img"))),
         ];
         let mut b = Vec::new();
+        let mut starts = Vec::new();
         for ((p, c), s) in &writes {
+            starts.push(b.len());
             put_record(p, c, s.as_ref(), &mut b);
         }
-        let mut at = 0;
-        for ((p, c), s) in &writes {
-            let r = record_at(&b[at..]).expect("a record");
+        let ends = starts.iter().skip(1).copied().chain([b.len()]);
+        for ((((p, c), s), at), end) in writes.iter().zip(&starts).zip(ends) {
+            let r = record_at(&b[*at..]).expect("a record");
             assert_eq!((r.prefix, r.code), (p.as_slice(), c.as_slice()));
             assert_eq!(r.slot.map(|s| s.state()), *s);
-            at += r.len;
+            assert_eq!(at + r.len, end);
         }
-        assert_eq!(at, b.len());
-        let last_start = b.len()
-            - writes.iter().last().map_or(0, |_| {
-                let mut one = Vec::new();
-                put_record(
-                    &writes[2].0 .0,
-                    &writes[2].0 .1,
-                    writes[2].1.as_ref(),
-                    &mut one,
-                );
-                one.len()
-            });
-        assert!(record_at(&b[last_start..]).is_some());
         assert!(
-            record_at(&b[last_start..b.len() - 1]).is_none(),
+            record_at(&b[starts[2]..b.len() - 1]).is_none(),
             "a cut record is damage"
         );
     }

@@ -10,7 +10,8 @@
 //!   dead-lettered), and a compact delete image ([`image`]) where soft
 //!   deletes need one. The sled store keeps them in pages of neighbouring
 //!   keys, whatever the key's type ([`pages`] for integers, [`ranges`] for
-//!   the rest);
+//!   the rest, whose writes wait in a journal until many can share each
+//!   page rewrite: [`journal`]);
 //! - dead letters ([`DeadLetter`]) under the same key;
 //! - checkpoints ([`Checkpoint`]): the replication position with per-table
 //!   snapshot progress, per-mapping poll cursors, per-mapping snapshot

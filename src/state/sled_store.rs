@@ -4,9 +4,10 @@
 //! (the delete images of integer keys, see [`super::pages`]),
 //! `dead_letters` (record key → JSON [`DeadLetter`]), `checkpoints`
 //! (name → JSON [`Checkpoint`]), `stats` (type id → JSON [`TypeStats`]),
-//! `meta` (the layout marker), `journal` (range keys' writes not yet in
-//! their pages, see [`super::journal`]). Checkpoints of a group of writes are
-//! written last (see [`StateStore::apply`] below).
+//! `meta` (the layout marker). Beside them, the file `cobi-journal`
+//! holds range keys' writes not yet in their pages ([`super::journal`]).
+//! Checkpoints of a group of writes are written last (see
+//! [`StateStore::apply`] below).
 //!
 //! Memory: sled's page cache is bounded ([`CACHE_BYTES`]). Beyond it,
 //! pages are read from the log (the OS page cache) as needed and RSS
@@ -407,16 +408,10 @@ impl StateStore for SledStore {
         }
         let r = self.apply_locked(&tr, writes);
         if r.is_err() {
-            // Pages may be half written: read the directories again. The
-            // journal may hold part of this apply: what is held back is
-            // what it holds.
+            // Pages may be half written: read the directories again. (The
+            // journal needs nothing: a failed write to it is undone where
+            // it fails, and a failed drain leaves it as it was.)
             self.dirs.write().clear();
-            let mut pending = self.pending.write();
-            match Pending::open(&self.dir, self.drain_bytes + journal::SLACK_BYTES) {
-                Ok(p) => *pending = p,
-                // A failed journal write was undone where it failed.
-                Err(e) => tracing::error!(error = %e, "state journal could not be read again"),
-            }
         }
         r
     }
@@ -518,7 +513,7 @@ impl SledStore {
     fn drain(&self, tr: &Trees, pending: &Pending) -> Result<(), StateError> {
         let records = pending.sorted();
         for group in records.chunks(DRAIN_GROUP) {
-            let mut prefixes: Vec<&[u8]> = group.iter().map(|r| pending.at(*r).0).collect();
+            let mut prefixes: Vec<&[u8]> = group.iter().map(|r| pending.key_at(*r).0).collect();
             prefixes.dedup();
             self.load_dirs(&tr.keys, prefixes.iter().copied())?;
             let mut writer = Writer::new(&tr.keys, &tr.images);
@@ -557,39 +552,30 @@ impl SledStore {
             _ => None,
         }));
         self.load_dirs(&tr.keys, prefixes.iter().map(|p| p.0.as_slice()))?;
-        // Range keys' writes go to the journal (after the rest, below),
-        // integer keys' to their pages.
-        let mut held = Vec::new();
-        let mut letters = false;
-        for w in &resolved {
-            let (k, s) = match w {
-                Write::Key(k, s) => (k, Some(s)),
-                Write::RemoveKey(k) => (k, None),
-                Write::DeadLetter(..) | Write::RemoveDeadLetter(_) => {
-                    letters = true;
-                    continue;
-                }
-                _ => continue,
-            };
-            if pages::locate(&k.source_key).is_none() {
-                held.push((prefix_of(&prefixes, k), keycode::code(&k.source_key), s));
-            }
-        }
         // Plain inserts, checkpoints last. sled recovers a prefix of its
         // log after a crash, so a checkpoint that survives implies every
         // write before it did. (Batches and multi-tree transactions hold
         // each write in memory several times over: measured ~100 MiB for
         // one 20 000-record epoch, against ~10 MiB for plain inserts.)
         // Key pages are written after the dead letters and before the
-        // checkpoints.
+        // checkpoints; range keys' writes go to the journal after the rest.
         let mut writer = Writer::new(&tr.keys, &tr.images);
         let mut checkpoints = Vec::new();
+        let mut held = Vec::new();
+        let mut letters = false;
         {
             let dirs = self.dirs.read();
             for w in resolved {
+                let range = |k: &StateKey| pages::locate(&k.source_key).is_none();
                 match w {
-                    Write::Key(k, _) | Write::RemoveKey(k)
-                        if pages::locate(&k.source_key).is_none() => {}
+                    Write::Key(k, s) if range(k) => held.push((
+                        prefix_of(&prefixes, k),
+                        keycode::code(&k.source_key),
+                        Some(s),
+                    )),
+                    Write::RemoveKey(k) if range(k) => {
+                        held.push((prefix_of(&prefixes, k), keycode::code(&k.source_key), None))
+                    }
                     Write::Key(k, s) => {
                         writer.set(&dirs, prefix_of(&prefixes, k), &k.source_key, Some(s))?
                     }
@@ -597,9 +583,11 @@ impl SledStore {
                         writer.set(&dirs, prefix_of(&prefixes, k), &k.source_key, None)?
                     }
                     Write::DeadLetter(k, d) => {
+                        letters = true;
                         tr.dead.insert(k.encode(), json(d)).map_err(err("write"))?;
                     }
                     Write::RemoveDeadLetter(k) => {
+                        letters = true;
                         tr.dead.remove(k.encode()).map_err(err("write"))?;
                     }
                     Write::Checkpoint(c) => checkpoints.push(c),

@@ -43,6 +43,8 @@ fn crash_child(dir: &str) -> ! {
         if i % 5 == 0 {
             store.flush().unwrap();
             println!("flushed {i}");
+        } else {
+            println!("applied {i}");
         }
         i += 1;
     }
@@ -96,10 +98,12 @@ fn flushed_writes_survive_sigkill() {
         for line in BufReader::new(stdout).lines() {
             let line = line.unwrap();
             if let Some(n) = line.strip_prefix("flushed ") {
+                last_flushed = Some(n.trim().parse::<u64>().unwrap());
+            } else if let Some(n) = line.strip_prefix("applied ") {
                 let n: u64 = n.trim().parse().unwrap();
-                last_flushed = Some(n);
-                if n >= target {
-                    // Mid-write: the child keeps applying unflushed batches.
+                if n > target && last_flushed.is_some_and(|f| f >= target) {
+                    // Mid-write, after at least one unflushed apply: the
+                    // child keeps applying unflushed batches.
                     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
                     break;
                 }

@@ -67,6 +67,20 @@ fn all_states(store: &dyn StateStore, ty: TypeId, mapping: &str) -> Vec<(String,
         .collect()
 }
 
+/// An integer page of the previous format (version 3): the present and
+/// imaged slot masks, then each present slot accepted with its slot number
+/// as fingerprint.
+fn v3_page(present: &[u8], imaged: &[u8]) -> Vec<u8> {
+    let mask = |slots: &[u8]| slots.iter().fold(0u64, |m, s| m | (1 << s));
+    let mut v = vec![3u8];
+    v.extend_from_slice(&mask(present).to_be_bytes());
+    v.extend_from_slice(&mask(imaged).to_be_bytes());
+    for &slot in present {
+        encode_fixed(KeyStatus::Accepted, u64::from(slot), &mut v);
+    }
+    v
+}
+
 fn uuid_key(n: u64) -> String {
     uuid::Uuid::from_u64_pair(n.wrapping_mul(0x9e37_79b9_7f4a_7c15), n).to_string()
 }

@@ -178,12 +178,7 @@ fn a_page_with_per_slot_images_is_read_and_regrouped_when_rewritten() {
     let k = |n: u64| key("transactions", &n.to_string());
     let prefix = StateKey::mapping_prefix(k(0).ty, &k(0).mapping);
     let pk = pages::page_key(&prefix, 0);
-    let mut v = vec![3u8];
-    v.extend_from_slice(&((1u64 << 1) | (1u64 << 2) | (1u64 << 9)).to_be_bytes());
-    v.extend_from_slice(&((1u64 << 1) | (1u64 << 9)).to_be_bytes());
-    for fp in [1, 2, 9] {
-        encode_fixed(KeyStatus::Accepted, fp, &mut v);
-    }
+    let v = v3_page(&[1, 2, 9], &[1, 9]);
     s.keys_tree().insert(&pk, v).unwrap();
     let per_slot = |slot: u8| pages::image_key(&pk, slot);
     s.images_tree().insert(per_slot(1), &b"one"[..]).unwrap();

@@ -84,12 +84,7 @@ fn a_lookup_racing_the_regrouping_of_its_page_still_finds_the_images() {
     let k = |n: u64| key("transactions", &n.to_string());
     let prefix = StateKey::mapping_prefix(k(0).ty, &k(0).mapping);
     let pk = pages::page_key(&prefix, 0);
-    let mut v = vec![3u8];
-    v.extend_from_slice(&((1u64 << 1) | (1u64 << 2)).to_be_bytes());
-    v.extend_from_slice(&((1u64 << 1) | (1u64 << 2)).to_be_bytes());
-    for fp in [1, 2] {
-        encode_fixed(KeyStatus::Accepted, fp, &mut v);
-    }
+    let v = v3_page(&[1, 2], &[1, 2]);
     let (keys, images) = (s.keys_tree(), s.images_tree());
     keys.insert(&pk, v).unwrap();
     images
