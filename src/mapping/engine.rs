@@ -583,13 +583,15 @@ impl CompiledMapping {
 
 /// Builds a source key from key values (see [`CompiledMapping::source_key`]).
 pub fn source_key<'a>(values: impl Iterator<Item = &'a Value>) -> String {
-    let mut out = String::new();
+    // Sized for one UUID: most keys fit without growing.
+    let mut out = String::with_capacity(36);
     for (i, v) in values.enumerate() {
         if i > 0 {
             out.push('|');
         }
         match v.to_text() {
             None => out.push_str("\\N"),
+            Some(t) if !t.contains(['|', '\\']) => out.push_str(&t),
             Some(t) => {
                 for c in t.chars() {
                     if c == '|' || c == '\\' {
@@ -671,8 +673,8 @@ fn apply_scalar(
     if v.is_null() {
         return Ok(Value::Null);
     }
-    let name = t.name();
-    let fail = |what: &str| Err(format!("transform `{name}`: {what}"));
+    // The name only for an error: a `String` built per value otherwise.
+    let fail = |what: &str| Err(format!("transform `{}`: {what}", t.name()));
     Ok(match t {
         Transform::Upper => Value::Text(text_of(&v)?.to_uppercase().into()),
         Transform::Lower => Value::Text(text_of(&v)?.to_lowercase().into()),

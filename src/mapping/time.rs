@@ -25,7 +25,44 @@ pub fn format_date(days: i32) -> Option<String> {
     if !(1..=9999).contains(&d.year()) {
         return None;
     }
-    Some(format!("{:04}-{:02}-{:02}", d.year(), d.month(), d.day()))
+    let mut out = String::with_capacity(10);
+    push_date(&mut out, d.year() as u32, d.month(), d.day());
+    Some(out)
+}
+
+/// Appends `v`'s last `width` decimal digits, zero-padded. A timestamp is
+/// formatted for every such field of every record: written digit by digit,
+/// not through `format!` (~4 % of an initial sync's CPU).
+fn push_digits(out: &mut String, v: u32, width: u32) {
+    for i in (0..width).rev() {
+        let d = (v / 10u32.pow(i)) % 10;
+        out.push(char::from(b'0' + d as u8));
+    }
+}
+
+/// Appends `YYYY-MM-DD`.
+fn push_date(out: &mut String, year: u32, month: u32, day: u32) {
+    push_digits(out, year, 4);
+    out.push('-');
+    push_digits(out, month, 2);
+    out.push('-');
+    push_digits(out, day, 2);
+}
+
+/// `YYYY-MM-DD{sep}HH:MM:SS.ffffff{zone}`.
+fn stamp(dt: NaiveDateTime, sep: char, zone: &str) -> String {
+    let mut out = String::with_capacity(26 + zone.len());
+    push_date(&mut out, dt.year() as u32, dt.month(), dt.day());
+    out.push(sep);
+    push_digits(&mut out, dt.hour(), 2);
+    out.push(':');
+    push_digits(&mut out, dt.minute(), 2);
+    out.push(':');
+    push_digits(&mut out, dt.second(), 2);
+    out.push('.');
+    push_digits(&mut out, dt.nanosecond() / 1000, 6);
+    out.push_str(zone);
+    out
 }
 
 fn naive_from_micros(micros: i64) -> Option<NaiveDateTime> {
@@ -43,32 +80,12 @@ fn naive_from_micros(micros: i64) -> Option<NaiveDateTime> {
 
 /// UTC microseconds → `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
 pub fn format_rfc3339(micros: i64) -> Option<String> {
-    let dt = naive_from_micros(micros)?;
-    Some(format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        dt.year(),
-        dt.month(),
-        dt.day(),
-        dt.hour(),
-        dt.minute(),
-        dt.second(),
-        dt.nanosecond() / 1000
-    ))
+    Some(stamp(naive_from_micros(micros)?, 'T', "Z"))
 }
 
 /// Wall-clock microseconds → `YYYY-MM-DD HH:MM:SS.ffffff` (no zone).
 pub fn format_naive(micros: i64) -> Option<String> {
-    let dt = naive_from_micros(micros)?;
-    Some(format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}",
-        dt.year(),
-        dt.month(),
-        dt.day(),
-        dt.hour(),
-        dt.minute(),
-        dt.second(),
-        dt.nanosecond() / 1000
-    ))
+    Some(stamp(naive_from_micros(micros)?, ' ', ""))
 }
 
 /// Reads a wall-clock time in `tz` and returns UTC microseconds, exactly
@@ -297,6 +314,33 @@ mod tests {
         assert_eq!(parse_pg_timestamp("infinity"), Some(i64::MAX));
         assert_eq!(format_rfc3339(i64::MAX), None);
         assert_eq!(format_rfc3339(i64::MIN), None);
+    }
+
+    #[test]
+    fn timestamps_format_as_chrono_formats_them_across_years_1_to_9999() {
+        // chrono's own formatter is the oracle for the digit writer.
+        let micros = |y, m, d| {
+            let day = NaiveDate::from_ymd_opt(y, m, d).unwrap();
+            day.and_hms_opt(0, 0, 0)
+                .unwrap()
+                .and_utc()
+                .timestamp_micros()
+        };
+        let (first, last) = (micros(1, 1, 1), micros(9999, 12, 31));
+        let step = (last - first) / 9973;
+        for i in 0..=9973i64 {
+            let t = first + i * step + i % 1_000_000;
+            let dt = DateTime::from_timestamp_micros(t).unwrap().naive_utc();
+            let want = dt.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+            assert_eq!(format_rfc3339(t).unwrap(), want);
+            let want = dt.format("%Y-%m-%d %H:%M:%S%.6f").to_string();
+            assert_eq!(format_naive(t).unwrap(), want);
+            let days = t.div_euclid(MICROS_PER_DAY) as i32;
+            assert_eq!(
+                format_date(days).unwrap(),
+                dt.format("%Y-%m-%d").to_string()
+            );
+        }
     }
 
     #[test]

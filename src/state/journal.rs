@@ -50,6 +50,11 @@ pub const DRAIN_BYTES: usize = 32 * 1024 * 1024;
 /// Room kept beyond [`DRAIN_BYTES`] for the apply that crosses it.
 pub const SLACK_BYTES: usize = 2 * 1024 * 1024;
 
+/// Key bytes (prefix and the start of the code) a drain sorts on before
+/// it compares keys whole: a mapping's prefix and the tag and first 14
+/// bytes of a UUID.
+const HEAD_BYTES: usize = 24;
+
 /// Index bytes per held-back key (an offset, with the table's slack).
 const INDEX_BYTES: usize = 8;
 
@@ -325,13 +330,35 @@ impl Pending {
 
     /// The records of every pending key, in key order (see
     /// [`Pending::at`]): 4 bytes a key while they are written.
+    ///
+    /// Sorted on each key's first [`HEAD_BYTES`] bytes, copied beside its
+    /// record's offset (no record read per comparison: those reads missed
+    /// the cache and took ~10 % of an initial sync's CPU); keys whose
+    /// heads are equal are then compared whole.
     pub fn sorted(&self) -> Vec<u32> {
-        let mut out: Vec<u32> = self.index.iter().copied().collect();
-        out.sort_unstable_by(|a, b| {
-            let (a, b) = (self.record(*a), self.record(*b));
-            (a.prefix, a.code).cmp(&(b.prefix, b.code))
+        let mut heads: Vec<([u64; 3], u32)> =
+            self.index.iter().map(|&at| (self.head(at), at)).collect();
+        heads.sort_unstable_by(|(ha, a), (hb, b)| {
+            ha.cmp(hb).then_with(|| {
+                let (a, b) = (self.record(*a), self.record(*b));
+                (a.prefix, a.code).cmp(&(b.prefix, b.code))
+            })
         });
-        out
+        heads.into_iter().map(|(_, at)| at).collect()
+    }
+
+    /// The first [`HEAD_BYTES`] bytes of the key (prefix, then code) of
+    /// the record at `at`, zero-padded, as big-endian words: words compare
+    /// like the bytes they hold.
+    fn head(&self, at: u32) -> [u64; 3] {
+        let r = self.record(at);
+        let mut b = [0u8; HEAD_BYTES];
+        let (p, c) = b.split_at_mut(PREFIX);
+        p.copy_from_slice(r.prefix);
+        let n = r.code.len().min(c.len());
+        c[..n].copy_from_slice(&r.code[..n]);
+        let word = |i: usize| u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        [word(0), word(1), word(2)]
     }
 
     /// The key of a record of [`Pending::sorted`]: `(prefix, code)`.
@@ -415,6 +442,39 @@ mod tests {
             record_at(&b[starts[2]..b.len() - 1]).is_none(),
             "a cut record is damage"
         );
+    }
+
+    #[test]
+    fn sorted_lists_keys_in_key_order_where_their_heads_are_equal_too() {
+        let long = "customer-2026-campus-north-building-7";
+        let mut sources: Vec<String> = (0..40).map(|i| format!("{long}-{i}")).collect();
+        sources.extend(["a", "ab", "b", "0f5e2b7c-1d7e-4a59-8d1c-3f1a0e9b2c44"].map(String::from));
+        sources.extend((0..20).map(|i| format!("{:08x}-1d7e-4a59-8d1c-3f1a0e9b2c44", i * 7919)));
+        let mut keys: Vec<(Vec<u8>, Vec<u8>)> = [3u8, 1, 2]
+            .iter()
+            .flat_map(|&p| sources.iter().map(move |s| key(p, s)))
+            .collect();
+        // Written in an order unlike the key order: every 7th, wrapping.
+        let n = keys.len();
+        let order: Vec<usize> = (0..n).map(|i| (i * 7) % n).collect();
+        assert!(n % 7 != 0, "a permutation");
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Pending::open(dir.path(), 0).unwrap();
+        let writes: Vec<KeyWrite> = order
+            .iter()
+            .map(|&i| (keys[i].clone(), state(i as u64, None)))
+            .collect();
+        record(&mut p, &writes);
+        let listed: Vec<(Vec<u8>, Vec<u8>)> = p
+            .sorted()
+            .into_iter()
+            .map(|r| {
+                let (p, c) = p.key_at(r);
+                (p.to_vec(), c.to_vec())
+            })
+            .collect();
+        keys.sort();
+        assert_eq!(listed, keys);
     }
 
     #[test]
