@@ -38,8 +38,13 @@ pub fn describe(problems: &[Problem]) -> String {
 pub fn validate(record: &Record) -> Vec<Problem> {
     let t = schema().ty(record.ty);
     let mut problems = Vec::new();
+    // The record's fields are sorted by id: walked beside the type's.
+    let mut present = record.fields.iter().peekable();
     for (i, def) in t.fields.iter().enumerate() {
-        match record.get(i as u8) {
+        let id = i as u8;
+        while present.next_if(|(f, _)| *f < id).is_some() {}
+        let value = present.next_if(|(f, _)| *f == id).map(|(_, v)| v);
+        match value {
             None if def.required => problems.push(problem(def, "required field is missing")),
             None => {}
             Some(Json::Null) if def.required => {
