@@ -39,6 +39,7 @@ pub fn validate(record: &Record) -> Vec<Problem> {
     let t = schema().ty(record.ty);
     let mut problems = Vec::new();
     // The record's fields are sorted by id: walked beside the type's.
+    debug_assert!(record.fields.windows(2).all(|w| w[0].0 < w[1].0));
     let mut present = record.fields.iter().peekable();
     for (i, def) in t.fields.iter().enumerate() {
         let id = i as u8;

@@ -449,6 +449,8 @@ mod tests {
         let long = "customer-2026-campus-north-building-7";
         let mut sources: Vec<String> = (0..40).map(|i| format!("{long}-{i}")).collect();
         sources.extend(["a", "ab", "b", "0f5e2b7c-1d7e-4a59-8d1c-3f1a0e9b2c44"].map(String::from));
+        // Integer codes, some with zero bytes inside their heads.
+        sources.extend(["0", "255", "256", "65536", "a\u{0}b"].map(String::from));
         sources.extend((0..20).map(|i| format!("{:08x}-1d7e-4a59-8d1c-3f1a0e9b2c44", i * 7919)));
         let mut keys: Vec<(Vec<u8>, Vec<u8>)> = [3u8, 1, 2]
             .iter()
