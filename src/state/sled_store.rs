@@ -15,7 +15,8 @@
 //! its LRU only once 64 accesses of one of its 256 shards have queued, so
 //! what a few thousand writes of big values bring in is never evicted
 //! (see [`super::pages`] for why integer keys' images are entries of
-//! their own).
+//! their own), and a scan counts an access per entry ([`layout::bounded`]:
+//! otherwise one per node, and a scan kept every node it read).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -459,7 +460,7 @@ impl StateStore for SledStore {
             None => tr.dead.iter(),
         };
         let mut out = Vec::new();
-        for item in iter {
+        for item in layout::bounded(&tr.dead, iter) {
             let (_, v) = item.map_err(err("scan"))?;
             if let Ok(d) = serde_json::from_slice(&v) {
                 out.push(d);
