@@ -45,7 +45,9 @@
 //! - `COBI_BENCH_DATASETS` (default `integer,partner`): which datasets run
 //! - `COBI_BENCH_PERF_DIR`: profile the daemon during each partner sync and
 //!   the burst with `perf record -e cpu-clock --call-graph dwarf` into
-//!   `<dir>/<phase>.perf` (read with `perf report -i`)
+//!   `<dir>/<phase>.perf` (read with `perf report -i`);
+//!   `COBI_BENCH_PERF_EVENT` records another event (`page-faults`: where
+//!   the daemon first touches its resident memory)
 //! - `COBI_BENCH_PARTNER_ROWS` (default 1 010 000; 101 000 quick),
 //!   `COBI_BENCH_PARTNER_BIG_ROWS` (default 5 000 000; 0 quick skips it),
 //!   `COBI_BENCH_BURST` (default 300 000; 30 000 quick), `COBI_BENCH_BURST_TX`

@@ -331,7 +331,9 @@ async fn wait_types(
 
 /// `perf record` of a daemon while a phase runs, when
 /// `COBI_BENCH_PERF_DIR` is set (`<dir>/<name>.perf`; read it with `perf
-/// report -i`). Stopped (and written) when dropped.
+/// report -i`), of `COBI_BENCH_PERF_EVENT` (default `cpu-clock`;
+/// `page-faults` shows where the daemon's resident memory is first
+/// touched). Stopped (and written) when dropped.
 pub struct Profile(Option<Proc>);
 
 impl Profile {
@@ -340,11 +342,12 @@ impl Profile {
             return Profile(None);
         };
         let _ = std::fs::create_dir_all(&dir);
+        let event = std::env::var("COBI_BENCH_PERF_EVENT").unwrap_or_else(|_| "cpu-clock".into());
         let mut cmd = Command::new("perf");
         cmd.args([
             "record",
             "-e",
-            "cpu-clock",
+            &event,
             "-F",
             "999",
             "--call-graph",

@@ -155,7 +155,12 @@ async fn read_priors(
 
 /// The per-key decisions ([`decide`], [`delete_from`]).
 fn resolve(ty: TypeId, entries: Vec<Entry>, priors: Vec<Option<KeyState>>) -> Resolved {
-    let mut r = Resolved::default();
+    let mut r = Resolved {
+        // Most entries are sent (growing this by doubling was ~2 % of a
+        // sync's CPU).
+        send: Vec::with_capacity(entries.len()),
+        ..Resolved::default()
+    };
     for (entry, prior) in entries.into_iter().zip(priors) {
         let (out, origin) = match entry.op {
             Op::Upsert { record } => (

@@ -496,7 +496,7 @@ fn key_ranges_follow_postgres_order() {
         },
         end: None,
         rows: vec![],
-        index: HashMap::new(),
+        index: Default::default(),
     };
     let cases = [
         (Some(10), Some(20), 10, false),
