@@ -332,8 +332,8 @@ async fn wait_types(
 /// `perf record` of a daemon while a phase runs, when
 /// `COBI_BENCH_PERF_DIR` is set (`<dir>/<name>.perf`; read it with `perf
 /// report -i`), of `COBI_BENCH_PERF_EVENT` (default `cpu-clock`;
-/// `page-faults` shows where the daemon's resident memory is first
-/// touched). Stopped (and written) when dropped.
+/// `page-faults`, sampled like the clock at ~999 Hz, shows where the
+/// daemon touches fresh memory). Stopped (and written) when dropped.
 pub struct Profile(Option<Proc>);
 
 impl Profile {

@@ -10,8 +10,11 @@
 //! A `dlq replay` item never replaces a change from the source ([`merge`]):
 //! the source's version is newer than any dead letter of the key.
 
-use rustc_hash::FxHashMap;
+use std::hash::BuildHasher;
 use std::time::Instant;
+
+use hashbrown::HashTable;
+use rustc_hash::FxBuildHasher;
 
 use tokio::sync::oneshot;
 
@@ -96,7 +99,9 @@ pub struct Entry {
 #[derive(Debug, Default)]
 pub struct Epoch {
     types: Vec<Vec<Option<Entry>>>,
-    index: Vec<FxHashMap<StateKey, usize>>,
+    /// Per type: the position in `types` of each key's live entry, hashed
+    /// by key (the key itself is the entry's, not a copy).
+    index: Vec<HashTable<usize>>,
     live: Vec<usize>,
     /// Progress marks, latest per checkpoint name.
     pub marks: Vec<Checkpoint>,
@@ -107,6 +112,12 @@ pub struct Epoch {
     /// Seal as soon as possible.
     pub flush: bool,
     bytes: usize,
+}
+
+/// The index hash of the live entry at `i`.
+fn entry_hash(entries: &[Option<Entry>], i: usize) -> u64 {
+    let e = entries[i].as_ref().expect("indexed entries are live");
+    FxBuildHasher.hash_one(&e.key)
 }
 
 fn approx_size(r: &Record) -> usize {
@@ -128,7 +139,7 @@ impl Epoch {
         let n = schema().types.len();
         Epoch {
             types: vec![Vec::new(); n],
-            index: vec![FxHashMap::default(); n],
+            index: (0..n).map(|_| HashTable::new()).collect(),
             live: vec![0; n],
             ..Default::default()
         }
@@ -145,30 +156,33 @@ impl Epoch {
     pub fn add(&mut self, key: StateKey, op: Op, resend: Resend) {
         self.touch();
         let t = key.ty as usize;
-        if self.types[t].len() == BUSY_KEYS {
+        let (entries, index) = (&mut self.types[t], &mut self.index[t]);
+        if entries.len() == BUSY_KEYS {
             // A busy type fills its epoch: grow once to the most it holds
             // instead of doubling (rehashing was ~3% of a snapshot's CPU).
-            self.types[t].reserve(super::EPOCH_RECORDS);
-            self.index[t].reserve(super::EPOCH_RECORDS);
+            entries.reserve(super::EPOCH_RECORDS);
+            index.reserve(super::EPOCH_RECORDS, |&i| entry_hash(entries, i));
         }
-        let (op, resend) = match self.index[t].get(&key) {
-            Some(&i) => {
-                let old = self.types[t][i].take().expect("indexed entries are live");
+        let hash = FxBuildHasher.hash_one(&key);
+        let found = index.find_mut(hash, |&i| entries[i].as_ref().is_some_and(|e| e.key == key));
+        let (op, resend) = match found {
+            Some(slot) => {
+                // The newest version takes the key's slot in the index.
+                let i = std::mem::replace(slot, entries.len());
+                let old = entries[i].take().expect("indexed entries are live");
                 self.bytes -= op_size(&old.key, &old.op);
                 self.live[t] -= 1;
                 merge(key.ty, (old.op, old.resend), (op, resend))
             }
-            None => (op, resend),
+            None => {
+                index.insert_unique(hash, entries.len(), |&i| entry_hash(entries, i));
+                (op, resend)
+            }
         };
         self.bytes += op_size(&key, &op);
         // The newest version goes to the end, so it is sent in order of
         // arrival (stable batches).
-        self.types[t].push(Some(Entry {
-            key: key.clone(),
-            op,
-            resend,
-        }));
-        self.index[t].insert(key, self.types[t].len() - 1);
+        entries.push(Some(Entry { key, op, resend }));
         self.live[t] += 1;
     }
 
@@ -292,6 +306,59 @@ mod tests {
             vec![Some(Json::Str("a".into())), Some(Json::Str("v2".into()))]
         );
         assert_eq!(e.len(), 0);
+    }
+
+    #[test]
+    fn many_repeated_keys_past_the_busy_size_keep_their_newest_versions() {
+        // Past BUSY_KEYS the index grows (and rehashes) while the type
+        // holds replaced entries; a second round reuses the cleared index.
+        let ty = key("shops", "0").ty;
+        let n = 3 * BUSY_KEYS;
+        let mut e = Epoch::new();
+        for round in 0..2 {
+            // Each key twice, interleaved: k0 k1 k0' k2 k1' k3 k2' ...
+            for i in 0..=n {
+                if i < n {
+                    let v = format!("{round}-{i}-a");
+                    e.add(
+                        key("shops", &i.to_string()),
+                        upsert(rec("shops", &v)),
+                        Resend::Changed,
+                    );
+                }
+                if i > 0 {
+                    let v = format!("{round}-{}-b", i - 1);
+                    e.add(
+                        key("shops", &(i - 1).to_string()),
+                        upsert(rec("shops", &v)),
+                        Resend::Changed,
+                    );
+                }
+            }
+            assert_eq!(e.len_of(ty), n);
+            let got: Vec<(String, String)> = e
+                .take_type(ty)
+                .into_iter()
+                .map(|en| {
+                    let Op::Upsert { record } = &en.op else {
+                        panic!("an upsert")
+                    };
+                    let r = Record::from_json(ty, &record.json).unwrap();
+                    let name = r
+                        .get_named("name")
+                        .and_then(Json::as_str)
+                        .unwrap()
+                        .to_string();
+                    (en.key.source_key, name)
+                })
+                .collect();
+            // Newest versions only, in the order they arrived.
+            let want: Vec<(String, String)> = (0..n)
+                .map(|i| (i.to_string(), format!("{round}-{i}-b")))
+                .collect();
+            assert_eq!(got, want, "round {round}");
+            assert_eq!(e.len(), 0);
+        }
     }
 
     #[test]

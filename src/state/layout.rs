@@ -49,8 +49,8 @@ pub(super) fn err(op: &'static str) -> impl Fn(sled::Error) -> StateError {
 /// it moves to: a scan of a few thousand nodes (~16 pages each) queues
 /// too few accesses per shard to evict any of them, and every node read
 /// stays in memory until later reads fill the queues. Reading each
-/// entry's key again counts its node once per entry, so the queues fill
-/// and evict as the scan goes. Measured on the e2e bench's partner state
+/// entry's key again counts its node (and the nodes above it) once per
+/// entry, so the queues fill and evict as the scan goes. Measured on the e2e bench's partner state
 /// (a mapping's 154 386 range pages, 181 MB, read at a restart's first
 /// lookup): peak RSS of the scan 173 → 34 MiB, its time +5–10 %.
 pub(super) fn bounded<'t>(
@@ -60,7 +60,7 @@ pub(super) fn bounded<'t>(
     iter.inspect(move |item| {
         if let Ok((key, _)) = item {
             // Only the access matters: its answer is the entry just read
-            // (or a newer write of it).
+            // (or a newer write of it, or nothing if it was removed since).
             let _ = tree.get(key);
         }
     })

@@ -15,8 +15,9 @@
 //! its LRU only once 64 accesses of one of its 256 shards have queued, so
 //! what a few thousand writes of big values bring in is never evicted
 //! (see [`super::pages`] for why integer keys' images are entries of
-//! their own), and a scan counts an access per entry ([`layout::bounded`]:
-//! otherwise one per node, and a scan kept every node it read).
+//! their own), and the scans of key pages and dead letters count an
+//! access per entry ([`layout::bounded`]: otherwise one per node, and a
+//! scan kept every node it read).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

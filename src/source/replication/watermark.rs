@@ -142,6 +142,8 @@ pub struct Read<R> {
     /// Chunks: the table's phase and durable progress once delivered.
     end: Option<(Phase, TableSnapshot)>,
     rows: Vec<Option<R>>,
+    /// Source key → position in `rows` (Fx: the keys come from the
+    /// partner's own database, not from an adversary).
     index: FxHashMap<String, usize>,
 }
 
