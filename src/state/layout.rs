@@ -50,9 +50,10 @@ pub(super) fn err(op: &'static str) -> impl Fn(sled::Error) -> StateError {
 /// too few accesses per shard to evict any of them, and every node read
 /// stays in memory until later reads fill the queues. Reading each
 /// entry's key again counts its node (and the nodes above it) once per
-/// entry, so the queues fill and evict as the scan goes. Measured on the e2e bench's partner state
-/// (a mapping's 154 386 range pages, 181 MB, read at a restart's first
-/// lookup): peak RSS of the scan 173 → 34 MiB, its time +5–10 %.
+/// entry, so the queues fill and evict as the scan goes. Measured on the
+/// e2e bench's partner state (a mapping's 154 386 range pages, 181 MB,
+/// read at a restart's first lookup): peak RSS of the scan 173 → 34 MiB,
+/// its time +5–10 %.
 pub(super) fn bounded<'t>(
     tree: &'t sled::Tree,
     iter: sled::Iter,
