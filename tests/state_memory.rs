@@ -60,7 +60,7 @@ fn key(i: u64) -> StateKey {
     // Random-looking, well-spread UUIDs (a partner's keys).
     let n = u128::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835);
     StateKey {
-        ty: 4,
+        ty: cobi_sync::sink::type_id("transactions").expect("a Cobi type"),
         mapping: Arc::from("transactions/memory"),
         source_key: uuid::Uuid::from_u128(n).to_string(),
     }

@@ -114,10 +114,14 @@ pub struct Epoch {
     bytes: usize,
 }
 
-/// The index hash of the live entry at `i`.
+/// A key's hash in the epoch's index.
+fn key_hash(key: &StateKey) -> u64 {
+    FxBuildHasher.hash_one(key)
+}
+
+/// The index hash of the live entry at `i` (when the index grows).
 fn entry_hash(entries: &[Option<Entry>], i: usize) -> u64 {
-    let e = entries[i].as_ref().expect("indexed entries are live");
-    FxBuildHasher.hash_one(&e.key)
+    key_hash(&entries[i].as_ref().expect("indexed entries are live").key)
 }
 
 fn approx_size(r: &Record) -> usize {
@@ -163,7 +167,7 @@ impl Epoch {
             entries.reserve(super::EPOCH_RECORDS);
             index.reserve(super::EPOCH_RECORDS, |&i| entry_hash(entries, i));
         }
-        let hash = FxBuildHasher.hash_one(&key);
+        let hash = key_hash(&key);
         let found = index.find_mut(hash, |&i| entries[i].as_ref().is_some_and(|e| e.key == key));
         let (op, resend) = match found {
             Some(slot) => {
