@@ -24,7 +24,10 @@
 //! the pending state before the pages'.
 //!
 //! Integer keys are not held back: their pages take consecutive keys,
-//! which a snapshot writes together anyway.
+//! which a snapshot writes together anyway. Nor are range keys that
+//! crowd their pages ([`write_at_once`]): a snapshot read in key order
+//! (UUID, text and composite keys too) appends each apply's keys to the
+//! mapping's last page.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -46,6 +49,31 @@ const FRAME_HEAD: usize = 8;
 /// the pending keys to their pages: ~200 000 keys with a 100-byte delete
 /// image each, ~600 000 without.
 pub const DRAIN_BYTES: usize = 32 * 1024 * 1024;
+
+/// Keys per page from which an apply writes a mapping's range keys to
+/// their pages at once rather than holding them back (see
+/// [`write_at_once`]): more than a drain shares a page rewrite among
+/// (~5 keys a page for 32 MiB held back over ~1 M keys).
+pub const CROWDED: usize = 8;
+
+/// Whether an apply's writes to one mapping's range keys skip the
+/// journal and go to their pages at once: `keys` writes falling in
+/// `pages` distinct pages, at least [`CROWDED`] a page — a snapshot read
+/// in key order appends thousands of keys to the mapping's last page,
+/// which holding back would only copy to the journal, sort and write
+/// later all the same — and none of them held back already (the next
+/// drain would write the older held-back state over the page written
+/// now). Scattered writes (random inserts, a key or a few a page) are
+/// held back, so that a drain rewrites each page once for many of them.
+///
+/// Not at once: a re-copy in key order over pages already written (~6
+/// keys a page with delete images). Each of its applies covers a run of
+/// neighbouring pages, as a drain would, but so does a burst of random
+/// keys into a small store, and which one an apply is cannot be told
+/// without reading the pages.
+pub fn write_at_once(keys: usize, pages: usize, any_held: bool) -> bool {
+    !any_held && keys >= CROWDED * pages.max(1)
+}
 
 /// Room kept beyond [`DRAIN_BYTES`] for the apply that crosses it.
 pub const SLACK_BYTES: usize = 2 * 1024 * 1024;
@@ -302,6 +330,18 @@ impl Pending {
         Some(self.record(*at).slot.map(|s| s.state()))
     }
 
+    /// Whether a key is held back (written or removed).
+    pub fn holds(&self, prefix: &[u8], code: &[u8]) -> bool {
+        !self.index.is_empty()
+            && self
+                .index
+                .find(hash(prefix, code), |o| {
+                    let r = self.record(*o);
+                    r.prefix == prefix && r.code == code
+                })
+                .is_some()
+    }
+
     /// The pending keys of one mapping (key codes; `None`: removed).
     pub fn of_mapping(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Option<KeyStatus>)> {
         self.index
@@ -392,6 +432,54 @@ impl Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_crowding_their_pages_go_to_them_at_once() {
+        let cases = [
+            // (keys, pages, a key held back, at once?, why)
+            (
+                4_000,
+                1,
+                false,
+                true,
+                "a snapshot chunk appended to the last page",
+            ),
+            (8, 0, false, true, "no page yet: the mapping's first keys"),
+            (
+                4_000,
+                500,
+                false,
+                true,
+                "8 keys a page: more than a drain shares",
+            ),
+            (4_000, 501, false, false, "under 8 keys a page: held back"),
+            (4_000, 3_900, false, false, "random inserts: a key a page"),
+            (
+                3_000,
+                600,
+                false,
+                false,
+                "a re-copy over written pages: held back",
+            ),
+            (
+                7,
+                1,
+                false,
+                false,
+                "a few keys: held back, the drain sorts them in",
+            ),
+            (
+                4_000,
+                1,
+                true,
+                false,
+                "a key held back: the drain would undo it",
+            ),
+        ];
+        for (keys, pages, held, want, why) in cases {
+            assert_eq!(write_at_once(keys, pages, held), want, "{why}");
+        }
+    }
 
     fn key(prefix: u8, source: &str) -> (Vec<u8>, Vec<u8>) {
         (vec![prefix; PREFIX], keycode::code(source))

@@ -330,6 +330,46 @@ fn prefix_of<'a>(prefixes: &'a [(Vec<u8>, TypeId, Arc<str>)], k: &StateKey) -> &
         .expect("every key's prefix is listed")
 }
 
+/// One range key's write in an apply: mapping prefix, key code, state
+/// (`None`: removed).
+type RangeWrite<'w> = (&'w [u8], Vec<u8>, Option<&'w KeyState>);
+
+/// Splits an apply's range-key writes into those written to their pages
+/// at once and those held back, per mapping ([`journal::write_at_once`]),
+/// each in key order (writes to one key keep their order: the last wins).
+fn crowded<'w>(
+    mut writes: Vec<RangeWrite<'w>>,
+    dirs: &Dirs,
+    pending: &Pending,
+) -> (Vec<RangeWrite<'w>>, Vec<RangeWrite<'w>>) {
+    writes.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    let (mut now, mut later) = (Vec::new(), Vec::with_capacity(writes.len()));
+    let mut rest = writes.into_iter().peekable();
+    while let Some(first) = rest.next() {
+        let prefix = first.0;
+        let mut group = vec![first];
+        while let Some(w) = rest.next_if(|w| w.0 == prefix) {
+            group.push(w);
+        }
+        // Sorted codes fall in pages in directory order.
+        let (mut pages, mut page) = (0, None);
+        for (_, code, _) in &group {
+            let here = dirs.page_index(prefix, code);
+            if pages == 0 || here != page {
+                pages += 1;
+                page = here;
+            }
+        }
+        let any_held = group.iter().any(|(_, code, _)| pending.holds(prefix, code));
+        if journal::write_at_once(group.len(), pages, any_held) {
+            now.append(&mut group);
+        } else {
+            later.append(&mut group);
+        }
+    }
+    (now, later)
+}
+
 impl StateStore for SledStore {
     fn get_key(&self, key: &StateKey) -> Result<Option<KeyState>, StateError> {
         Ok(self.get_keys(&[key])?.pop().flatten())
@@ -599,6 +639,16 @@ impl SledStore {
                 }
             }
         }
+        // Range keys that crowd their pages are written with the rest.
+        let held = {
+            let pending = self.pending.read();
+            let dirs = self.dirs.read();
+            let (now, later) = crowded(held, &dirs, &pending);
+            for (prefix, code, state) in now {
+                writer.set_range(&dirs, prefix, code, state.cloned());
+            }
+            later
+        };
         let written = writer.write(&self.dirs)?;
         self.range_writes
             .fetch_add(written, std::sync::atomic::Ordering::Relaxed);
