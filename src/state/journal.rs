@@ -13,7 +13,7 @@
 //! sled's memory as well as in [`Pending`] (state-store bench: +30 MiB
 //! peak RSS and +10 % CPU per key for a 32 MiB journal).
 //!
-//! Safety: an apply appends its key writes to the journal (one frame,
+//! Safety: an apply appends its held-back key writes to the journal (one frame,
 //! length and CRC first) and, when it writes checkpoints, makes the
 //! journal durable (`fdatasync`) before them: a checkpoint that survives
 //! a crash implies every journal frame before it did. Opening the store
@@ -21,7 +21,9 @@
 //! drain writes the pages and flushes sled before it empties the journal:
 //! a crash in between leaves the journal over drained pages, read again
 //! and written again (later writes of a key win). Lookups and scans see
-//! the pending state before the pages'.
+//! the pending state before the pages', so a key held back stays held
+//! back until a drain: writing it to its page directly would be hidden
+//! by, then overwritten with, its older held-back state.
 //!
 //! Integer keys are not held back: their pages take consecutive keys,
 //! which a snapshot writes together anyway. Nor are range keys that
@@ -52,27 +54,32 @@ pub const DRAIN_BYTES: usize = 32 * 1024 * 1024;
 
 /// Keys per page from which an apply writes a mapping's range keys to
 /// their pages at once rather than holding them back (see
-/// [`write_at_once`]): more than a drain shares a page rewrite among
-/// (~5 keys a page for 32 MiB held back over ~1 M keys).
+/// [`write_at_once`]): well above what a drain of random keys gathers in
+/// a page (~1–5 in the e2e bench's burst), well below what one apply of
+/// a snapshot read in key order brings to the mapping's last page
+/// (thousands).
 pub const CROWDED: usize = 8;
 
-/// Whether an apply's writes to one mapping's range keys skip the
-/// journal and go to their pages at once: `keys` writes falling in
-/// `pages` distinct pages, at least [`CROWDED`] a page — a snapshot read
-/// in key order appends thousands of keys to the mapping's last page,
-/// which holding back would only copy to the journal, sort and write
-/// later all the same — and none of them held back already (the next
-/// drain would write the older held-back state over the page written
-/// now). Scattered writes (random inserts, a key or a few a page) are
-/// held back, so that a drain rewrites each page once for many of them.
+/// Whether an apply's writes to one mapping's range keys (those not held
+/// back already, see below) skip the journal and go to their pages at
+/// once: `keys` writes falling in `pages` distinct pages, at least
+/// [`CROWDED`] a page — a snapshot read in key order appends thousands of
+/// keys to the mapping's last page, which holding back would only copy to
+/// the journal, sort and write later all the same. Scattered writes
+/// (random inserts, a key or a few a page) are held back, so that a drain
+/// rewrites each page once for many of them.
+///
+/// A key held back already is held back again whatever this says: the
+/// next drain writes every held key's held state to its page, over any
+/// newer state written there directly.
 ///
 /// Not at once: a re-copy in key order over pages already written (~6
 /// keys a page with delete images). Each of its applies covers a run of
 /// neighbouring pages, as a drain would, but so does a burst of random
 /// keys into a small store, and which one an apply is cannot be told
 /// without reading the pages.
-pub fn write_at_once(keys: usize, pages: usize, any_held: bool) -> bool {
-    !any_held && keys >= CROWDED * pages.max(1)
+pub fn write_at_once(keys: usize, pages: usize) -> bool {
+    keys >= CROWDED * pages.max(1)
 }
 
 /// Room kept beyond [`DRAIN_BYTES`] for the apply that crosses it.
@@ -436,48 +443,23 @@ mod tests {
     #[test]
     fn writes_crowding_their_pages_go_to_them_at_once() {
         let cases = [
-            // (keys, pages, a key held back, at once?, why)
-            (
-                4_000,
-                1,
-                false,
-                true,
-                "a snapshot chunk appended to the last page",
-            ),
-            (8, 0, false, true, "no page yet: the mapping's first keys"),
-            (
-                4_000,
-                500,
-                false,
-                true,
-                "8 keys a page: more than a drain shares",
-            ),
-            (4_000, 501, false, false, "under 8 keys a page: held back"),
-            (4_000, 3_900, false, false, "random inserts: a key a page"),
-            (
-                3_000,
-                600,
-                false,
-                false,
-                "a re-copy over written pages: held back",
-            ),
+            // (keys, pages, at once?, why)
+            (4_000, 1, true, "a snapshot chunk appended to the last page"),
+            (8, 0, true, "no page yet: the mapping's first keys"),
+            (4_000, 500, true, "8 keys a page: more than a drain gathers"),
+            (4_000, 501, false, "under 8 keys a page: held back"),
+            (4_000, 3_900, false, "random inserts: a key a page"),
+            (3_000, 600, false, "a re-copy over written pages: held back"),
             (
                 7,
                 1,
                 false,
-                false,
                 "a few keys: held back, the drain sorts them in",
             ),
-            (
-                4_000,
-                1,
-                true,
-                false,
-                "a key held back: the drain would undo it",
-            ),
+            (0, 0, false, "nothing left to write"),
         ];
-        for (keys, pages, held, want, why) in cases {
-            assert_eq!(write_at_once(keys, pages, held), want, "{why}");
+        for (keys, pages, want, why) in cases {
+            assert_eq!(write_at_once(keys, pages), want, "{why}");
         }
     }
 

@@ -205,7 +205,8 @@ impl Starts {
     /// Merges sorted, distinct starts that are not yet in the directory
     /// into it, in place, from the back: the starts below the first new one
     /// do not move (a snapshot's new pages come last: nothing moves), and
-    /// no second copy of the directory is alive at any point (the copy a
+    /// no second copy of the directory is alive (but for one vector's, for
+    /// the moment it grows, every eighth of its size or so; the copy a
     /// merge into fresh vectors made was, at 5 M records, ~15 MB allocated,
     /// faulted in and freed per apply that split a page).
     fn merge(&mut self, new: &[Vec<u8>]) {

@@ -335,8 +335,11 @@ fn prefix_of<'a>(prefixes: &'a [(Vec<u8>, TypeId, Arc<str>)], k: &StateKey) -> &
 type RangeWrite<'w> = (&'w [u8], Vec<u8>, Option<&'w KeyState>);
 
 /// Splits an apply's range-key writes into those written to their pages
-/// at once and those held back, per mapping ([`journal::write_at_once`]),
-/// each in key order (writes to one key keep their order: the last wins).
+/// at once and those held back: keys held back already stay held back,
+/// the rest of each mapping's go at once if they crowd their pages
+/// ([`journal::write_at_once`]). Both in key order; the sort is stable, so
+/// writes to one key keep their order (the last wins, in a page as in the
+/// journal).
 fn crowded<'w>(
     mut writes: Vec<RangeWrite<'w>>,
     dirs: &Dirs,
@@ -347,9 +350,15 @@ fn crowded<'w>(
     let mut rest = writes.into_iter().peekable();
     while let Some(first) = rest.next() {
         let prefix = first.0;
-        let mut group = vec![first];
-        while let Some(w) = rest.next_if(|w| w.0 == prefix) {
-            group.push(w);
+        let mut group = Vec::new();
+        for w in
+            std::iter::once(first).chain(std::iter::from_fn(|| rest.next_if(|w| w.0 == prefix)))
+        {
+            if pending.holds(prefix, &w.1) {
+                later.push(w);
+            } else {
+                group.push(w);
+            }
         }
         // Sorted codes fall in pages in directory order.
         let (mut pages, mut page) = (0, None);
@@ -360,8 +369,7 @@ fn crowded<'w>(
                 page = here;
             }
         }
-        let any_held = group.iter().any(|(_, code, _)| pending.holds(prefix, code));
-        if journal::write_at_once(group.len(), pages, any_held) {
+        if journal::write_at_once(group.len(), pages) {
             now.append(&mut group);
         } else {
             later.append(&mut group);
@@ -600,7 +608,8 @@ impl SledStore {
         // each write in memory several times over: measured ~100 MiB for
         // one 20 000-record epoch, against ~10 MiB for plain inserts.)
         // Key pages are written after the dead letters and before the
-        // checkpoints; range keys' writes go to the journal after the rest.
+        // checkpoints; range keys' writes go to the journal after the rest,
+        // save those that crowd their pages (written with the rest).
         let mut writer = Writer::new(&tr.keys, &tr.images);
         let mut checkpoints = Vec::new();
         let mut held = Vec::new();

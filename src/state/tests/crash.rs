@@ -9,7 +9,15 @@ use super::*;
 const CHILD_ENV: &str = "COBI_SYNC_STATE_CRASH_CHILD";
 const DRAIN_ENV: &str = "COBI_SYNC_STATE_CRASH_DRAIN";
 
-/// Writes forever, printing `flushed N` after each flush (run as a child).
+/// Key `j` of apply `i`: each apply writes one key in each of 50 ranges
+/// (`00-…` to `49-…`), so once the ranges span more than a few pages an
+/// apply's keys are too scattered to be written at once: held back.
+fn crash_key(i: u64, j: u64) -> String {
+    format!("{j:02}-{i}")
+}
+
+/// Writes forever, printing `flushed N H` after each flush and `applied N
+/// H` after each other apply (`H`: keys held back; run as a child).
 fn crash_child(dir: &str) -> ! {
     let drain = std::env::var(DRAIN_ENV).unwrap().parse().unwrap();
     let store = SledStore::open_draining_at(std::path::Path::new(dir), drain).unwrap();
@@ -17,7 +25,7 @@ fn crash_child(dir: &str) -> ! {
     loop {
         let mut writes = Vec::new();
         for j in 0..50 {
-            let k = key("shops", &format!("{i}-{j}"));
+            let k = key("shops", &crash_key(i, j));
             if j % 10 == 0 {
                 // Rejected: its dead letter and its state.
                 writes.push(Write::DeadLetter(k.clone(), Box::new(letter(&k))));
@@ -42,9 +50,9 @@ fn crash_child(dir: &str) -> ! {
         store.apply(&writes).unwrap();
         if i % 5 == 0 {
             store.flush().unwrap();
-            println!("flushed {i}");
+            println!("flushed {i} {}", store.held_back());
         } else {
-            println!("applied {i}");
+            println!("applied {i} {}", store.held_back());
         }
         i += 1;
     }
@@ -78,7 +86,7 @@ fn flushed_writes_survive_sigkill() {
     // Killed with keys held back in the journal, amid drains every few
     // applies (64 KiB: ~15), and with every key in its page.
     let rounds = [
-        (7u64, DRAINS[2]),
+        (40u64, DRAINS[2]),
         (93, 64 * 1024),
         (251, 64 * 1024),
         (120, 0),
@@ -95,12 +103,20 @@ fn flushed_writes_survive_sigkill() {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut last_flushed = None;
+        let mut held = 0;
         for line in BufReader::new(stdout).lines() {
             let line = line.unwrap();
-            if let Some(n) = line.strip_prefix("flushed ") {
-                last_flushed = Some(n.trim().parse::<u64>().unwrap());
-            } else if let Some(n) = line.strip_prefix("applied ") {
-                let n: u64 = n.trim().parse().unwrap();
+            let numbers = |rest: &str| -> (u64, usize) {
+                let (n, h) = rest.trim().split_once(' ').expect("`N H`");
+                (n.parse().unwrap(), h.parse().unwrap())
+            };
+            if let Some(rest) = line.strip_prefix("flushed ") {
+                let (n, h) = numbers(rest);
+                last_flushed = Some(n);
+                held = held.max(h);
+            } else if let Some(rest) = line.strip_prefix("applied ") {
+                let (n, h) = numbers(rest);
+                held = held.max(h);
                 if n > target && last_flushed.is_some_and(|f| f >= target) {
                     // Mid-write, after at least one unflushed apply: the
                     // child keeps applying unflushed batches.
@@ -114,15 +130,18 @@ fn flushed_writes_survive_sigkill() {
             !status.success(),
             "round {round}: child must have been killed"
         );
+        if drain > 0 {
+            assert!(held > 0, "round {round}: no key was ever held back");
+        }
         let last = last_flushed.expect("child flushed at least once");
         let store = SledStore::open(dir.path()).unwrap();
         for i in 0..=last {
             for j in 0..50 {
-                let st = store.get_key(&key("shops", &format!("{i}-{j}"))).unwrap();
+                let st = store.get_key(&key("shops", &crash_key(i, j))).unwrap();
                 assert_eq!(
                     st.map(|s| s.fingerprint),
                     Some(i),
-                    "round {round}: entry {i}-{j} flushed before the kill is missing"
+                    "round {round}: entry {j:02}-{i} flushed before the kill is missing"
                 );
             }
         }
@@ -131,13 +150,13 @@ fn flushed_writes_survive_sigkill() {
         let mut rejected = 0;
         for i in 0..=last + 50 {
             for j in (0..50).step_by(10) {
-                let k = key("shops", &format!("{i}-{j}"));
+                let k = key("shops", &crash_key(i, j));
                 let st = store.get_key(&k).unwrap();
                 if st.is_some_and(|s| s.status == KeyStatus::DeadLettered) {
                     rejected += 1;
                     assert!(
                         store.dead_letter(&k).unwrap().is_some(),
-                        "round {round}: {i}-{j} is dead-lettered without its dead letter"
+                        "round {round}: {j:02}-{i} is dead-lettered without its dead letter"
                     );
                 }
             }

@@ -38,8 +38,8 @@ fn check(store: &SledStore, model: &Model, also_absent: &[String], when: &str) {
 /// Writes UUID keys 0..3000 to their pages, then updates, removes,
 /// dead-letters and adds keys with the journal holding them back: every
 /// tenth key of a range (a page or two each: too few to be written at
-/// once, [`journal::write_at_once`]), then new text keys crowding one page
-/// but applied with a key already held back.
+/// once, [`journal::write_at_once`]), then a key held back again and a
+/// few new text keys (fewer than crowd a page).
 fn stage(dir: &std::path::Path) -> (Model, Vec<String>) {
     let mut model = Model::new();
     let first: Vec<StateKey> = (0..3000).map(|n| key("customers", &uuid_key(n))).collect();
@@ -72,22 +72,22 @@ fn stage(dir: &std::path::Path) -> (Model, Vec<String>) {
     }
     s.apply(&writes).unwrap();
     assert_eq!(s.held_back(), 160, "scattered writes are held back");
-    // A second apply: new text keys, one of them removed again, and a key
-    // the first apply held back (so this apply is held back too).
+    // A second apply: a key the first apply held back (held back again),
+    // new text keys, one of them removed again (7 writes in one page).
     let mut writes = Vec::new();
     let k = key("customers", &uuid_key(0));
     writes.push(Write::Key(k.clone(), accepted(5, Some("newer"))));
     model.insert(k.source_key, accepted(5, Some("newer")));
-    for n in 0..100u64 {
+    for n in 0..6u64 {
         let k = key("customers", &format!("c-{n}"));
         writes.push(Write::Key(k.clone(), accepted(4, None)));
         model.insert(k.source_key, accepted(4, None));
     }
-    writes.push(Write::RemoveKey(key("customers", "c-7")));
-    model.remove("c-7");
-    removed.push("c-7".into());
+    writes.push(Write::RemoveKey(key("customers", "c-3")));
+    model.remove("c-3");
+    removed.push("c-3".into());
     s.apply(&writes).unwrap();
-    assert_eq!(s.held_back(), 260, "the second apply's keys are held back");
+    assert_eq!(s.held_back(), 166, "the second apply's keys are held back");
     s.flush().unwrap();
     (model, removed)
 }
@@ -98,7 +98,7 @@ fn held_back_keys_are_seen_by_lookups_and_scans_and_survive_reopen() {
     let (model, removed) = stage(dir.path());
     {
         let s = SledStore::open(dir.path()).unwrap();
-        assert_eq!(s.held_back(), 260, "read back from the journal");
+        assert_eq!(s.held_back(), 166, "read back from the journal");
         check(&s, &model, &removed, "reopened, held back");
     }
     // A store draining at every apply writes them to their pages.
@@ -138,7 +138,7 @@ fn a_crash_between_a_drain_and_the_journal_emptied_loses_nothing() {
         std::fs::write(s.journal_path(), &journal).unwrap();
     }
     let s = SledStore::open(dir.path()).unwrap();
-    assert_eq!(s.held_back(), 260);
+    assert_eq!(s.held_back(), 166);
     check(&s, &model, &removed, "journal left over drained pages");
     drop(s);
     let s = paged(dir.path());
@@ -174,6 +174,59 @@ fn keys_in_key_order_are_written_to_their_pages_at_once() {
         .map(|c| (c.clone(), accepted(1, Some("image"))))
         .collect();
     assert!(listed == want, "every key read back from its page");
+}
+
+#[test]
+fn a_crowded_apply_keeps_each_keys_last_write_and_held_keys_held() {
+    // Keys held back (a removal and a write), then one apply that crowds
+    // the mapping's last page with new keys — two of them written twice —
+    // and writes the held keys again: the new keys go to their pages, each
+    // with its last write; the held keys stay held with their new states.
+    let dir = tempfile::tempdir().unwrap();
+    let base: Vec<StateKey> = (0..3000).map(|n| key("customers", &uuid_key(n))).collect();
+    paged(dir.path())
+        .apply(&accept_all(&base, 1, None))
+        .unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    let (k5, k6) = (base[5].clone(), base[6].clone());
+    s.apply(&[
+        Write::RemoveKey(k5.clone()),
+        Write::Key(k6.clone(), accepted(2, None)),
+    ])
+    .unwrap();
+    assert_eq!(s.held_back(), 2, "two scattered writes are held back");
+    // Above every key so far: all in the last page.
+    let new = |n: u64| key("customers", &format!("ffffffff-ffff-ffff-ffff-{n:012}"));
+    let mut writes = vec![
+        Write::Key(new(1), accepted(1, None)),
+        Write::Key(new(1), accepted(2, None)),
+        Write::Key(new(2), accepted(1, None)),
+        Write::RemoveKey(new(2)),
+        Write::Key(k5.clone(), accepted(9, None)),
+        Write::Key(k6.clone(), accepted(9, None)),
+    ];
+    writes.extend((3..20).map(|n| Write::Key(new(n), accepted(1, None))));
+    s.apply(&writes).unwrap();
+    assert_eq!(s.held_back(), 2, "only the held keys are held back");
+    let want = |s: &SledStore, when: &str| {
+        let keys = [new(1), new(2), new(3), k5.clone(), k6.clone()];
+        let refs: Vec<&StateKey> = keys.iter().collect();
+        let fps: Vec<Option<u64>> = s
+            .get_keys(&refs)
+            .unwrap()
+            .into_iter()
+            .map(|st| st.map(|st| st.fingerprint))
+            .collect();
+        assert_eq!(fps, [Some(2), None, Some(1), Some(9), Some(9)], "{when}");
+    };
+    want(&s, "applied");
+    s.flush().unwrap();
+    drop(s);
+    let s = paged(dir.path());
+    s.apply(&[Write::Key(key("shops", "1"), accepted(1, None))])
+        .unwrap();
+    assert_eq!(s.held_back(), 0);
+    want(&s, "reopened and drained");
 }
 
 #[test]

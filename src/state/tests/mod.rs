@@ -22,7 +22,8 @@ fn paged(dir: &std::path::Path) -> SledStore {
 }
 
 /// Drain thresholds the contract is kept under: every apply, every few
-/// applies, and the product's (the keys stay held back).
+/// applies, and the product's (scattered keys stay held back; keys that
+/// crowd their pages are written at once).
 const DRAINS: [usize; 3] = [0, 4096, super::journal::DRAIN_BYTES];
 
 fn key(ty: &str, sk: &str) -> StateKey {
