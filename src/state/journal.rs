@@ -60,9 +60,9 @@ pub const DRAIN_BYTES: usize = 32 * 1024 * 1024;
 /// (thousands).
 pub const CROWDED: usize = 8;
 
-/// Whether an apply's writes to one mapping's range keys (those not held
-/// back already, see below) skip the journal and go to their pages at
-/// once: `keys` writes falling in `pages` distinct pages, at least
+/// Whether an apply's writes to one mapping's range keys skip the
+/// journal and go to their pages at once (but those held back already,
+/// see below): `keys` writes falling in `pages` distinct pages, at least
 /// [`CROWDED`] a page — a snapshot read in key order appends thousands of
 /// keys to the mapping's last page, which holding back would only copy to
 /// the journal, sort and write later all the same. Scattered writes

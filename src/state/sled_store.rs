@@ -335,44 +335,46 @@ fn prefix_of<'a>(prefixes: &'a [(Vec<u8>, TypeId, Arc<str>)], k: &StateKey) -> &
 type RangeWrite<'w> = (&'w [u8], Vec<u8>, Option<&'w KeyState>);
 
 /// Splits an apply's range-key writes into those written to their pages
-/// at once and those held back: keys held back already stay held back,
-/// the rest of each mapping's go at once if they crowd their pages
-/// ([`journal::write_at_once`]). Both in key order; the sort is stable, so
-/// writes to one key keep their order (the last wins, in a page as in the
-/// journal).
+/// at once and those held back: each mapping's writes go at once if they
+/// crowd their pages ([`journal::write_at_once`]), save keys held back
+/// already, which stay held back. Both keep the apply's order (writes to
+/// one key: the last wins, in a page as in the journal); nothing is
+/// sorted, so a burst of random keys pays a directory search per key.
 fn crowded<'w>(
-    mut writes: Vec<RangeWrite<'w>>,
+    writes: Vec<RangeWrite<'w>>,
     dirs: &Dirs,
     pending: &Pending,
 ) -> (Vec<RangeWrite<'w>>, Vec<RangeWrite<'w>>) {
-    writes.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    // An apply writes to one mapping or a few.
+    let mut prefixes: Vec<&[u8]> = Vec::new();
+    for w in &writes {
+        if !prefixes.contains(&w.0) {
+            prefixes.push(w.0);
+        }
+    }
+    let at_once: Vec<bool> = prefixes
+        .iter()
+        .map(|&prefix| {
+            // The pages the mapping's keys fall in (`usize::MAX`: no page
+            // yet, the first one).
+            let mut pages: Vec<usize> = writes
+                .iter()
+                .filter(|w| w.0 == prefix)
+                .map(|w| dirs.page_index(prefix, &w.1).unwrap_or(usize::MAX))
+                .collect();
+            let keys = pages.len();
+            pages.sort_unstable();
+            pages.dedup();
+            journal::write_at_once(keys, pages.len())
+        })
+        .collect();
     let (mut now, mut later) = (Vec::new(), Vec::with_capacity(writes.len()));
-    let mut rest = writes.into_iter().peekable();
-    while let Some(first) = rest.next() {
-        let prefix = first.0;
-        let mut group = Vec::new();
-        for w in
-            std::iter::once(first).chain(std::iter::from_fn(|| rest.next_if(|w| w.0 == prefix)))
-        {
-            if pending.holds(prefix, &w.1) {
-                later.push(w);
-            } else {
-                group.push(w);
-            }
-        }
-        // Sorted codes fall in pages in directory order.
-        let (mut pages, mut page) = (0, None);
-        for (_, code, _) in &group {
-            let here = dirs.page_index(prefix, code);
-            if pages == 0 || here != page {
-                pages += 1;
-                page = here;
-            }
-        }
-        if journal::write_at_once(group.len(), pages) {
-            now.append(&mut group);
+    for w in writes {
+        let i = prefixes.iter().position(|p| *p == w.0).expect("listed");
+        if at_once[i] && !pending.holds(w.0, &w.1) {
+            now.push(w);
         } else {
-            later.append(&mut group);
+            later.push(w);
         }
     }
     (now, later)

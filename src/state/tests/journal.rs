@@ -205,7 +205,8 @@ fn a_crowded_apply_keeps_each_keys_last_write_and_held_keys_held() {
         Write::Key(k5.clone(), accepted(9, None)),
         Write::Key(k6.clone(), accepted(9, None)),
     ];
-    writes.extend((3..20).map(|n| Write::Key(new(n), accepted(1, None))));
+    // 41 writes in 3 pages (the last, k5's, k6's): they crowd them.
+    writes.extend((3..40).map(|n| Write::Key(new(n), accepted(1, None))));
     s.apply(&writes).unwrap();
     assert_eq!(s.held_back(), 2, "only the held keys are held back");
     let want = |s: &SledStore, when: &str| {
