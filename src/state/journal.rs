@@ -13,8 +13,8 @@
 //! sled's memory as well as in [`Pending`] (state-store bench: +30 MiB
 //! peak RSS and +10 % CPU per key for a 32 MiB journal).
 //!
-//! Safety: an apply appends its held-back key writes to the journal (one frame,
-//! length and CRC first) and, when it writes checkpoints, makes the
+//! Safety: an apply appends its held-back key writes to the journal (one
+//! frame, length and CRC first) and, when it writes checkpoints, makes the
 //! journal durable (`fdatasync`) before them: a checkpoint that survives
 //! a crash implies every journal frame before it did. Opening the store
 //! reads the journal back, up to its first incomplete frame (cut off). A
@@ -330,23 +330,23 @@ impl Pending {
 
     /// The pending state of a key (`Some(None)`: removed), if it has one.
     pub fn get(&self, prefix: &[u8], code: &[u8]) -> Option<Option<KeyState>> {
-        let at = self.index.find(hash(prefix, code), |o| {
-            let r = self.record(*o);
-            r.prefix == prefix && r.code == code
-        })?;
-        Some(self.record(*at).slot.map(|s| s.state()))
+        let at = self.newest(prefix, code)?;
+        Some(self.record(at).slot.map(|s| s.state()))
     }
 
     /// Whether a key is held back (written or removed).
     pub fn holds(&self, prefix: &[u8], code: &[u8]) -> bool {
-        !self.index.is_empty()
-            && self
-                .index
-                .find(hash(prefix, code), |o| {
-                    let r = self.record(*o);
-                    r.prefix == prefix && r.code == code
-                })
-                .is_some()
+        !self.index.is_empty() && self.newest(prefix, code).is_some()
+    }
+
+    /// The offset of a key's newest record, if it is held back.
+    fn newest(&self, prefix: &[u8], code: &[u8]) -> Option<u32> {
+        self.index
+            .find(hash(prefix, code), |o| {
+                let r = self.record(*o);
+                r.prefix == prefix && r.code == code
+            })
+            .copied()
     }
 
     /// The pending keys of one mapping (key codes; `None`: removed).

@@ -338,8 +338,9 @@ type RangeWrite<'w> = (&'w [u8], Vec<u8>, Option<&'w KeyState>);
 /// at once and those held back: each mapping's writes go at once if they
 /// crowd their pages ([`journal::write_at_once`]), save keys held back
 /// already, which stay held back. Both keep the apply's order (writes to
-/// one key: the last wins, in a page as in the journal); nothing is
-/// sorted, so a burst of random keys pays a directory search per key.
+/// one key: the last wins, in a page as in the journal). Per key: a
+/// directory search, and a journal lookup where the mapping's writes
+/// crowd their pages; the keys themselves are not sorted.
 fn crowded<'w>(
     writes: Vec<RangeWrite<'w>>,
     dirs: &Dirs,
