@@ -339,40 +339,47 @@ type RangeWrite<'w> = (&'w [u8], Vec<u8>, Option<&'w KeyState>);
 /// crowd their pages ([`journal::write_at_once`]), save keys held back
 /// already, which stay held back. Both keep the apply's order (writes to
 /// one key: the last wins, in a page as in the journal). Per key: a
-/// directory search, and a journal lookup where the mapping's writes
-/// crowd their pages; the keys themselves are not sorted.
+/// directory search where the mapping has enough writes to crowd a page,
+/// and a journal lookup where they do; the keys themselves are not
+/// sorted. `prefixes`: the apply's mappings ([`prefixes_of`]).
 fn crowded<'w>(
     writes: Vec<RangeWrite<'w>>,
+    prefixes: &[(Vec<u8>, TypeId, Arc<str>)],
     dirs: &Dirs,
     pending: &Pending,
 ) -> (Vec<RangeWrite<'w>>, Vec<RangeWrite<'w>>) {
-    // An apply writes to one mapping or a few.
-    let mut prefixes: Vec<&[u8]> = Vec::new();
-    for w in &writes {
-        if !prefixes.contains(&w.0) {
-            prefixes.push(w.0);
-        }
-    }
-    let at_once: Vec<bool> = prefixes
+    // Each write's mapping, as its position in `prefixes`.
+    let of: Vec<usize> = writes
         .iter()
-        .map(|&prefix| {
+        .map(|w| {
+            prefixes
+                .iter()
+                .position(|(p, _, _)| p.as_slice() == w.0)
+                .expect("every write's prefix is listed")
+        })
+        .collect();
+    let at_once: Vec<bool> = (0..prefixes.len())
+        .map(|m| {
+            let ours = || writes.iter().zip(&of).filter(|(_, &o)| o == m);
+            let keys = ours().count();
+            // Too few to crowd even one page: no page to look up.
+            if !journal::write_at_once(keys, 1) {
+                return false;
+            }
             // The pages the mapping's keys fall in (`usize::MAX`: no page
             // yet, the first one).
-            let mut pages: Vec<usize> = writes
-                .iter()
-                .filter(|w| w.0 == prefix)
-                .map(|w| dirs.page_index(prefix, &w.1).unwrap_or(usize::MAX))
+            let prefix = prefixes[m].0.as_slice();
+            let mut pages: Vec<usize> = ours()
+                .map(|(w, _)| dirs.page_index(prefix, &w.1).unwrap_or(usize::MAX))
                 .collect();
-            let keys = pages.len();
             pages.sort_unstable();
             pages.dedup();
             journal::write_at_once(keys, pages.len())
         })
         .collect();
     let (mut now, mut later) = (Vec::new(), Vec::with_capacity(writes.len()));
-    for w in writes {
-        let i = prefixes.iter().position(|p| *p == w.0).expect("listed");
-        if at_once[i] && !pending.holds(w.0, &w.1) {
+    for (w, m) in writes.into_iter().zip(of) {
+        if at_once[m] && !pending.holds(w.0, &w.1) {
             now.push(w);
         } else {
             later.push(w);
@@ -655,7 +662,7 @@ impl SledStore {
         let held = {
             let pending = self.pending.read();
             let dirs = self.dirs.read();
-            let (now, later) = crowded(held, &dirs, &pending);
+            let (now, later) = crowded(held, &prefixes, &dirs, &pending);
             for (prefix, code, state) in now {
                 writer.set_range(&dirs, prefix, code, state.cloned());
             }
