@@ -8,6 +8,9 @@
 //! - the initial sync (`snapshot = "initial"`), from process start until
 //!   the mock holds every record: rows/s, daemon CPU per record
 //!   (`/proc/PID/stat`), peak RSS, state dir bytes per record;
+//! - the same initial sync once more with `on_delete = "ignore"` (no
+//!   delete images: the state with fingerprints only), on a slot of its
+//!   own;
 //! - a streaming burst of inserts into `transaction` in 10 000-row
 //!   transactions while the daemon streams, compared with
 //!   `pg_recvlogical` over the same WAL and with the commit rate;
@@ -154,6 +157,15 @@ savings = "saved"
 amount = "total"
 created = "created_at"
 "#;
+
+/// The same mappings with `on_delete = "ignore"`: no delete images, the
+/// state keeps fingerprints only (the issue's ≤ 100 B/record target).
+pub fn fingerprint_only_mappings() -> String {
+    MAPPINGS.replace(
+        "\n[mapping.fields]\n",
+        "\non_delete = \"ignore\"\n[mapping.fields]\n",
+    )
+}
 
 /// The same mappings for poll mode (each table gets its cursor).
 pub fn poll_mappings() -> String {
@@ -392,45 +404,45 @@ pub struct Synced {
     pub log: std::path::PathBuf,
 }
 
-/// Config of the partner daemon `name` (fresh state dir).
-fn config(
-    env: &Env,
-    name: &str,
-    db: &str,
-    api: &str,
-    slot: &str,
-    snapshot: &str,
-    linger: &str,
-) -> Result<std::path::PathBuf> {
-    env.config_of(&Cfg {
-        name,
-        db,
-        api,
-        mode: "replication",
-        snapshot,
-        slot,
-        linger,
-        publication: "cobi_partner",
-        mappings: MAPPINGS,
-    })
+/// What an initial sync runs with: its mappings and its slot.
+pub struct Variant<'a> {
+    pub mappings: &'a str,
+    pub slot: &'a str,
 }
+
+/// The default mappings on the slot the burst resumes.
+pub const DEFAULT: Variant<'static> = Variant {
+    mappings: MAPPINGS,
+    slot: "cobi_partner",
+};
 
 /// One initial sync from a fresh state dir and slot. `label` names the row.
 pub async fn phase_sync(
     env: &Env,
     db: &str,
     s: &Sizes,
+    v: &Variant<'_>,
     name: &str,
     label: &str,
 ) -> Result<(Row, Synced)> {
     let c = env.client(db).await?;
-    let slot = "cobi_partner";
+    let slot = v.slot;
     if crate::slot_exists(&c, slot, false).await? {
         c.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
             .await?;
     }
     let mock = MockProc::start(env, &format!("{name}-mock"))?;
-    let cfg = config(env, name, db, &mock.url, slot, "initial", "1s")?;
+    let cfg = env.config_of(&Cfg {
+        name,
+        db,
+        api: &mock.url,
+        mode: "replication",
+        snapshot: "initial",
+        slot,
+        linger: "1s",
+        publication: "cobi_partner",
+        mappings: v.mappings,
+    })?;
     let log = env.path(&format!("{name}.log"));
     let _ = std::fs::remove_file(&log);
     let mut d = Proc::spawn(
@@ -482,6 +494,39 @@ pub async fn phase_sync(
             log,
         },
     ))
+}
+
+/// One initial sync whose mappings keep no delete images
+/// (`on_delete = "ignore"`), on a slot of its own (dropped after, so the
+/// burst's slot is untouched): what the state costs with fingerprints
+/// only. The default mappings keep an image per record (see the README's
+/// state store section).
+async fn fingerprint_only(env: &Env, s: &Sizes) -> Row {
+    const LABEL: &str = "partner: initial sync, on_delete = \"ignore\" (fingerprints only)";
+    let mappings = fingerprint_only_mappings();
+    let v = Variant {
+        mappings: &mappings,
+        slot: "cobi_partner_fp",
+    };
+    // The mock goes with `Synced` (dropped here); the daemon has stopped.
+    let r = phase_sync(env, "partner", s, &v, "partner-sync-fp", LABEL)
+        .await
+        .map(|(row, _synced)| row);
+    let dropped = async {
+        env.client("partner")
+            .await?
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&v.slot],
+            )
+            .await?;
+        anyhow::Ok(())
+    };
+    if let Err(e) = dropped.await {
+        eprintln!("could not drop slot {}: {e:#}", v.slot);
+    }
+    r.unwrap_or_else(|e| Row::failed(LABEL, format!("{e:#}")))
 }
 
 /// The burst: `rows` inserts into `transaction` in transactions of
@@ -756,6 +801,7 @@ pub async fn run(env: &Env) -> Outcome {
             env,
             "partner",
             &s,
+            &DEFAULT,
             &format!("partner-sync-{i}"),
             "partner: initial sync, replication → mock-api",
         )
@@ -817,11 +863,13 @@ pub async fn run(env: &Env) -> Outcome {
             .map_or("not measured".into(), |r| format!("{r:.0} records/s")),
         sync.rate().map(|r| r >= 200_000.0),
     ));
+    eprintln!("[P3b/7] partner: initial sync with fingerprints only (on_delete = \"ignore\")");
+    let fp = fingerprint_only(env, &s).await;
     out.targets.push(target(
-        "partner state dir ≤ 100 B per tracked record (REPLICA IDENTITY FULL: fingerprints only)",
-        sync.state_bpr
+        "partner state dir ≤ 100 B per tracked record (fingerprints only: on_delete = \"ignore\")",
+        fp.state_bpr
             .map_or("not measured".into(), |b| format!("{b:.1} B")),
-        sync.state_bpr.map(|b| b <= 100.0),
+        fp.state_bpr.map(|b| b <= 100.0),
     ));
 
     eprintln!("[P4/7] partner: streaming burst of {} rows", o.burst);
@@ -963,6 +1011,7 @@ pub async fn run(env: &Env) -> Outcome {
                 env,
                 "partner_big",
                 &b,
+                &DEFAULT,
                 "partner-big",
                 "partner: initial sync (RSS point 2) → mock-api",
             )
@@ -1004,6 +1053,7 @@ pub async fn run(env: &Env) -> Outcome {
     }
     out.rows.push(copy);
     out.rows.push(sync);
+    out.rows.push(fp);
     out.rows.extend(big_row);
     out.rows.push(recv);
     out.rows.push(burst);
