@@ -459,7 +459,8 @@ impl CompiledMapping {
     /// Maps one row (values in the compiled column order).
     pub fn map_row(&self, row: &[Value]) -> Mapped {
         let t = schema().ty(self.ty);
-        let mut record = Record::new(self.ty);
+        // Sized once: growing it was ~1 % of a snapshot's CPU.
+        let mut record = Record::with_capacity(self.ty, self.ops.len());
         let mut problems = Vec::new();
         for op in &self.ops {
             let def = &t.fields[op.field as usize];

@@ -103,6 +103,30 @@ pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// Per type, per field id: the field's name as a JSON object key with its
+/// colon (`"shop_id":`), escaped once instead of for every record.
+fn json_keys(ty: TypeId) -> &'static [Box<[u8]>] {
+    static KEYS: std::sync::OnceLock<Vec<Vec<Box<[u8]>>>> = std::sync::OnceLock::new();
+    let all = KEYS.get_or_init(|| {
+        schema()
+            .types
+            .iter()
+            .map(|t| {
+                t.fields
+                    .iter()
+                    .map(|f| {
+                        let mut k = Vec::with_capacity(f.name.len() + 3);
+                        write_json_str(&mut k, &f.name);
+                        k.push(b':');
+                        k.into_boxed_slice()
+                    })
+                    .collect()
+            })
+            .collect()
+    });
+    &all[ty as usize]
+}
+
 struct VecWriter<'a>(&'a mut Vec<u8>);
 impl std::fmt::Write for VecWriter<'_> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
@@ -127,6 +151,14 @@ impl Record {
         Record {
             ty,
             fields: Vec::new(),
+        }
+    }
+
+    /// An empty record with room for `fields` fields.
+    pub fn with_capacity(ty: TypeId, fields: usize) -> Self {
+        Record {
+            ty,
+            fields: Vec::with_capacity(fields),
         }
     }
 
@@ -215,14 +247,13 @@ impl Record {
 
     /// Appends the JSON object to `out`.
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        let t = schema().ty(self.ty);
+        let keys = json_keys(self.ty);
         out.push(b'{');
         for (i, (f, v)) in self.fields.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            write_json_str(out, &t.fields[*f as usize].name);
-            out.push(b':');
+            out.extend_from_slice(&keys[*f as usize]);
             v.write(out);
         }
         out.push(b'}');

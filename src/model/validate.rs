@@ -97,11 +97,16 @@ fn check_value(def: &FieldDef, v: &Json) -> Option<String> {
         };
         return Some(format!("must be {want}"));
     }
-    if let Json::Num(n) = v {
-        if n.parse::<f64>().map_or(true, |f| !f.is_finite()) {
-            return Some("must be a finite number".into());
-        }
-    }
+    // A decimal's text is parsed once, for this and the bounds below.
+    let number = match v {
+        Json::Num(n) => match n.parse::<f64>() {
+            Ok(f) if f.is_finite() => Some(f),
+            _ => return Some("must be a finite number".into()),
+        },
+        Json::Int(i) => Some(*i as f64),
+        Json::Float(f) => Some(*f),
+        _ => None,
+    };
     // Format.
     match (def.format, v) {
         (Some(Format::Uuid), Json::Str(s)) if uuid::Uuid::try_parse(s).is_err() => {
@@ -148,7 +153,7 @@ fn check_value(def: &FieldDef, v: &Json) -> Option<String> {
         }
     }
     // Numeric bounds.
-    if let Some(x) = v.as_f64() {
+    if let Some(x) = number {
         if let Some(min) = def.minimum {
             if x < min {
                 return Some(format!("must be >= {min}"));

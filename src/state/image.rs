@@ -63,7 +63,14 @@ fn image_fields(ty: TypeId) -> &'static [bool] {
 
 /// Whether a type has soft deletes (every type but interactions).
 pub fn has_soft_delete(ty: TypeId) -> bool {
-    schema().ty(ty).field("is_deleted").is_some()
+    static SOFT: OnceLock<Vec<bool>> = OnceLock::new();
+    SOFT.get_or_init(|| {
+        schema()
+            .types
+            .iter()
+            .map(|t| t.field("is_deleted").is_some())
+            .collect()
+    })[ty as usize]
 }
 
 fn put_value(v: &Json, out: &mut Vec<u8>) {
@@ -103,17 +110,29 @@ pub fn encode(record: &Record) -> Option<Bytes> {
     if !has_soft_delete(record.ty) {
         return None;
     }
-    let keep = image_fields(record.ty);
-    let mut out = Vec::with_capacity(64);
-    for (f, v) in &record.fields {
-        if keep.get(*f as usize).copied().unwrap_or(false) {
-            out.push(*f);
-            put_value(v, &mut out);
-        }
+    thread_local! {
+        /// Where an image is encoded: reused, so an image is one exact
+        /// allocation instead of a growing vector and its copy.
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    // Exactly its length: `out` grew by doubling, and the image outlives
-    // the epoch (in its writes and the overlay until committed).
-    Some(Bytes::copy_from_slice(&out))
+    let keep = image_fields(record.ty);
+    SCRATCH.with_borrow_mut(|out| {
+        out.clear();
+        for (f, v) in &record.fields {
+            if keep.get(*f as usize).copied().unwrap_or(false) {
+                out.push(*f);
+                put_value(v, out);
+            }
+        }
+        // Exactly its length: the image outlives the epoch (in its writes
+        // and the overlay until committed).
+        let image = Bytes::copy_from_slice(out);
+        if out.capacity() > 64 * 1024 {
+            // A record with a long text field: not kept for the next one.
+            *out = Vec::new();
+        }
+        Some(image)
+    })
 }
 
 fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
@@ -311,6 +330,10 @@ mod tests {
         let name = field(shops, "name");
         for v in [
             Json::Null,
+            // Longer than the encoder's reused buffer keeps: the values
+            // after it are encoded in a fresh one, none holds its bytes.
+            Json::Str("é".repeat(40_000).into()),
+            Json::Str("ab".repeat(20_000).into()),
             Json::Bool(true),
             Json::Bool(false),
             Json::Int(0),
@@ -327,8 +350,10 @@ mod tests {
         ] {
             let mut r = Record::new(shops);
             r.set(name, v.clone());
-            let back = decode(shops, &encode(&r).unwrap()).unwrap();
+            let img = encode(&r).unwrap();
+            let back = decode(shops, &img).unwrap();
             assert_eq!(back.get(name), Some(&v), "{v:?}");
+            assert_eq!(decode(shops, &img[..img.len() - 1]).ok(), None, "{v:?}");
             if let (Json::Float(a), Some(Json::Float(b))) = (&v, back.get(name)) {
                 assert_eq!(a.to_bits(), b.to_bits());
             }
