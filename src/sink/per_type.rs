@@ -120,7 +120,13 @@ fn judge(
                 sent += 1;
                 let copy = delete_image(&shared.cfg.images, &p.key, &p.out);
                 let remove = verdicts::remove_letter(p.prior.as_ref(), lettered.contains(&p.key));
-                writes.extend(verdicts::accepted(p.key, p.out.fingerprint, copy, remove));
+                writes.extend(verdicts::accepted(
+                    p.key,
+                    p.prior.as_ref(),
+                    p.out.fingerprint,
+                    copy,
+                    remove,
+                ));
             }
             Verdict::Rejected(reason) => {
                 trace!(type = %schema().ty(ty).name, source_key = %p.key.source_key, %reason, "record rejected by the api");

@@ -4,7 +4,10 @@
 //!   deletes need) and the removal of the key's dead letter whenever it may have
 //!   one — its state says dead-lettered, *or* the store holds a letter for
 //!   it ([`remove_letter`]): a letter orphaned by a crash between two
-//!   writes of an earlier run never outlives the record's delivery.
+//!   writes of an earlier run never outlives the record's delivery. The
+//!   state is not written again when the store already holds exactly it
+//!   (a forced re-send of an unchanged record: `snapshot --force`,
+//!   `resync`), so re-copying an unchanged table rewrites no page.
 //! - Rejected: the dead letter (attempts counted on from the key's latest
 //!   letter, committed or still in the epoch before) and the key's state,
 //!   which keeps the delete image of what Cobi last accepted.
@@ -22,23 +25,24 @@ pub fn remove_letter(prior: Option<&KeyState>, letter_known: bool) -> bool {
     letter_known || prior.is_some_and(|p| p.status == KeyStatus::DeadLettered)
 }
 
-/// Writes for an accepted record (`remove_letter`: see [`remove_letter`]).
+/// Writes for an accepted record (`remove_letter`: see [`remove_letter`]);
+/// `prior` is the key's state before (none written if it is the same).
 pub fn accepted(
     key: StateKey,
+    prior: Option<&KeyState>,
     fingerprint: u64,
     delete_image: Option<Bytes>,
     remove_letter: bool,
 ) -> impl Iterator<Item = Write> {
     let remove = remove_letter.then(|| Write::RemoveDeadLetter(key.clone()));
-    let state = Write::Key(
-        key,
-        KeyState {
-            status: KeyStatus::Accepted,
-            fingerprint,
-            delete_image,
-        },
-    );
-    remove.into_iter().chain(std::iter::once(state))
+    let state = KeyState {
+        status: KeyStatus::Accepted,
+        fingerprint,
+        delete_image,
+    };
+    let changed = prior != Some(&state);
+    let state = changed.then(|| Write::Key(key, state));
+    remove.into_iter().chain(state)
 }
 
 /// What a rejected record's dead letter holds.
@@ -130,12 +134,50 @@ mod tests {
         for (prior, known, want) in cases {
             assert_eq!(remove_letter(prior, known), want, "{prior:?} {known}");
         }
-        let w: Vec<Write> = accepted(key(), 5, None, true).collect();
+        let w: Vec<Write> = accepted(key(), None, 5, None, true).collect();
         assert_eq!(w[0], Write::RemoveDeadLetter(key()));
         assert!(
             matches!(&w[1], Write::Key(_, s) if s.status == KeyStatus::Accepted && s.fingerprint == 5)
         );
-        assert_eq!(accepted(key(), 5, None, false).count(), 1);
+        assert_eq!(accepted(key(), None, 5, None, false).count(), 1);
+    }
+
+    #[test]
+    fn an_accept_writes_the_state_only_when_it_changes() {
+        let image = |b: &'static [u8]| Some(Bytes::from_static(b));
+        let st = |status, fingerprint, delete_image| KeyState {
+            status,
+            fingerprint,
+            delete_image,
+        };
+        use KeyStatus::{Accepted, DeadLettered};
+        // (prior, accepted fingerprint and image) -> the state is written
+        let cases = [
+            (None, 5, image(b"a"), true),
+            // A forced re-send of what the store holds: nothing to write.
+            (Some(st(Accepted, 5, image(b"a"))), 5, image(b"a"), false),
+            (Some(st(Accepted, 5, None)), 5, None, false),
+            (Some(st(Accepted, 4, image(b"a"))), 5, image(b"a"), true),
+            (Some(st(DeadLettered, 5, image(b"a"))), 5, image(b"a"), true),
+            // The image policy changed since (or the image differs).
+            (Some(st(Accepted, 5, None)), 5, image(b"a"), true),
+            (Some(st(Accepted, 5, image(b"a"))), 5, None, true),
+            (Some(st(Accepted, 5, image(b"a"))), 5, image(b"b"), true),
+        ];
+        for (prior, fingerprint, img, want) in cases {
+            let w: Vec<Write> =
+                accepted(key(), prior.as_ref(), fingerprint, img.clone(), false).collect();
+            let want_writes: Vec<Write> = if want {
+                vec![Write::Key(key(), st(Accepted, fingerprint, img))]
+            } else {
+                vec![]
+            };
+            assert_eq!(w, want_writes, "{prior:?} {fingerprint}");
+        }
+        // A letter to remove is removed even when the state stands.
+        let prior = st(Accepted, 5, None);
+        let w: Vec<Write> = accepted(key(), Some(&prior), 5, None, true).collect();
+        assert_eq!(w, vec![Write::RemoveDeadLetter(key())]);
     }
 
     #[test]

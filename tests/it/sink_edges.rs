@@ -19,7 +19,7 @@ use cobi_sync::config::{load_str, Settings};
 use cobi_sync::daemon::Pipeline;
 use cobi_sync::mock_api::MockServer;
 use cobi_sync::ops::dlq;
-use cobi_sync::sink::{type_id, SinkItem};
+use cobi_sync::sink::{type_id, Resend, SinkItem};
 use cobi_sync::state::{
     Checkpoint, DeadLetter, KeyState, KeyStatus, MemoryStore, StateError, StateKey, StateStore,
     TypeId, TypeStats, Write,
@@ -395,13 +395,18 @@ async fn an_orphan_letter_goes_with_the_next_accept() {
     p.drain(Duration::from_secs(5)).await;
 }
 
-/// A store whose writes take a while: the next epoch is sent while this
-/// one commits.
-struct SlowStore(MemoryStore);
+/// A memory store that can make its writes take a while (the next epoch
+/// is then sent while this one commits) and counts the key states written.
+#[derive(Default)]
+struct WatchedStore {
+    store: MemoryStore,
+    slow: bool,
+    key_writes: std::sync::atomic::AtomicUsize,
+}
 
-impl StateStore for SlowStore {
+impl StateStore for WatchedStore {
     fn get_key(&self, key: &StateKey) -> Result<Option<KeyState>, StateError> {
-        self.0.get_key(key)
+        self.store.get_key(key)
     }
     fn scan_keys(
         &self,
@@ -409,32 +414,40 @@ impl StateStore for SlowStore {
         mapping: &str,
         visit: &mut dyn FnMut(String, KeyStatus),
     ) -> Result<(), StateError> {
-        self.0.scan_keys(ty, mapping, visit)
+        self.store.scan_keys(ty, mapping, visit)
     }
     fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
-        std::thread::sleep(Duration::from_millis(1500));
-        self.0.apply(writes)
+        if self.slow {
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        let keys = writes
+            .iter()
+            .filter(|w| matches!(w, Write::Key(..)))
+            .count();
+        self.key_writes
+            .fetch_add(keys, std::sync::atomic::Ordering::Relaxed);
+        self.store.apply(writes)
     }
     fn flush(&self) -> Result<(), StateError> {
-        self.0.flush()
+        self.store.flush()
     }
     fn checkpoint(&self, name: &str) -> Result<Option<Checkpoint>, StateError> {
-        self.0.checkpoint(name)
+        self.store.checkpoint(name)
     }
     fn checkpoints(&self) -> Result<Vec<Checkpoint>, StateError> {
-        self.0.checkpoints()
+        self.store.checkpoints()
     }
     fn remove_checkpoint(&self, name: &str) -> Result<(), StateError> {
-        self.0.remove_checkpoint(name)
+        self.store.remove_checkpoint(name)
     }
     fn dead_letters(&self, ty: Option<TypeId>) -> Result<Vec<DeadLetter>, StateError> {
-        self.0.dead_letters(ty)
+        self.store.dead_letters(ty)
     }
     fn dead_letter(&self, key: &StateKey) -> Result<Option<DeadLetter>, StateError> {
-        self.0.dead_letter(key)
+        self.store.dead_letter(key)
     }
     fn stats(&self) -> Result<BTreeMap<TypeId, TypeStats>, StateError> {
-        self.0.stats()
+        self.store.stats()
     }
 }
 
@@ -442,7 +455,10 @@ impl StateStore for SlowStore {
 async fn attempts_count_on_while_the_previous_letter_is_uncommitted() {
     let wd = Workdir::new();
     let mock = mock().await;
-    let store: Arc<dyn StateStore> = Arc::new(SlowStore(MemoryStore::new()));
+    let store: Arc<dyn StateStore> = Arc::new(WatchedStore {
+        slow: true,
+        ..WatchedStore::default()
+    });
     let mut s = settings(&wd, &mock.base_url(), true);
     s.batch.linger = Duration::from_millis(50);
     let p = Pipeline::start(&s, store.clone()).unwrap();
@@ -464,6 +480,75 @@ async fn attempts_count_on_while_the_previous_letter_is_uncommitted() {
     assert!(letters[0].record.contains("v2"));
     assert!(letters[0].first_at < letters[0].last_at, "{letters:?}");
     p.drain(Duration::from_secs(10)).await;
+}
+
+/// `snapshot --force` and `resync` re-send records even when unchanged;
+/// the state the store already holds for them is not written again (a
+/// re-copy of an unchanged table rewrote every key's page), and a record
+/// that did change among them is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_resend_of_an_unchanged_record_writes_no_state() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let wd = Workdir::new();
+    let mock = mock().await;
+    let store = Arc::new(WatchedStore::default());
+    let p = Pipeline::start(&settings(&wd, &mock.base_url(), true), store.clone()).unwrap();
+    send(&p, (1..=20).map(shop).collect()).await;
+    assert_eq!(mock.records("shops").len(), 20);
+    assert_eq!(store.key_writes.load(Relaxed), 20);
+    let forced = |mut item: SinkItem| {
+        match &mut item {
+            SinkItem::Upsert { resend, .. } => *resend = Resend::Forced,
+            other => panic!("{other:?}"),
+        }
+        item
+    };
+    let accepted = || mock.stats().records_accepted.values().sum::<u64>();
+    let before = accepted();
+    // Shop 7 changed since; the other 19 are what the store holds.
+    let mut again: Vec<SinkItem> = (1..=20).filter(|&i| i != 7).map(shop).collect();
+    again.push(upsert(
+        key(SHOPS, 7),
+        &[
+            ("shop_id", &shop_id(7)),
+            ("name", "Shop 7, renamed"),
+            ("region", "GB"),
+        ],
+    ));
+    send(&p, again.into_iter().map(forced).collect()).await;
+    assert_eq!(accepted() - before, 20, "--force re-sends every record");
+    assert_eq!(
+        store.key_writes.load(Relaxed),
+        21,
+        "only the changed record's state is written again"
+    );
+    let renamed = mock
+        .records("shops")
+        .into_iter()
+        .filter(|r| r["name"] == "Shop 7, renamed")
+        .count();
+    assert_eq!(renamed, 1);
+    let st = store.get_key(&key(SHOPS, 7)).unwrap().unwrap();
+    let st1 = store.get_key(&key(SHOPS, 1)).unwrap().unwrap();
+    assert_ne!(st.fingerprint, st1.fingerprint);
+    // A later delete of an unchanged key is still built from its image.
+    send(
+        &p,
+        vec![SinkItem::Delete {
+            key: key(SHOPS, 3),
+            basis: None,
+        }],
+    )
+    .await;
+    let deleted: Vec<_> = mock
+        .records("shops")
+        .into_iter()
+        .filter(|r| r["shop_id"] == shop_id(3).as_str())
+        .collect();
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(deleted[0]["is_deleted"], true);
+    assert_eq!(deleted[0]["name"], "Shop 3");
+    p.drain(Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
