@@ -970,7 +970,7 @@ pub async fn run(env: &Env) -> Outcome {
                 })
                 .collect();
             out.extra.push(format!(
-                "Partner state dir across re-syncs of the unchanged dataset (poll mode, `snapshot --force`: every record re-sent and its state rewritten): {}",
+                "Partner state dir across re-syncs of the unchanged dataset (poll mode, `snapshot --force`: every record re-sent, its state written again only where it differs): {}",
                 sizes.join(", ")
             ));
             let first = v.first().map_or(0, |x| x.1) as f64;
