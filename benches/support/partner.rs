@@ -161,10 +161,9 @@ created = "created_at"
 /// The same mappings with `on_delete = "ignore"`: no delete images, the
 /// state keeps fingerprints only (the issue's ≤ 100 B/record target).
 pub fn fingerprint_only_mappings() -> String {
-    MAPPINGS.replace(
-        "\n[mapping.fields]\n",
-        "\non_delete = \"ignore\"\n[mapping.fields]\n",
-    )
+    const FIELDS: &str = "\n[mapping.fields]\n";
+    assert_eq!(MAPPINGS.matches(FIELDS).count(), 5, "one per mapping");
+    MAPPINGS.replace(FIELDS, "\non_delete = \"ignore\"\n[mapping.fields]\n")
 }
 
 /// The same mappings for poll mode (each table gets its cursor).
@@ -512,20 +511,37 @@ async fn fingerprint_only(env: &Env, s: &Sizes) -> Row {
     let r = phase_sync(env, "partner", s, &v, "partner-sync-fp", LABEL)
         .await
         .map(|(row, _synced)| row);
+    // Its walsender may hold the slot for a moment after the daemon
+    // exits: dropped once inactive (a slot left behind would hold WAL
+    // through the burst).
     let dropped = async {
-        env.client("partner")
-            .await?
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                 WHERE slot_name = $1",
-                &[&v.slot],
-            )
-            .await?;
-        anyhow::Ok(())
+        let c = env.client("partner").await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = c
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                     WHERE slot_name = $1 AND NOT active",
+                    &[&v.slot],
+                )
+                .await;
+            if !crate::slot_exists(&c, v.slot, false).await? {
+                return anyhow::Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("slot {} still exists: {r:?}", v.slot);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     };
-    if let Err(e) = dropped.await {
-        eprintln!("could not drop slot {}: {e:#}", v.slot);
-    }
+    let r = match (r, dropped.await) {
+        (r, Ok(())) => r,
+        (Ok(mut row), Err(e)) => {
+            row.add_note(format!("{e:#}"));
+            Ok(row)
+        }
+        (Err(e), Err(_)) => Err(e),
+    };
     r.unwrap_or_else(|e| Row::failed(LABEL, format!("{e:#}")))
 }
 

@@ -339,9 +339,22 @@ async fn commit_epoch(shared: Arc<Shared>, epoch: Epoch, writes: Arc<Vec<Write>>
 async fn commit(shared: &Arc<Shared>, writes: Arc<Vec<Write>>, last: Vec<Write>) -> Option<()> {
     let state = (writes, Arc::new(last));
     let (_, ()) = with_store(shared, state, WRITE_FAILED, |store, (writes, last)| {
+        let generation = store.generation();
         store.apply(writes.as_ref())?;
         store.apply(last.as_ref())?;
-        store.flush()
+        store.flush()?;
+        if store.generation() != generation {
+            // A failed read re-opened the store (as of its last flush)
+            // between these writes and the flush: some may be gone, and
+            // progress must not be confirmed over them. Written again.
+            return Err(StateError {
+                op: "commit",
+                detail: "the state store was re-opened while an epoch was written; \
+                         writing it again"
+                    .into(),
+            });
+        }
+        Ok(())
     })
     .await?;
     Some(())

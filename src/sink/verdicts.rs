@@ -5,9 +5,11 @@
 //!   one — its state says dead-lettered, *or* the store holds a letter for
 //!   it ([`remove_letter`]): a letter orphaned by a crash between two
 //!   writes of an earlier run never outlives the record's delivery. The
-//!   state is not written again when the store already holds exactly it
+//!   state is not written again when the key's prior state is exactly it
 //!   (a forced re-send of an unchanged record: `snapshot --force`,
-//!   `resync`), so re-copying an unchanged table rewrites no page.
+//!   `resync`), so re-copying an unchanged table rewrites no page. The
+//!   prior is read through the overlay of the epoch before, which commits
+//!   first: what the store holds once that epoch has committed.
 //! - Rejected: the dead letter (attempts counted on from the key's latest
 //!   letter, committed or still in the epoch before) and the key's state,
 //!   which keeps the delete image of what Cobi last accepted.

@@ -73,8 +73,10 @@ pub const CROWDED: usize = 8;
 /// next drain writes every held key's held state to its page, over any
 /// newer state written there directly.
 ///
-/// Not at once: a re-copy in key order over pages already written (~6
-/// keys a page with delete images). Each of its applies covers a run of
+/// Not at once: the changed records of a re-copy in key order over pages
+/// already written (~6 keys a page with delete images; unchanged records
+/// write no state, see `sink::verdicts::accepted`). Each of its applies
+/// covers a run of
 /// neighbouring pages, as a drain would, but so does a burst of random
 /// keys into a small store, and which one an apply is cannot be told
 /// without reading the pages.

@@ -407,6 +407,13 @@ pub trait StateStore: Send + Sync + 'static {
     fn recover(&self) -> Result<(), StateError> {
         Ok(())
     }
+    /// How many times [`StateStore::recover`] has re-opened the store.
+    /// Writes applied before it changed and not flushed by then are gone:
+    /// a caller that applies and then flushes checks that it did not
+    /// change in between (another thread may recover meanwhile).
+    fn generation(&self) -> u64 {
+        0
+    }
 }
 
 /// Keys streamed by [`stream_keys`], in chunks.

@@ -77,6 +77,8 @@ pub struct SledStore {
     range_reads: std::sync::atomic::AtomicU64,
     /// Range pages written since open (tests).
     range_writes: std::sync::atomic::AtomicU64,
+    /// Re-opens by [`StateStore::recover`] ([`StateStore::generation`]).
+    reopened: std::sync::atomic::AtomicU64,
 }
 
 impl SledStore {
@@ -108,6 +110,7 @@ impl SledStore {
             drain_bytes,
             range_reads: Default::default(),
             range_writes: Default::default(),
+            reopened: Default::default(),
         })
     }
 
@@ -549,11 +552,19 @@ impl StateStore for SledStore {
         Ok(out)
     }
 
+    fn generation(&self) -> u64 {
+        self.reopened.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn recover(&self) -> Result<(), StateError> {
         let _no_apply = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         // No lookup between here and the new trees (see `lookup_view`).
         let mut dirs = self.dirs.write();
         let mut slot = self.trees.write().expect("lock");
+        // Before the old database goes: a flush that ends after this
+        // counts as lost (see `generation`).
+        self.reopened
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         dirs.clear();
         // Drop the failed database first: sled locks the directory.
         if let Some(old) = slot.take() {

@@ -396,17 +396,26 @@ async fn an_orphan_letter_goes_with_the_next_accept() {
 }
 
 /// A memory store that can make its writes take a while (the next epoch
-/// is then sent while this one commits) and counts the key states written.
+/// is then sent while this one commits), counts the key states written,
+/// and keeps the contract of [`StateStore::recover`]: a re-open brings it
+/// back as of its last flush. It can be re-opened once right after a
+/// write, as a failed read on another thread does before the writer
+/// flushes.
 #[derive(Default)]
 struct WatchedStore {
-    store: MemoryStore,
+    store: std::sync::RwLock<MemoryStore>,
     slow: bool,
     key_writes: std::sync::atomic::AtomicUsize,
+    reopen_after_apply: std::sync::atomic::AtomicBool,
+    /// Writes flushed, and writes applied since (what a re-open loses).
+    flushed: Mutex<Vec<Write>>,
+    unflushed: Mutex<Vec<Write>>,
+    reopened: std::sync::atomic::AtomicU64,
 }
 
 impl StateStore for WatchedStore {
     fn get_key(&self, key: &StateKey) -> Result<Option<KeyState>, StateError> {
-        self.store.get_key(key)
+        self.store.read().unwrap().get_key(key)
     }
     fn scan_keys(
         &self,
@@ -414,9 +423,10 @@ impl StateStore for WatchedStore {
         mapping: &str,
         visit: &mut dyn FnMut(String, KeyStatus),
     ) -> Result<(), StateError> {
-        self.store.scan_keys(ty, mapping, visit)
+        self.store.read().unwrap().scan_keys(ty, mapping, visit)
     }
     fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
+        use std::sync::atomic::Ordering::SeqCst;
         if self.slow {
             std::thread::sleep(Duration::from_millis(1500));
         }
@@ -424,30 +434,48 @@ impl StateStore for WatchedStore {
             .iter()
             .filter(|w| matches!(w, Write::Key(..)))
             .count();
-        self.key_writes
-            .fetch_add(keys, std::sync::atomic::Ordering::Relaxed);
-        self.store.apply(writes)
+        self.key_writes.fetch_add(keys, SeqCst);
+        self.store.read().unwrap().apply(writes)?;
+        self.unflushed.lock().unwrap().extend_from_slice(writes);
+        if self.reopen_after_apply.swap(false, SeqCst) {
+            self.recover()?;
+        }
+        Ok(())
     }
     fn flush(&self) -> Result<(), StateError> {
-        self.store.flush()
+        let mut unflushed = self.unflushed.lock().unwrap();
+        self.flushed.lock().unwrap().append(&mut unflushed);
+        Ok(())
+    }
+    fn recover(&self) -> Result<(), StateError> {
+        let fresh = MemoryStore::new();
+        fresh.apply(&self.flushed.lock().unwrap())?;
+        self.unflushed.lock().unwrap().clear();
+        *self.store.write().unwrap() = fresh;
+        self.reopened
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    fn generation(&self) -> u64 {
+        self.reopened.load(std::sync::atomic::Ordering::SeqCst)
     }
     fn checkpoint(&self, name: &str) -> Result<Option<Checkpoint>, StateError> {
-        self.store.checkpoint(name)
+        self.store.read().unwrap().checkpoint(name)
     }
     fn checkpoints(&self) -> Result<Vec<Checkpoint>, StateError> {
-        self.store.checkpoints()
+        self.store.read().unwrap().checkpoints()
     }
     fn remove_checkpoint(&self, name: &str) -> Result<(), StateError> {
-        self.store.remove_checkpoint(name)
+        self.store.read().unwrap().remove_checkpoint(name)
     }
     fn dead_letters(&self, ty: Option<TypeId>) -> Result<Vec<DeadLetter>, StateError> {
-        self.store.dead_letters(ty)
+        self.store.read().unwrap().dead_letters(ty)
     }
     fn dead_letter(&self, key: &StateKey) -> Result<Option<DeadLetter>, StateError> {
-        self.store.dead_letter(key)
+        self.store.read().unwrap().dead_letter(key)
     }
     fn stats(&self) -> Result<BTreeMap<TypeId, TypeStats>, StateError> {
-        self.store.stats()
+        self.store.read().unwrap().stats()
     }
 }
 
@@ -549,6 +577,89 @@ async fn a_forced_resend_of_an_unchanged_record_writes_no_state() {
     assert_eq!(deleted[0]["is_deleted"], true);
     assert_eq!(deleted[0]["name"], "Shop 3");
     p.drain(Duration::from_secs(5)).await;
+}
+
+/// The same while the first epoch is still committing (a slow store): the
+/// forced re-send reads the key states through that epoch's overlay, and
+/// writes only the one that changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_resend_over_an_uncommitted_epoch_writes_only_changes() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let wd = Workdir::new();
+    let mock = mock().await;
+    let store = Arc::new(WatchedStore {
+        slow: true,
+        ..WatchedStore::default()
+    });
+    let p = Pipeline::start(&settings(&wd, &mock.base_url(), true), store.clone()).unwrap();
+    let accepted = || mock.stats().records_accepted.values().sum::<u64>();
+    // Sealed at once, not awaited: delivered, then 1.5 s committing.
+    let mut first: Vec<SinkItem> = (1..=20).map(shop).collect();
+    first.push(SinkItem::Flush);
+    p.sink.send(first).await.unwrap();
+    wait_until(Duration::from_secs(20), "the first epoch delivered", || {
+        let n = accepted();
+        async move { n >= 20 }
+    })
+    .await;
+    let mut again: Vec<SinkItem> = (1..=20).filter(|&i| i != 7).map(shop).collect();
+    again.push(upsert(
+        key(SHOPS, 7),
+        &[
+            ("shop_id", &shop_id(7)),
+            ("name", "Shop 7, renamed"),
+            ("region", "GB"),
+        ],
+    ));
+    for item in &mut again {
+        if let SinkItem::Upsert { resend, .. } = item {
+            *resend = Resend::Forced;
+        }
+    }
+    send(&p, again).await;
+    assert_eq!(accepted(), 40, "--force re-sends every record");
+    assert_eq!(store.key_writes.load(Relaxed), 21);
+    let renamed = store.get_key(&key(SHOPS, 7)).unwrap().unwrap();
+    for i in (1..=20).filter(|&i| i != 7) {
+        let st = store.get_key(&key(SHOPS, i)).unwrap().unwrap();
+        assert_eq!(st.status, KeyStatus::Accepted, "shop {i}");
+        assert!(st.delete_image.is_some(), "shop {i}");
+        assert_ne!(st.fingerprint, renamed.fingerprint, "shop {i}");
+    }
+    p.drain(Duration::from_secs(10)).await;
+}
+
+/// A failed read on another thread re-opens the store (as of its last
+/// flush) while an epoch is between its writes and its flush: those
+/// writes are gone, so the flush must not count. The epoch is written
+/// again before its progress is confirmed (DESIGN §4 rule 4); without
+/// that, the accepted keys had no state and their progress was durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_written_while_the_store_is_reopened_is_written_again() {
+    let wd = Workdir::new();
+    let mock = mock().await;
+    let store = Arc::new(WatchedStore::default());
+    store
+        .reopen_after_apply
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let p = Pipeline::start(&settings(&wd, &mock.base_url(), true), store.clone()).unwrap();
+    send(&p, (1..=20).map(shop).collect()).await;
+    assert_eq!(mock.records("shops").len(), 20);
+    assert!(
+        !store
+            .reopen_after_apply
+            .load(std::sync::atomic::Ordering::SeqCst),
+        "the store was re-opened after the epoch's first write"
+    );
+    for i in 1..=20 {
+        let st = store.get_key(&key(SHOPS, i)).unwrap();
+        assert_eq!(
+            st.map(|s| s.status),
+            Some(KeyStatus::Accepted),
+            "shop {i}'s state was lost with the re-open"
+        );
+    }
+    p.drain(Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -343,6 +343,25 @@ fn sled_store_contract_and_reopen() {
     }
 }
 
+/// A re-open counts (a writer that flushes after one must apply again),
+/// and the store reads as of its last flush after it.
+#[test]
+fn sled_store_generation_counts_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    assert_eq!(s.generation(), 0);
+    contract(&s);
+    s.flush().unwrap();
+    s.recover().unwrap();
+    assert_eq!(s.generation(), 1);
+    assert_eq!(
+        s.get_key(&key("shops", "1")).unwrap().unwrap().fingerprint,
+        11
+    );
+    s.recover().unwrap();
+    assert_eq!(s.generation(), 2);
+}
+
 #[test]
 fn memory_store_key_forms() {
     key_forms_contract(&MemoryStore::new());
