@@ -510,6 +510,27 @@ async fn attempts_count_on_while_the_previous_letter_is_uncommitted() {
     p.drain(Duration::from_secs(10)).await;
 }
 
+/// Shops 1–20 as `snapshot --force` sends them again: shop 7 renamed
+/// since, the other 19 as the store holds them.
+fn forced_shops_with_7_renamed() -> Vec<SinkItem> {
+    let mut again: Vec<SinkItem> = (1..=20).filter(|&i| i != 7).map(shop).collect();
+    again.push(upsert(
+        key(SHOPS, 7),
+        &[
+            ("shop_id", &shop_id(7)),
+            ("name", "Shop 7, renamed"),
+            ("region", "GB"),
+        ],
+    ));
+    for item in &mut again {
+        match item {
+            SinkItem::Upsert { resend, .. } => *resend = Resend::Forced,
+            other => panic!("{other:?}"),
+        }
+    }
+    again
+}
+
 /// `snapshot --force` and `resync` re-send records even when unchanged;
 /// the state the store already holds for them is not written again (a
 /// re-copy of an unchanged table rewrote every key's page), and a record
@@ -524,26 +545,9 @@ async fn a_forced_resend_of_an_unchanged_record_writes_no_state() {
     send(&p, (1..=20).map(shop).collect()).await;
     assert_eq!(mock.records("shops").len(), 20);
     assert_eq!(store.key_writes.load(Relaxed), 20);
-    let forced = |mut item: SinkItem| {
-        match &mut item {
-            SinkItem::Upsert { resend, .. } => *resend = Resend::Forced,
-            other => panic!("{other:?}"),
-        }
-        item
-    };
     let accepted = || mock.stats().records_accepted.values().sum::<u64>();
     let before = accepted();
-    // Shop 7 changed since; the other 19 are what the store holds.
-    let mut again: Vec<SinkItem> = (1..=20).filter(|&i| i != 7).map(shop).collect();
-    again.push(upsert(
-        key(SHOPS, 7),
-        &[
-            ("shop_id", &shop_id(7)),
-            ("name", "Shop 7, renamed"),
-            ("region", "GB"),
-        ],
-    ));
-    send(&p, again.into_iter().map(forced).collect()).await;
+    send(&p, forced_shops_with_7_renamed()).await;
     assert_eq!(accepted() - before, 20, "--force re-sends every record");
     assert_eq!(
         store.key_writes.load(Relaxed),
@@ -602,21 +606,7 @@ async fn a_forced_resend_over_an_uncommitted_epoch_writes_only_changes() {
         async move { n >= 20 }
     })
     .await;
-    let mut again: Vec<SinkItem> = (1..=20).filter(|&i| i != 7).map(shop).collect();
-    again.push(upsert(
-        key(SHOPS, 7),
-        &[
-            ("shop_id", &shop_id(7)),
-            ("name", "Shop 7, renamed"),
-            ("region", "GB"),
-        ],
-    ));
-    for item in &mut again {
-        if let SinkItem::Upsert { resend, .. } = item {
-            *resend = Resend::Forced;
-        }
-    }
-    send(&p, again).await;
+    send(&p, forced_shops_with_7_renamed()).await;
     assert_eq!(accepted(), 40, "--force re-sends every record");
     assert_eq!(store.key_writes.load(Relaxed), 21);
     let renamed = store.get_key(&key(SHOPS, 7)).unwrap().unwrap();
