@@ -340,12 +340,12 @@ async fn commit(shared: &Arc<Shared>, writes: Arc<Vec<Write>>, last: Vec<Write>)
     let state = (writes, Arc::new(last));
     let (_, ()) = with_store(shared, state, WRITE_FAILED, |store, (writes, last)| {
         let generation = store.generation();
-        store.apply(writes.as_ref())?;
-        store.apply(last.as_ref())?;
+        // As one: a re-open never leaves the marks without the writes.
+        store.apply_all(&[writes.as_ref(), last.as_ref()])?;
         store.flush()?;
         if store.generation() != generation {
             // A failed read re-opened the store (as of its last flush)
-            // between these writes and the flush: some may be gone, and
+            // between these writes and the flush: they are gone, and
             // progress must not be confirmed over them. Written again.
             return Err(StateError {
                 op: "commit",

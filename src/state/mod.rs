@@ -378,6 +378,17 @@ pub trait StateStore: Send + Sync + 'static {
     /// checkpoint is only present if the writes before it are (call
     /// [`StateStore::flush`] to make them durable).
     fn apply(&self, writes: &[Write]) -> Result<(), StateError>;
+    /// Applies groups of writes in order, as [`StateStore::apply`] would
+    /// one after the other, but as one: a re-open
+    /// ([`StateStore::recover`]) never falls between them, so a later
+    /// group (an epoch's progress marks) never outlives an earlier one
+    /// (its key states). A store whose `recover` re-opens overrides it.
+    fn apply_all(&self, groups: &[&[Write]]) -> Result<(), StateError> {
+        for writes in groups {
+            self.apply(writes)?;
+        }
+        Ok(())
+    }
     /// Makes every applied write durable.
     fn flush(&self) -> Result<(), StateError>;
     /// A checkpoint by name.
@@ -410,7 +421,9 @@ pub trait StateStore: Send + Sync + 'static {
     /// How many times [`StateStore::recover`] has re-opened the store.
     /// Writes applied before it changed and not flushed by then are gone:
     /// a caller that applies and then flushes checks that it did not
-    /// change in between (another thread may recover meanwhile).
+    /// change in between (another thread may recover meanwhile). A store
+    /// whose `recover` re-opens must count here too (0 turns the check
+    /// off).
     fn generation(&self) -> u64 {
         0
     }

@@ -464,19 +464,25 @@ impl StateStore for SledStore {
     }
 
     fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
+        self.apply_all(&[writes])
+    }
+
+    fn apply_all(&self, groups: &[&[Write]]) -> Result<(), StateError> {
+        // Held for every group: `recover` takes it too.
         let _one_at_a_time = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let tr = self.t()?;
-        if writes.is_empty() {
-            return Ok(());
+        for writes in groups.iter().filter(|w| !w.is_empty()) {
+            let r = self.apply_locked(&tr, writes);
+            if r.is_err() {
+                // Pages may be half written: read the directories again.
+                // (The journal needs nothing: a failed write to it is
+                // undone where it fails, and a failed drain leaves it as
+                // it was.)
+                self.dirs.write().clear();
+                return r;
+            }
         }
-        let r = self.apply_locked(&tr, writes);
-        if r.is_err() {
-            // Pages may be half written: read the directories again. (The
-            // journal needs nothing: a failed write to it is undone where
-            // it fails, and a failed drain leaves it as it was.)
-            self.dirs.write().clear();
-        }
-        r
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), StateError> {

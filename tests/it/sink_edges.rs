@@ -2,7 +2,8 @@
 //! record, redirects and foreign answers, `dlq replay` racing live
 //! changes, dead letters whose rows change, soft deletes that cannot be
 //! built, exact numbers, and the smaller rules (orphan letters, attempts
-//! across epochs, no request without a key).
+//! across epochs, no request without a key, forced re-sends of unchanged
+//! records, writes a store re-open undoes before their flush).
 //!
 //! Expected values are written by hand here; nothing is computed with the
 //! product's mapping code.
@@ -83,6 +84,21 @@ fn branch(i: usize, shop: usize, name: &str) -> SinkItem {
             ("region", "GB"),
         ],
     )
+}
+
+/// A dead letter of shop `i` (its first rejection).
+fn shop_letter(i: usize) -> DeadLetter {
+    DeadLetter {
+        ty: "shops".into(),
+        mapping: SHOPS.into(),
+        cobi_key: Some(shop_id(i)),
+        source_key: i.to_string(),
+        record: "{}".into(),
+        reason: "rejected".into(),
+        attempts: 1,
+        first_at: "2024-01-01T00:00:00Z".into(),
+        last_at: "2024-01-01T00:00:00Z".into(),
+    }
 }
 
 /// The mock's branches by key: (name, is_deleted).
@@ -361,17 +377,7 @@ async fn an_orphan_letter_goes_with_the_next_accept() {
     let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
     // A crash between the letter write and the key state write of an
     // earlier run: the letter is there, the key reads as accepted.
-    let orphan = DeadLetter {
-        ty: "shops".into(),
-        mapping: SHOPS.into(),
-        cobi_key: Some(shop_id(3)),
-        source_key: "3".into(),
-        record: "{}".into(),
-        reason: "rejected".into(),
-        attempts: 1,
-        first_at: "2024-01-01T00:00:00Z".into(),
-        last_at: "2024-01-01T00:00:00Z".into(),
-    };
+    let orphan = shop_letter(3);
     store
         .apply(&[
             Write::DeadLetter(key(SHOPS, 3), Box::new(orphan)),
@@ -395,27 +401,51 @@ async fn an_orphan_letter_goes_with_the_next_accept() {
     p.drain(Duration::from_secs(5)).await;
 }
 
-/// A memory store that can make its writes take a while (the next epoch
-/// is then sent while this one commits), counts the key states written,
-/// and keeps the contract of [`StateStore::recover`]: a re-open brings it
-/// back as of its last flush. It can be re-opened once right after a
-/// write, as a failed read on another thread does before the writer
-/// flushes.
+/// A memory store for the sink's edges. It can make its writes take a
+/// while (`slow`: the next epoch is then sent while this one commits) or
+/// wait until the test lets them through (`hold`); it counts the key
+/// states written; and it keeps the contract of [`StateStore::recover`]
+/// — a re-open brings it back as of its last flush — and can re-open
+/// once right after a write, as a failed read on another thread does
+/// before the writer flushes. (`remove_checkpoint` bypasses the flush
+/// model; the sink never calls it.)
 #[derive(Default)]
 struct WatchedStore {
-    store: std::sync::RwLock<MemoryStore>,
+    model: Mutex<Flushed>,
     slow: bool,
+    hold: (Mutex<bool>, std::sync::Condvar),
     key_writes: std::sync::atomic::AtomicUsize,
     reopen_after_apply: std::sync::atomic::AtomicBool,
-    /// Writes flushed, and writes applied since (what a re-open loses).
-    flushed: Mutex<Vec<Write>>,
-    unflushed: Mutex<Vec<Write>>,
     reopened: std::sync::atomic::AtomicU64,
+}
+
+/// The store as read, the writes flushed and those applied since.
+#[derive(Default)]
+struct Flushed {
+    live: MemoryStore,
+    flushed: Vec<Write>,
+    unflushed: Vec<Write>,
+}
+
+impl WatchedStore {
+    /// Holds (or lets through) the writes.
+    fn hold(&self, on: bool) {
+        *self.hold.0.lock().unwrap() = on;
+        self.hold.1.notify_all();
+    }
+
+    fn reopen(&self, m: &mut Flushed) -> Result<(), StateError> {
+        self.reopened
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        m.unflushed.clear();
+        m.live = MemoryStore::new();
+        m.live.apply(&m.flushed)
+    }
 }
 
 impl StateStore for WatchedStore {
     fn get_key(&self, key: &StateKey) -> Result<Option<KeyState>, StateError> {
-        self.store.read().unwrap().get_key(key)
+        self.model.lock().unwrap().live.get_key(key)
     }
     fn scan_keys(
         &self,
@@ -423,59 +453,69 @@ impl StateStore for WatchedStore {
         mapping: &str,
         visit: &mut dyn FnMut(String, KeyStatus),
     ) -> Result<(), StateError> {
-        self.store.read().unwrap().scan_keys(ty, mapping, visit)
+        self.model
+            .lock()
+            .unwrap()
+            .live
+            .scan_keys(ty, mapping, visit)
     }
     fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
+        self.apply_all(&[writes])
+    }
+    fn apply_all(&self, groups: &[&[Write]]) -> Result<(), StateError> {
         use std::sync::atomic::Ordering::SeqCst;
         if self.slow {
             std::thread::sleep(Duration::from_millis(1500));
         }
-        let keys = writes
-            .iter()
-            .filter(|w| matches!(w, Write::Key(..)))
-            .count();
-        self.key_writes.fetch_add(keys, SeqCst);
-        self.store.read().unwrap().apply(writes)?;
-        self.unflushed.lock().unwrap().extend_from_slice(writes);
+        drop(
+            self.hold
+                .1
+                .wait_while(self.hold.0.lock().unwrap(), |held| *held)
+                .unwrap(),
+        );
+        let mut m = self.model.lock().unwrap();
+        for writes in groups {
+            let keys = writes
+                .iter()
+                .filter(|w| matches!(w, Write::Key(..)))
+                .count();
+            self.key_writes.fetch_add(keys, SeqCst);
+            m.live.apply(writes)?;
+            m.unflushed.extend_from_slice(writes);
+        }
         if self.reopen_after_apply.swap(false, SeqCst) {
-            self.recover()?;
+            self.reopen(&mut m)?;
         }
         Ok(())
     }
     fn flush(&self) -> Result<(), StateError> {
-        let mut unflushed = self.unflushed.lock().unwrap();
-        self.flushed.lock().unwrap().append(&mut unflushed);
+        let m = &mut *self.model.lock().unwrap();
+        m.flushed.append(&mut m.unflushed);
         Ok(())
     }
     fn recover(&self) -> Result<(), StateError> {
-        let fresh = MemoryStore::new();
-        fresh.apply(&self.flushed.lock().unwrap())?;
-        self.unflushed.lock().unwrap().clear();
-        *self.store.write().unwrap() = fresh;
-        self.reopened
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
+        self.reopen(&mut self.model.lock().unwrap())
     }
     fn generation(&self) -> u64 {
         self.reopened.load(std::sync::atomic::Ordering::SeqCst)
     }
     fn checkpoint(&self, name: &str) -> Result<Option<Checkpoint>, StateError> {
-        self.store.read().unwrap().checkpoint(name)
+        self.model.lock().unwrap().live.checkpoint(name)
     }
     fn checkpoints(&self) -> Result<Vec<Checkpoint>, StateError> {
-        self.store.read().unwrap().checkpoints()
+        self.model.lock().unwrap().live.checkpoints()
     }
     fn remove_checkpoint(&self, name: &str) -> Result<(), StateError> {
-        self.store.read().unwrap().remove_checkpoint(name)
+        self.model.lock().unwrap().live.remove_checkpoint(name)
     }
     fn dead_letters(&self, ty: Option<TypeId>) -> Result<Vec<DeadLetter>, StateError> {
-        self.store.read().unwrap().dead_letters(ty)
+        self.model.lock().unwrap().live.dead_letters(ty)
     }
     fn dead_letter(&self, key: &StateKey) -> Result<Option<DeadLetter>, StateError> {
-        self.store.read().unwrap().dead_letter(key)
+        self.model.lock().unwrap().live.dead_letter(key)
     }
     fn stats(&self) -> Result<BTreeMap<TypeId, TypeStats>, StateError> {
-        self.store.read().unwrap().stats()
+        self.model.lock().unwrap().live.stats()
     }
 }
 
@@ -510,6 +550,15 @@ async fn attempts_count_on_while_the_previous_letter_is_uncommitted() {
     p.drain(Duration::from_secs(10)).await;
 }
 
+/// A pipeline over a [`WatchedStore`] and the mock.
+async fn watched() -> (Workdir, MockServer, Arc<WatchedStore>, Pipeline) {
+    let wd = Workdir::new();
+    let mock = mock().await;
+    let store = Arc::new(WatchedStore::default());
+    let p = Pipeline::start(&settings(&wd, &mock.base_url(), true), store.clone()).unwrap();
+    (wd, mock, store, p)
+}
+
 /// Shops 1–20 as `snapshot --force` sends them again: shop 7 renamed
 /// since, the other 19 as the store holds them.
 fn forced_shops_with_7_renamed() -> Vec<SinkItem> {
@@ -538,10 +587,7 @@ fn forced_shops_with_7_renamed() -> Vec<SinkItem> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_resend_of_an_unchanged_record_writes_no_state() {
     use std::sync::atomic::Ordering::Relaxed;
-    let wd = Workdir::new();
-    let mock = mock().await;
-    let store = Arc::new(WatchedStore::default());
-    let p = Pipeline::start(&settings(&wd, &mock.base_url(), true), store.clone()).unwrap();
+    let (_wd, mock, store, p) = watched().await;
     send(&p, (1..=20).map(shop).collect()).await;
     assert_eq!(mock.records("shops").len(), 20);
     assert_eq!(store.key_writes.load(Relaxed), 20);
@@ -583,21 +629,17 @@ async fn a_forced_resend_of_an_unchanged_record_writes_no_state() {
     p.drain(Duration::from_secs(5)).await;
 }
 
-/// The same while the first epoch is still committing (a slow store): the
-/// forced re-send reads the key states through that epoch's overlay, and
-/// writes only the one that changed.
+/// The same while the first epoch is still committing (its writes held
+/// until the second has been delivered): the forced re-send reads the key
+/// states through that epoch's overlay, and writes only the one that
+/// changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_resend_over_an_uncommitted_epoch_writes_only_changes() {
     use std::sync::atomic::Ordering::Relaxed;
-    let wd = Workdir::new();
-    let mock = mock().await;
-    let store = Arc::new(WatchedStore {
-        slow: true,
-        ..WatchedStore::default()
-    });
-    let p = Pipeline::start(&settings(&wd, &mock.base_url(), true), store.clone()).unwrap();
+    let (_wd, mock, store, p) = watched().await;
     let accepted = || mock.stats().records_accepted.values().sum::<u64>();
-    // Sealed at once, not awaited: delivered, then 1.5 s committing.
+    store.hold(true);
+    // Sealed at once, not awaited: delivered, then its commit waits.
     let mut first: Vec<SinkItem> = (1..=20).map(shop).collect();
     first.push(SinkItem::Flush);
     p.sink.send(first).await.unwrap();
@@ -606,7 +648,25 @@ async fn a_forced_resend_over_an_uncommitted_epoch_writes_only_changes() {
         async move { n >= 20 }
     })
     .await;
-    send(&p, forced_shops_with_7_renamed()).await;
+    let mut again = forced_shops_with_7_renamed();
+    again.push(SinkItem::Flush);
+    p.sink.send(again).await.unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the forced re-send delivered",
+        || {
+            let n = accepted();
+            async move { n >= 40 }
+        },
+    )
+    .await;
+    assert_eq!(
+        store.key_writes.load(Relaxed),
+        0,
+        "nothing committed before the re-send was judged"
+    );
+    store.hold(false);
+    p.sink.barrier().await.unwrap();
     assert_eq!(accepted(), 40, "--force re-sends every record");
     assert_eq!(store.key_writes.load(Relaxed), 21);
     let renamed = store.get_key(&key(SHOPS, 7)).unwrap().unwrap();
@@ -626,13 +686,10 @@ async fn a_forced_resend_over_an_uncommitted_epoch_writes_only_changes() {
 /// that, the accepted keys had no state and their progress was durable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_epoch_written_while_the_store_is_reopened_is_written_again() {
-    let wd = Workdir::new();
-    let mock = mock().await;
-    let store = Arc::new(WatchedStore::default());
+    let (_wd, mock, store, p) = watched().await;
     store
         .reopen_after_apply
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    let p = Pipeline::start(&settings(&wd, &mock.base_url(), true), store.clone()).unwrap();
     send(&p, (1..=20).map(shop).collect()).await;
     assert_eq!(mock.records("shops").len(), 20);
     assert!(
@@ -650,6 +707,32 @@ async fn an_epoch_written_while_the_store_is_reopened_is_written_again() {
         );
     }
     p.drain(Duration::from_secs(10)).await;
+}
+
+/// `dlq purge` through the running daemon: a re-open between its
+/// removals and its flush undoes them, so it must not report them done.
+#[test]
+fn a_purge_undone_by_a_reopen_is_not_reported_done() {
+    let store = WatchedStore::default();
+    store
+        .apply(&[
+            Write::DeadLetter(key(SHOPS, 1), Box::new(shop_letter(1))),
+            Write::DeadLetter(key(SHOPS, 2), Box::new(shop_letter(2))),
+        ])
+        .unwrap();
+    store.flush().unwrap();
+    store
+        .reopen_after_apply
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = dlq::purge(&store, None);
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(store.dead_letters(None).unwrap().len(), 2);
+    assert_eq!(
+        dlq::purge(&store, None).unwrap(),
+        2,
+        "a second purge does it"
+    );
+    assert!(store.dead_letters(None).unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
