@@ -103,9 +103,7 @@ fn check_value(def: &FieldDef, v: &Json) -> Option<String> {
             Ok(f) if f.is_finite() => Some(f),
             _ => return Some("must be a finite number".into()),
         },
-        Json::Int(i) => Some(*i as f64),
-        Json::Float(f) => Some(*f),
-        _ => None,
+        other => other.as_f64(),
     };
     // Format.
     match (def.format, v) {

@@ -339,22 +339,9 @@ async fn commit_epoch(shared: Arc<Shared>, epoch: Epoch, writes: Arc<Vec<Write>>
 async fn commit(shared: &Arc<Shared>, writes: Arc<Vec<Write>>, last: Vec<Write>) -> Option<()> {
     let state = (writes, Arc::new(last));
     let (_, ()) = with_store(shared, state, WRITE_FAILED, |store, (writes, last)| {
-        let generation = store.generation();
-        // As one: a re-open never leaves the marks without the writes.
-        store.apply_all(&[writes.as_ref(), last.as_ref()])?;
-        store.flush()?;
-        if store.generation() != generation {
-            // A failed read re-opened the store (as of its last flush)
-            // between these writes and the flush: they are gone, and
-            // progress must not be confirmed over them. Written again.
-            return Err(StateError {
-                op: "commit",
-                detail: "the state store was re-opened while an epoch was written; \
-                         writing it again"
-                    .into(),
-            });
-        }
-        Ok(())
+        // As one: a re-open never leaves the marks without the writes,
+        // and one before the flush fails it (written again on retry).
+        store.write_durably(&[writes.as_ref(), last.as_ref()])
     })
     .await?;
     Some(())

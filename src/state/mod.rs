@@ -391,6 +391,25 @@ pub trait StateStore: Send + Sync + 'static {
     }
     /// Makes every applied write durable.
     fn flush(&self) -> Result<(), StateError>;
+    /// Applies the groups ([`StateStore::apply_all`]) and flushes them.
+    /// Fails if the store was re-opened ([`StateStore::recover`], by a
+    /// failed operation on another thread) before the flush: the writes
+    /// are then gone, and the caller must write them again rather than
+    /// count them done.
+    fn write_durably(&self, groups: &[&[Write]]) -> Result<(), StateError> {
+        let generation = self.generation();
+        self.apply_all(groups)?;
+        self.flush()?;
+        if self.generation() != generation {
+            return Err(StateError {
+                op: "write",
+                detail: "the state store was re-opened after a failure before these writes \
+                         were flushed; they were not saved and must be written again"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
     /// A checkpoint by name.
     fn checkpoint(&self, name: &str) -> Result<Option<Checkpoint>, StateError>;
     /// Every checkpoint.
